@@ -1,0 +1,196 @@
+"""The GPTQ/OBQ column loop with LeanQuant's loss-error-aware grids.
+
+Layout: W is (rows, columns) = (out_features, in_features); H is (columns, columns).
+Pure math: tensors in, tensors out, no hooks, files or module state.
+
+    H  = (2/n) Σ x xᵀ                       Hessian of the layer-wise loss (fp32)
+    U  = chol(H⁻¹)ᵀ (upper)                  GPTQ's Cholesky reformulation of OBQ
+    err_i = (w_i − q_i) / U_ii               scaled quantization error of column i
+    W[:, j>i] −= err_i · U[i, j>i]           optimal update of the not-yet-quantized columns
+    loss error of column i = (w_i − q_i)² / U_ii²
+LeanQuant weights each column's grid fit by d_i = U_ii^(−p) (p = 4 by default).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .grids import GRID_NAMES, AffineParams, GridParams, fit_grid
+
+log = logging.getLogger(__name__)
+
+
+class Hessian:
+    """Running H = (2/n) Σ x xᵀ over the calibration tokens seen so far, in fp32."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        """Add activations x of shape (..., columns)."""
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)  # rescale the old mean to the new count
+        self.n += m
+        x = x * (2 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)  # H += (2/n) xᵀx
+
+
+class CholeskyError(RuntimeError):
+    """H stayed non-positive-definite after every damping retry."""
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    bits: int
+    group_size: int = -1  # -1: one grid per output row
+    grid: str = "minmax"  # minmax (GPTQ) | affine (LeanQuant_aff) | nonuniform (LeanQuant_nu)
+    actorder: bool = False  # quantize columns in order of decreasing H_ii
+    static_groups: bool = False  # fit group grids up front on the original W (no g_idx needed)
+    blocksize: int = 128
+    damp: float = 0.01  # λ in H += λ·mean(diag H)·I
+    damp_retries: int = 5  # on a failed Cholesky: λ *= 10, at most this many times
+    exponent: float = 4.0  # p in d_i = U_ii^(−p)
+    T: int = 2048
+    shrink: float | None = None  # affine search limit as a fraction of T; None: per-bits default
+    kmeans_iters: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRID_NAMES:
+            raise ValueError(f"grid must be one of {', '.join(GRID_NAMES)}, got {self.grid!r}")
+        if self.grid == "nonuniform" and self.group_size != -1:
+            raise ValueError("the nonuniform grid is one table per output row: use group_size -1")
+
+
+@dataclass
+class QuantizedWeight:
+    """Result of quantizing one weight matrix, in the original column order."""
+
+    codes: Tensor  # (rows, columns) int32
+    Q: Tensor  # (rows, columns) fp32 dequantized weight, exactly what the codes + grid give
+    scales: Tensor | None  # (n_groups, rows) affine only
+    zeros: Tensor | None  # (n_groups, rows) int32, affine only
+    lut: Tensor | None  # (rows, 2^bits), nonuniform only
+    g_idx: Tensor | None  # (columns,) int32, only for act-order with dynamic groups
+    loss: float  # Σ (w − q)² / U_ii² (GPTQ's loss error; the grid objective with p = 2)
+    damp: float  # damping λ finally used
+    retries: int  # Cholesky retries needed
+
+
+def inverse_cholesky(H: Tensor, damp: float, retries: int) -> tuple[Tensor, float, int]:
+    """U = chol(H⁻¹) upper, after damping H += λ·mean(diag H)·I; retries with λ·10 on failure."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(retries + 1):
+        lam = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H + lam * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                if attempt:
+                    log.warning("Cholesky needed damping %.3g (%d retries)", lam, attempt)
+                return U, lam, attempt
+    raise CholeskyError(f"Hessian not positive definite even with damping {lam:.3g}")
+
+
+def _stack(groups: list[AffineParams]) -> tuple[Tensor, Tensor]:
+    return torch.stack([g.scale for g in groups]), torch.stack([g.zero for g in groups])
+
+
+def quantize_weight(W: Tensor, H: Tensor | None, s: GPTQSettings) -> QuantizedWeight:
+    """Quantize W (rows, columns) with Hessian H; H = None gives round-to-nearest (no error feedback)."""
+    rows, columns = W.shape
+    G = columns if s.group_size == -1 else s.group_size
+    if columns % G:
+        raise ValueError(f"group size {s.group_size} does not divide in_features {columns}")
+    W = W.detach().to(torch.float32).clone()
+    gen = torch.Generator(device=W.device).manual_seed(s.seed)
+    fit = lambda Wg, d: fit_grid(  # noqa: E731
+        s.grid, Wg, d, s.bits, T=s.T, shrink=s.shrink, kmeans_iters=s.kmeans_iters, generator=gen
+    )
+
+    if H is None:  # RTN: every column weighs the same, no Hessian, no updates
+        U, lam, retries = torch.eye(columns, device=W.device), 0.0, 0
+        perm = None
+    else:
+        H = H.to(W.device, torch.float32).clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1  # dead input: any value works, it is multiplied by zero activations
+        W[:, dead] = 0
+        perm = torch.argsort(torch.diag(H), descending=True) if s.actorder else None
+        if perm is not None:
+            W, H = W[:, perm], H[perm][:, perm]
+        U, lam, retries = inverse_cholesky(H, s.damp, s.damp_retries)
+        del H
+    d = torch.diag(U) ** -s.exponent  # LeanQuant's column importance U_ii^(−p)
+    invperm = torch.argsort(perm) if perm is not None else None
+
+    # Grids fitted before the loop: per row (group_size -1) and static groups, both on the original W.
+    if s.group_size == -1:
+        groups: list[GridParams] = [fit(W, d)]
+    elif s.static_groups:
+        W0, d0 = (W[:, invperm], d[invperm]) if perm is not None else (W, d)
+        groups = [fit(W0[:, g : g + G], d0[g : g + G]) for g in range(0, columns, G)]
+    else:
+        groups = []
+    # Group of each (permuted) column: the original column's group for static groups.
+    if s.group_size == -1:
+        col_group = torch.zeros(columns, dtype=torch.long)
+    elif s.static_groups and perm is not None:
+        col_group = perm.cpu() // G
+    else:
+        col_group = torch.arange(columns) // G
+
+    codes = torch.zeros(rows, columns, dtype=torch.int32, device=W.device)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros_like(W)
+    B = s.blocksize
+    for i1 in range(0, columns, B):
+        i2 = min(i1 + B, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if s.group_size != -1 and not s.static_groups and col % G == 0:
+                # Dynamic group: fit on the current (error-updated) weights of columns col..col+G.
+                Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
+                groups.append(fit(Wg, d[col : col + G]))
+            w = W1[:, i]
+            c, q = groups[col_group[col]].quantize(w)
+            codes[:, col], Q[:, col] = c, q
+            losses[:, col] = (w - q) ** 2 / U1[i, i] ** 2  # loss error (w − q)²/U_ii²
+            err = (w - q) / U1[i, i]  # err = (w − q)/U_ii
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # OBQ update inside the block
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the later blocks
+
+    g_idx = None
+    if perm is not None:
+        codes, Q = codes[:, invperm], Q[:, invperm]
+        if s.group_size != -1 and not s.static_groups:
+            g_idx = col_group[invperm.cpu()].to(torch.int32)
+    scales = zeros = lut = None
+    if s.grid == "nonuniform":
+        lut = groups[0].lut
+    else:
+        scales, zeros = _stack(groups)
+        zeros = zeros.to(torch.int32)
+    return QuantizedWeight(
+        codes=codes,
+        Q=Q,
+        scales=scales,
+        zeros=zeros,
+        lut=lut,
+        g_idx=g_idx,
+        loss=float(losses.sum()),
+        damp=lam,
+        retries=retries,
+    )

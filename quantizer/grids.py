@@ -1,0 +1,249 @@
+"""Quantization grids: how one column of weights is rounded inside the GPTQ loop.
+
+Layout: W is (rows, columns) = (out_features, in_features). A grid is fitted on a
+slice of W (all rows, the columns of one group) given a per-column importance
+d_j = U_jj^(-p), where U is the upper Cholesky factor of H^-1 (LeanQuant §3).
+The learned grids minimise, per row, the loss-error-aware objective
+
+    L = Σ_j d_j · (w_j − q(w_j))²                                  (LeanQuant eq. 6)
+
+- ``minmax``: GPTQ's asymmetric min-max grid (ignores d): the baseline.
+- ``affine``: LeanQuant_aff, a coarse-to-fine search over the clipping range
+  lo = min + a·R/T, hi = max − c·R/T (R = max − min) for the affine grid with the lowest L.
+- ``nonuniform``: LeanQuant_nu, a per-row weighted k-means (Lloyd) with 2^b centroids.
+
+Every grid returns parameters whose values are exactly representable in fp16, so
+the values the loop rounds to are the values the checkpoint stores.
+All fitting is batched over rows in torch on W's device: no per-row Python loops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+GRID_NAMES = ("minmax", "affine", "nonuniform")
+# Default shrink limit of the affine range search, as a fraction of T (LeanQuant appendix);
+# 8 bits is not in the paper: its grid is fine enough that a small range suffices.
+DEFAULT_SHRINK = {2: 0.4, 3: 0.3, 4: 0.2, 8: 0.1}
+
+
+def _fp16_exact(x: Tensor) -> Tensor:
+    """Round to the nearest fp16 value but keep the dtype (what the checkpoint will store)."""
+    return x.to(torch.float16).to(x.dtype)
+
+
+@dataclass
+class AffineParams:
+    """Per-row affine grid: q(w) = (clamp(round(w / scale) + zero, 0, maxq) − zero) · scale."""
+
+    scale: Tensor  # (rows,) fp32, fp16-representable, > 0
+    zero: Tensor  # (rows,) fp32 holding integers in [0, maxq]
+    maxq: int
+
+    def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Round w, shaped (rows,) or (rows, k), to the grid; returns (codes, dequantized values)."""
+        scale, zero = (self.scale, self.zero) if w.dim() == 1 else (self.scale[:, None], self.zero[:, None])
+        codes = torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+        return codes.to(torch.int32), (codes - zero) * scale
+
+
+@dataclass
+class LUTParams:
+    """Per-row lookup table: q(w) = the nearest of the row's 2^b sorted entries."""
+
+    lut: Tensor  # (rows, 2^b) fp32, fp16-representable, ascending
+
+    def __post_init__(self) -> None:
+        self._mids = (self.lut[:, 1:] + self.lut[:, :-1]) / 2  # decision boundaries between entries
+
+    def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Round w, shaped (rows,) or (rows, k), to the nearest table entry; returns (codes, values)."""
+        col = w.dim() == 1
+        w2 = w[:, None] if col else w
+        codes = torch.searchsorted(self._mids, w2.contiguous())
+        q = self.lut.gather(1, codes)
+        return (codes[:, 0], q[:, 0]) if col else (codes, q)
+
+
+GridParams = AffineParams | LUTParams
+
+
+def weighted_loss(W: Tensor, Q: Tensor, d: Tensor) -> Tensor:
+    """Per-row objective L = Σ_j d_j (w_j − q_j)²."""
+    return ((W - Q) ** 2 * d).sum(-1)
+
+
+# ----------------------------------------------------------------------------- minmax
+
+
+def _affine_from_range(lo: Tensor, hi: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """scale = (hi − lo)/maxq, rounded to fp16; zero = round(−lo/scale) clamped to the code range."""
+    scale = _fp16_exact(((hi - lo) / maxq).clamp_min(1e-6))
+    zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def _row_range(W: Tensor) -> tuple[Tensor, Tensor]:
+    """GPTQ's range: [min(w, 0), max(w, 0)] per row, [-1, 1] for an all-zero row."""
+    lo = W.min(dim=1).values.clamp(max=0)
+    hi = W.max(dim=1).values.clamp(min=0)
+    dead = (lo == 0) & (hi == 0)
+    return torch.where(dead, -1.0, lo), torch.where(dead, 1.0, hi)
+
+
+def fit_minmax(W: Tensor, bits: int) -> AffineParams:
+    """GPTQ's asymmetric min-max grid per row."""
+    maxq = 2**bits - 1
+    scale, zero = _affine_from_range(*_row_range(W.float()), maxq)
+    return AffineParams(scale, zero, maxq)
+
+
+# ----------------------------------------------------------------------------- affine
+
+
+def fit_affine(
+    W: Tensor,
+    d: Tensor,
+    bits: int,
+    *,
+    T: int = 2048,
+    shrink: float | None = None,
+    coarse: int = 5,
+    radius: int = 1,
+    max_chunk_elems: int = 1 << 24,
+) -> AffineParams:
+    """LeanQuant_aff: choose lo = min + a·R/T, hi = max − c·R/T, 0 ≤ a, c ≤ shrink·T, minimising L.
+
+    Coarse-to-fine search: a ``coarse``×``coarse`` grid over (a, c), then 5×5 neighbourhoods
+    around each row's best with the step halved until it is 1. (a, c) = (0, 0), the min-max
+    grid, is always a candidate, so the result is never worse than min-max on L.
+    """
+    W, d = W.float(), d.float()
+    maxq = 2**bits - 1
+    limit = int(round((DEFAULT_SHRINK[bits] if shrink is None else shrink) * T))
+    lo0, hi0 = _row_range(W)
+    unit = (hi0 - lo0) / T  # R / T per row
+
+    rows = W.shape[0]
+    best_a = torch.zeros(rows, device=W.device)
+    best_c = torch.zeros(rows, device=W.device)
+    best_loss = torch.full((rows,), math.inf, device=W.device)
+
+    def evaluate(a: Tensor, c: Tensor) -> None:
+        """Score candidates a, c of shape (rows, n) and keep each row's best."""
+        nonlocal best_a, best_c, best_loss
+        a, c = a.float().clamp(0, limit), c.float().clamp(0, limit)
+        lo, hi = lo0[:, None] + a * unit[:, None], hi0[:, None] - c * unit[:, None]
+        scale, zero = _affine_from_range(lo, hi, maxq)  # (rows, n)
+        n, cols = a.shape[1], W.shape[1]
+        step = max(1, max_chunk_elems // (n * cols))
+        loss = torch.empty_like(a)
+        for r in range(0, rows, step):  # chunk rows to bound the (rows, n, cols) temporary
+            w = W[r : r + step, None, :]
+            s, z = scale[r : r + step, :, None], zero[r : r + step, :, None]
+            q = (torch.clamp(torch.round(w / s) + z, 0, maxq) - z) * s
+            loss[r : r + step] = ((w - q) ** 2 * d).sum(-1)
+        idx = loss.argmin(dim=1, keepdim=True)
+        better = loss.gather(1, idx)[:, 0] < best_loss
+        best_loss = torch.where(better, loss.gather(1, idx)[:, 0], best_loss)
+        best_a = torch.where(better, a.gather(1, idx)[:, 0], best_a)
+        best_c = torch.where(better, c.gather(1, idx)[:, 0], best_c)
+
+    if limit > 0:
+        step = max(1, math.ceil(limit / (coarse - 1)))
+        axis = torch.arange(coarse, device=W.device) * step
+        ga, gc = torch.meshgrid(axis, axis, indexing="ij")
+        evaluate(ga.reshape(1, -1).expand(rows, -1), gc.reshape(1, -1).expand(rows, -1))
+        offsets = torch.arange(-radius, radius + 1, device=W.device)
+        oa, oc = (t.reshape(1, -1) for t in torch.meshgrid(offsets, offsets, indexing="ij"))
+        while step > 1:
+            step = max(1, step // 2)
+            evaluate(best_a[:, None] + oa * step, best_c[:, None] + oc * step)
+    else:
+        evaluate(best_a[:, None], best_c[:, None])
+    scale, zero = _affine_from_range(lo0 + best_a * unit, hi0 - best_c * unit, maxq)
+    return AffineParams(scale, zero, maxq)
+
+
+# ----------------------------------------------------------------------------- nonuniform
+
+
+def _kmeanspp_init(W: Tensor, d: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """Weighted k-means++ seeding per row: each next centroid drawn ∝ d_j · D(w_j)²."""
+    rows = W.shape[0]
+    p = d.expand_as(W).clamp_min(1e-30)
+    idx = torch.multinomial(p, 1, generator=generator)
+    cent = [W.gather(1, idx)]
+    D2 = (W - cent[0]) ** 2
+    for _ in range(1, k):
+        p = (d * D2).clamp_min(0)
+        p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))  # all points covered
+        idx = torch.multinomial(p + 1e-30, 1, generator=generator)
+        cent.append(W.gather(1, idx))
+        D2 = torch.minimum(D2, (W - cent[-1]) ** 2)
+    return torch.cat(cent, 1).reshape(rows, k)
+
+
+def fit_nonuniform(
+    W: Tensor,
+    d: Tensor,
+    bits: int,
+    *,
+    max_iter: int = 100,
+    init: str | None = None,
+    generator: torch.Generator | None = None,
+) -> LUTParams:
+    """LeanQuant_nu: per-row weighted k-means of the row's weights with weights d, 2^b centroids.
+
+    Batched Lloyd iterations over all rows; 1-D assignment is a searchsorted against the
+    midpoints of the sorted centroids. Init as the reference: linspace(min, max) for b ≤ 3,
+    k-means++ for b ≥ 4. Stops when no assignment changes (or after ``max_iter``).
+    """
+    W, d = W.float(), d.float()
+    k = 2**bits
+    init = init or ("linspace" if bits <= 3 else "kmeans++")
+    if init == "linspace":
+        lo, hi = W.min(1).values, W.max(1).values
+        cent = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, k, device=W.device)
+    elif init == "kmeans++":
+        cent = _kmeanspp_init(W, d[None, :], k, generator)
+    else:
+        raise ValueError(f"init must be 'linspace' or 'kmeans++', got {init!r}")
+    cent = cent.sort(1).values
+    dW = W * d  # numerator terms d_j w_j
+    dd = d.expand_as(W)
+    assign = None
+    for _ in range(max_iter):
+        new_assign = torch.searchsorted((cent[:, 1:] + cent[:, :-1]) / 2, W.contiguous())
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        num = torch.zeros_like(cent).scatter_add_(1, assign, dW)  # Σ d_j w_j per cluster
+        den = torch.zeros_like(cent).scatter_add_(1, assign, dd)  # Σ d_j per cluster
+        cent = torch.where(den > 0, num / den.clamp_min(1e-30), cent).sort(1).values
+    return LUTParams(_fp16_exact(cent).sort(1).values)
+
+
+def fit_grid(
+    name: str,
+    W: Tensor,
+    d: Tensor,
+    bits: int,
+    *,
+    T: int = 2048,
+    shrink: float | None = None,
+    kmeans_iters: int = 100,
+    generator: torch.Generator | None = None,
+) -> GridParams:
+    """Fit the grid ``name`` on W (rows, cols) with column importance d (cols,)."""
+    if name == "minmax":
+        return fit_minmax(W, bits)
+    if name == "affine":
+        return fit_affine(W, d, bits, T=T, shrink=shrink)
+    if name == "nonuniform":
+        return fit_nonuniform(W, d, bits, max_iter=kmeans_iters, generator=generator)
+    raise ValueError(f"grid must be one of {', '.join(GRID_NAMES)}, got {name!r}")

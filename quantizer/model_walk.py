@@ -1,0 +1,102 @@
+"""Finding what to quantize from the model itself: its decoder layers and their linear sublayers.
+
+Nothing here names an architecture's attribute paths (no ``model.model.layers``, no
+projection-name lists): the decoder stack is the ModuleList of the classes the model
+declares in ``_no_split_modules``, the sublayers are its ``nn.Linear`` children, and the
+true-sequential order is read off one forward pass (sublayers fed the same tensor form
+one group: q/k/v, then o, then gate/up, then down for a Llama block).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Architectures covered by the test-suite (tiny random models of each).
+TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder layers: (qualified name, ModuleList)."""
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+
+    def is_block(m: nn.Module) -> bool:
+        name = type(m).__name__
+        return name in block_names or name.endswith("DecoderLayer")
+
+    stacks = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and all(is_block(c) for c in m)
+    ]
+    if len(stacks) != 1:
+        found = ", ".join(f"{n} ({len(m)}×{type(m[0]).__name__})" for n, m in stacks) or "none"
+        children = ", ".join(f"{n}: {type(m).__name__}" for n, m in model.named_children())
+        raise UserError(
+            f"unsupported architecture {type(model).__name__}: expected exactly one stack of decoder "
+            f"layers (classes {sorted(block_names) or 'ending in DecoderLayer'}), found {found}; "
+            f"top-level modules: {children}"
+        )
+    name, layers = stacks[0]
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    if model_type not in TESTED_MODEL_TYPES:
+        log.warning("model_type %r is not in the tested set %s: check the result", model_type, TESTED_MODEL_TYPES)
+    return name, layers
+
+
+def find_linears(layer: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Linear]:
+    """The layer's nn.Linear sublayers by relative name, minus names matching a ``skip`` regex."""
+    patterns = [re.compile(p) for p in skip]
+    return {
+        name: m
+        for name, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and not any(p.search(name) for p in patterns)
+    }
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once the needed input was seen."""
+
+
+def sequential_groups(
+    linears: dict[str, nn.Linear], run: Callable[[], object]
+) -> list[list[str]]:
+    """Sublayers in execution order, grouped by shared input tensor (true-sequential order).
+
+    ``run`` performs one forward pass of the layer.
+    """
+    calls: list[tuple[str, tuple[int, tuple[int, ...]]]] = []
+    handles = [
+        m.register_forward_pre_hook(
+            lambda _m, args, name=name: calls.append((name, (args[0].data_ptr(), tuple(args[0].shape))))
+        )
+        for name, m in linears.items()
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_key = None
+    for name, key in calls:
+        if any(name in g for g in groups):
+            continue  # called twice: keep its first position
+        if groups and key == last_key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_key = key
+    missing = set(linears) - {n for g in groups for n in g}
+    if missing:
+        raise UserError(f"linear sublayers never called in a forward pass: {sorted(missing)}")
+    return groups

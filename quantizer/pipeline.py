@@ -1,0 +1,341 @@
+"""The quantization job: stream a model through the GPTQ loop one decoder layer at a time.
+
+Memory: the model is built as a skeleton with empty (meta) weights; only the embeddings,
+the current decoder layer and the calibration activations are ever materialised. Each
+layer's tensors are read from the safetensors shards, quantized in true-sequential order
+(q/k/v, then o with quantized q/k/v upstream, ...), written to the checkpoint and freed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from leanquant_serve.format import (
+    CheckpointWriter,
+    FormatError,
+    LeanQuantConfig,
+    linear_specs,
+    pack_linear,
+)
+
+from .data import load_text, random_windows, tokenize
+from .errors import UserError
+from .gptq import CholeskyError, GPTQSettings, Hessian, QuantizedWeight, quantize_weight
+from .model_walk import StopForward, find_decoder_layers, find_linears, sequential_groups
+from .source import SourceModel
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "quantize_report.json"
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """Everything one quantization run needs (the CLI builds it from its flags)."""
+
+    model: Path
+    out: Path
+    settings: GPTQSettings
+    rtn: bool = False  # round-to-nearest: no calibration, no error feedback
+    calib: str | None = None  # text source, see data.load_text
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"  # dtype for layer forwards and activations
+    skip: tuple[str, ...] = ()  # regexes of linear sublayers (relative to a layer) to leave unquantized
+    overwrite: bool = False
+    max_shard_bytes: int = 4 * 1024**3
+
+
+@dataclass
+class SublayerReport:
+    name: str
+    shape: tuple[int, int]
+    loss: float
+    seconds: float
+    damp: float
+    cholesky_retries: int
+
+
+@dataclass
+class Summary:
+    out: str
+    seconds: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int
+    total_loss: float
+    cholesky_retries: int
+    layers: list[list[SublayerReport]] = field(default_factory=list)
+
+
+def _qcfg(job: QuantizeJob, not_converted: list[str]) -> LeanQuantConfig:
+    s = job.settings
+    method = "rtn" if job.rtn else ("gptq" if s.grid == "minmax" else "leanquant")
+    meta = {"method": method, "grid_fit": s.grid, "damp": s.damp, "exponent": s.exponent,
+            "blocksize": s.blocksize, "T": s.T, "shrink": s.shrink, "seed": s.seed}
+    if not job.rtn:
+        meta.update(calib=job.calib, nsamples=job.nsamples, seqlen=job.seqlen)
+    return LeanQuantConfig(
+        bits=s.bits,
+        group_size=s.group_size,
+        grid="nonuniform" if s.grid == "nonuniform" else "affine",
+        desc_act=s.actorder and not job.rtn,
+        static_groups=s.static_groups,
+        modules_to_not_convert=tuple(not_converted),
+        quantizer=meta,
+    )
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _LayerInputs:
+    """Catches what the model feeds each decoder layer: layer 0's hidden states, every layer's kwargs."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self.hidden: list[Tensor] = []
+        self.kwargs: list[dict] = [{} for _ in layers]
+        self._first = True
+
+    def capture(self, model: nn.Module, batches: list[Tensor], device: torch.device) -> None:
+        originals = list(self.layers)
+        catchers = [_Catcher(layer, i, self) for i, layer in enumerate(originals)]
+        for i, c in enumerate(catchers):
+            self.layers[i] = c
+        try:
+            with torch.no_grad():
+                for b, ids in enumerate(batches):
+                    self._first = b == 0  # kwargs are read from the first batch only
+                    try:
+                        model(input_ids=ids.to(device), use_cache=False)
+                    except StopForward:
+                        pass
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+
+class _Catcher(nn.Module):
+    def __init__(self, layer: nn.Module, index: int, sink: _LayerInputs) -> None:
+        super().__init__()
+        self.layer, self.index, self.sink = layer, index, sink
+
+    def __getattr__(self, name: str):  # the model may read attributes of its layers (attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if args:
+            raise UserError("decoder layers called with positional arguments beyond hidden_states")
+        if self.index == 0:
+            self.sink.hidden.append(hidden_states)
+        if self.sink._first:
+            kwargs.pop("past_key_values", None)
+            self.sink.kwargs[self.index] = kwargs
+        if self.index == len(self.sink.layers) - 1 or not self.sink._first:
+            raise StopForward
+        return hidden_states
+
+
+def _layer_forward(layer: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _check_shapes(job: QuantizeJob, layer: nn.Module, layer_name: str) -> None:
+    """Fail before any work if a sublayer cannot be stored (group size, packing alignment)."""
+    qcfg = _qcfg(job, [])
+    for name, m in find_linears(layer, job.skip).items():
+        if job.settings.group_size != -1 and m.in_features % job.settings.group_size:
+            raise UserError(
+                f"--group-size {job.settings.group_size} does not divide in_features "
+                f"{m.in_features} of {layer_name}.{name}: use a divisor such as "
+                f"{', '.join(str(g) for g in (32, 64, 128, 256) if m.in_features % g == 0) or '-1'}"
+            )
+        try:
+            linear_specs(qcfg, m.in_features, m.out_features)
+        except FormatError as e:
+            raise UserError(f"{layer_name}.{name}: {e}") from e
+
+
+def _load_layer(src: SourceModel, layer: nn.Module, prefix: str, device, dtype) -> None:
+    for pname, _ in list(layer.named_parameters()):
+        t = src.get_finite(f"{prefix}.{pname}")
+        set_module_tensor_to_device(layer, pname, device, value=t, dtype=dtype)
+
+
+def quantize_model(
+    job: QuantizeJob, observer: Callable[[str, QuantizedWeight], None] | None = None
+) -> Summary:
+    """Run ``job``; returns the summary also written as ``quantize_report.json`` in the output.
+
+    ``observer(name, result)`` is called for every quantized sublayer (tests use it to
+    rebuild the in-memory quantized model).
+    """
+    t0 = time.time()
+    s = job.settings
+    src = SourceModel(job.model)
+    try:
+        config = AutoConfig.from_pretrained(job.model)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"cannot read the model config in {job.model}: {e}") from e
+    device = torch.device(job.device)
+    dtype = getattr(torch, job.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is available")
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as e:
+            raise UserError(f"unsupported architecture in {job.model}: {e}") from e
+    model.eval()
+    layers_name, layers = find_decoder_layers(model)
+    for i, layer in enumerate(layers):
+        _check_shapes(job, layer, f"{layers_name}.{i}")
+    out_emb = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is out_emb), None)
+    skipped = [f"{layers_name}.{i}.{n}" for i, layer in enumerate(layers)
+               for n in set(find_linears(layer)) - set(find_linears(layer, job.skip))]
+    qcfg = _qcfg(job, ([head_name] if head_name else []) + skipped)
+
+    # Non-layer tensors (embeddings, final norm, lm_head) go to the checkpoint unchanged.
+    layer_prefix = layers_name + "."
+    outer = [n for n in src.weight_map if not n.startswith(layer_prefix)]
+    summary = Summary(out=str(job.out), seconds=0, peak_rss_bytes=0, peak_gpu_bytes=0,
+                      total_loss=0.0, cholesky_retries=0)
+    with CheckpointWriter(job.out, max_shard_bytes=job.max_shard_bytes, overwrite=job.overwrite) as writer:
+        writer.add({n: src.get(n) for n in outer})
+        inputs, kwargs = ([], []) if job.rtn else _calibration_inputs(job, src, model, layers, device, dtype, head_name)
+
+        bar = tqdm(range(len(layers)), desc="layers", unit="layer")
+        for i in bar:
+            prefix = f"{layers_name}.{i}"
+            layer = layers[i]
+            linears = find_linears(layer, job.skip)
+            _load_layer(src, layer, prefix, device, dtype)
+            reports: list[SublayerReport] = []
+            packed: dict[str, Tensor] = {}
+
+            def quantize(name: str, H: Tensor | None) -> None:
+                m = linears[name]
+                t = time.time()
+                try:
+                    r = quantize_weight(m.weight.data, H, s)
+                except CholeskyError as e:
+                    raise UserError(f"{prefix}.{name}: {e}; raise --damp") from e
+                if not torch.isfinite(r.Q).all():
+                    raise UserError(f"{prefix}.{name}: quantization produced NaN/Inf (check the calibration data)")
+                m.weight.data = r.Q.to(dtype)  # later sublayers see the quantized output
+                tensors = {"codes": r.codes}
+                if qcfg.grid == "nonuniform":
+                    tensors["lut"] = r.lut
+                else:
+                    tensors.update(scales=r.scales, zeros=r.zeros)
+                    if qcfg.uses_g_idx:
+                        tensors["g_idx"] = r.g_idx
+                packed.update({f"{prefix}.{name}.{k}": v for k, v in pack_linear(qcfg, **tensors).items()})
+                if observer is not None:
+                    observer(f"{prefix}.{name}", r)
+                reports.append(SublayerReport(name, tuple(m.weight.shape), r.loss, time.time() - t, r.damp, r.retries))
+
+            if job.rtn:
+                for name in linears:
+                    quantize(name, None)
+            else:
+                groups = sequential_groups(linears, lambda: _layer_forward(layer, inputs[0], kwargs[i]))
+                for group in groups:
+                    H = _hessian(layer, linears[group[0]], inputs, kwargs[i], device)
+                    for name in group:
+                        quantize(name, H)
+                    del H
+                with torch.no_grad():  # inputs of the next layer, through the quantized layer
+                    inputs = [_layer_forward(layer, x, kwargs[i]) for x in inputs]
+
+            quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
+            rest = {n: src.get(n) for n in src.names(prefix + ".") if n not in quantized_weights}
+            writer.add({**rest, **packed})
+            layer.to("meta")  # free the layer
+            summary.layers.append(reports)
+            loss = sum(r.loss for r in reports)
+            summary.total_loss += loss
+            summary.cholesky_retries += sum(r.cholesky_retries for r in reports)
+            bar.set_postfix(loss=f"{loss:.3g}")
+            log.debug("layer %d: %s", i, ", ".join(f"{r.name}={r.loss:.3g}" for r in reports))
+
+        summary.seconds = time.time() - t0
+        summary.peak_rss_bytes = _peak_rss()
+        if device.type == "cuda":
+            summary.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+        (writer.partial / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=1))
+        writer.finalize(src.config, qcfg, copy_from=job.model)
+    src.close()
+    return summary
+
+
+def _calibration_inputs(job, src, model, layers, device, dtype, head_name):
+    """Tokenize the calibration text and capture every layer's inputs/kwargs for the windows."""
+    if job.calib is None:
+        raise UserError("--calib is required (a text file, folder, wiki-sample or a hub dataset name), or use --rtn")
+    if job.nsamples % job.batch_size:
+        raise UserError(f"--nsamples {job.nsamples} is not a multiple of --batch-size {job.batch_size}")
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    windows = random_windows(tokenize(tokenizer, load_text(job.calib, "calib")), job.nsamples, job.seqlen, job.settings.seed)
+    batches = list(windows.split(job.batch_size))
+    # Materialise everything outside the layer stack that runs before layer 0 (embeddings, rotary).
+    layers_name = next(n for n, m in model.named_modules() if m is layers)
+    for name, _ in list(model.named_parameters()):
+        if not name.startswith(layers_name + ".") and not (head_name and name.startswith(head_name + ".")):
+            set_module_tensor_to_device(model, name, device, value=src.get(name), dtype=dtype)
+    sink = _LayerInputs(layers)
+    sink.capture(model, batches, device)
+    return sink.hidden, sink.kwargs
+
+
+def _hessian(layer: nn.Module, first: nn.Linear, inputs: list[Tensor], kwargs: dict, device) -> Tensor:
+    """H of the group's shared input: run the layer up to that sublayer for every batch."""
+    h = Hessian(first.in_features, device)
+
+    def hook(_m, args):
+        h.add_batch(args[0])
+        raise StopForward
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                try:
+                    _layer_forward(layer, x, kwargs)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return h.H
+
+
+def parse_skip(patterns: list[str]) -> tuple[str, ...]:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise UserError(f"--skip {p!r} is not a valid regular expression: {e}") from e
+    return tuple(patterns)

@@ -1,0 +1,85 @@
+"""Reading an unquantized Hugging Face model folder tensor by tensor (never the whole model)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .errors import UserError
+
+INDEX = "model.safetensors.index.json"
+
+
+class SourceModel:
+    """A model folder: config.json plus model.safetensors or sharded safetensors with an index."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"model folder {self.path} does not exist")
+        if not (self.path / "config.json").is_file():
+            raise UserError(f"{self.path} has no config.json: not a Hugging Face model folder")
+        try:
+            self.config = json.loads((self.path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.path / 'config.json'} is not valid JSON: {e}") from e
+        if "quantization_config" in self.config:
+            method = self.config["quantization_config"].get("quant_method", "?")
+            raise UserError(f"{self.path} is already quantized ({method}): give an unquantized model")
+        self.weight_map = self._weight_map()
+        self._files = ExitStack()
+        self._handles: dict[str, object] = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                return dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError) as e:
+                raise UserError(f"{index} is not a valid safetensors index: {e}") from e
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{self.path} has no *.safetensors weights (.bin checkpoints are not supported)")
+        names: dict[str, str] = {}
+        for f in files:
+            with safe_open(f, "pt") as h:
+                names.update(dict.fromkeys(h.keys(), f.name))
+        return names
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            f = self.path / file
+            try:
+                self._handles[file] = self._files.enter_context(safe_open(f, "pt"))
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise UserError(f"cannot read weight shard {f}: {e}") from e
+        return self._handles[file]
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def get(self, name: str) -> Tensor:
+        if name not in self.weight_map:
+            raise UserError(f"tensor {name} is missing from {self.path}")
+        try:
+            return self._handle(self.weight_map[name]).get_tensor(name)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read tensor {name} from {self.weight_map[name]}: {e}") from e
+
+    def get_finite(self, name: str) -> Tensor:
+        """The tensor, refusing NaN/Inf (a corrupt or diverged checkpoint)."""
+        t = self.get(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"tensor {name} contains NaN or Inf values")
+        return t
+
+    def close(self) -> None:
+        self._files.close()
+        self._handles.clear()

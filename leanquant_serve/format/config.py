@@ -1,0 +1,139 @@
+"""The ``quantization_config`` of a LeanQuant checkpoint, validated.
+
+Layout convention used throughout ``leanquant_serve.format``: a linear weight W is
+(out_features, in_features) = (rows, columns); codes are integers in [0, 2**bits).
+Groups run along the input dimension (columns); each (group, row) pair has its own
+affine grid, or each row has its own 2**bits-entry table (non-uniform grid).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+GRIDS = ("affine", "nonuniform")
+CHECKPOINT_FORMAT = "leanquant/v1"
+KNOWN_CHECKPOINT_FORMATS = (CHECKPOINT_FORMAT,)
+QUANT_METHOD = "leanquant"
+
+
+class FormatError(ValueError):
+    """A violation of the checkpoint contract; the message names the field or tensor."""
+
+
+def _fail(name: str, problem: str) -> FormatError:
+    return FormatError(f"quantization_config.{name}: {problem}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class LeanQuantConfig:
+    """Settings a loader needs to interpret the quantized tensors of a checkpoint.
+
+    ``group_size == -1`` means one group per output row (per channel). ``grid`` is how the
+    grid is stored: "affine" (fp16 scale + integer zero per (group, row)) or "nonuniform"
+    (fp16 per-row table of 2**bits values). ``static_groups`` means groups were fitted up front
+    in the original column order, so no ``g_idx`` is stored even with ``desc_act``.
+    ``modules_to_not_convert`` lists module names (exact, or prefixes at a "." boundary) kept
+    in the original dtype. ``quantizer`` is free-form JSON metadata about how the
+    checkpoint was made; loaders ignore it.
+    """
+
+    bits: int
+    group_size: int = -1
+    grid: str = "affine"
+    desc_act: bool = False
+    static_groups: bool = False
+    modules_to_not_convert: tuple[str, ...] = ("lm_head",)
+    checkpoint_format: str = CHECKPOINT_FORMAT
+    quant_method: str = QUANT_METHOD
+    quantizer: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+            raise _fail(
+                "bits", f"{self.bits!r} is not one of {', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
+            raise _fail("group_size", f"{self.group_size!r} is neither -1 nor a positive int")
+        if self.grid not in GRIDS:
+            raise _fail("grid", f"{self.grid!r} is not one of {', '.join(GRIDS)}")
+        if self.grid == "nonuniform" and self.group_size != -1:
+            raise _fail("group_size", f"{self.group_size} with grid 'nonuniform' (needs -1)")
+        for name in ("desc_act", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, f"{getattr(self, name)!r} is not a bool")
+        modules = self.modules_to_not_convert
+        if not isinstance(modules, (list, tuple)) or not all(
+            isinstance(m, str) and m for m in modules
+        ):
+            raise _fail("modules_to_not_convert", f"{modules!r} is not a list of module names")
+        object.__setattr__(self, "modules_to_not_convert", tuple(modules))
+        if self.checkpoint_format not in KNOWN_CHECKPOINT_FORMATS:
+            raise _fail(
+                "checkpoint_format",
+                f"{self.checkpoint_format!r} is not one of {', '.join(KNOWN_CHECKPOINT_FORMATS)}",
+            )
+        if self.quant_method != QUANT_METHOD:
+            raise _fail("quant_method", f"{self.quant_method!r} is not {QUANT_METHOD!r}")
+        if not isinstance(self.quantizer, Mapping):
+            raise _fail("quantizer", f"{self.quantizer!r} is not a mapping")
+        try:  # store a plain JSON copy so to_dict/from_dict round-trips exactly
+            quantizer = json.loads(json.dumps(dict(self.quantizer), allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise _fail("quantizer", f"not JSON-serialisable ({e})") from None
+        object.__setattr__(self, "quantizer", quantizer)
+
+    @property
+    def uses_g_idx(self) -> bool:
+        """Whether the checkpoint stores ``g_idx`` (act-order with dynamic groups)."""
+        return (
+            self.grid == "affine"
+            and self.desc_act
+            and not self.static_groups
+            and self.group_size != -1
+        )
+
+    def n_groups(self, in_features: int) -> int:
+        """Number of column groups of a linear with ``in_features`` columns."""
+        if self.group_size == -1:
+            return 1
+        if in_features % self.group_size:
+            raise _fail(
+                "group_size", f"{self.group_size} does not divide in_features={in_features}"
+            )
+        return in_features // self.group_size
+
+    def is_skipped(self, module_name: str) -> bool:
+        """Whether ``module_name`` is kept unquantized (listed exactly or under a listed prefix)."""
+        return any(
+            module_name == m or module_name.startswith(m + ".") for m in self.modules_to_not_convert
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object stored as ``config.json["quantization_config"]``."""
+        d = asdict(self)
+        d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LeanQuantConfig:
+        """Parse a ``quantization_config``; unknown or missing keys raise ``FormatError``."""
+        if not isinstance(d, Mapping):
+            raise FormatError(f"quantization_config: {type(d).__name__} is not a JSON object")
+        method = d.get("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:  # another method's config: say so before its unknown keys
+            raise _fail("quant_method", f"{method!r} is not {QUANT_METHOD!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FormatError(f"quantization_config: unknown key(s) {', '.join(unknown)}")
+        if "bits" not in d:
+            raise _fail("bits", "missing")
+        return cls(**d)

@@ -36,7 +36,9 @@ def load_text(source: str, split: str = "calib") -> str:
         return (splits.calib if split == "calib" else splits.eval).read_text(encoding="utf-8")
     if source in HUB_DATASETS:
         path, name, calib_split, eval_split = HUB_DATASETS[source]
-        ds = datasets.load_dataset(path, name, split=calib_split if split == "calib" else eval_split)
+        ds = datasets.load_dataset(
+            path, name, split=calib_split if split == "calib" else eval_split
+        )
         return "\n\n".join(t for t in ds["text"] if t)
     p = Path(source)
     if not p.exists():
@@ -52,7 +54,9 @@ def load_text(source: str, split: str = "calib") -> str:
         raise UserError(f"{source} mixes text and JSON files: point at one kind")
     kind = kinds.pop()
     ds = datasets.load_dataset(
-        kind, data_files=[str(f) for f in files], split="train",
+        kind,
+        data_files=[str(f) for f in files],
+        split="train",
         **({"sample_by": "paragraph"} if kind == "text" else {}),
     )
     if "text" not in ds.column_names:
@@ -82,5 +86,7 @@ def consecutive_windows(tokens: Tensor, seqlen: int, max_windows: int | None = N
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise UserError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+        raise UserError(
+            f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}"
+        )
     return tokens[: n * seqlen].view(n, seqlen)

@@ -46,7 +46,9 @@ class AffineParams:
 
     def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Round w, shaped (rows,) or (rows, k), to the grid; returns (codes, dequantized values)."""
-        scale, zero = (self.scale, self.zero) if w.dim() == 1 else (self.scale[:, None], self.zero[:, None])
+        scale, zero = (
+            (self.scale, self.zero) if w.dim() == 1 else (self.scale[:, None], self.zero[:, None])
+        )
         codes = torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
         return codes.to(torch.int32), (codes - zero) * scale
 

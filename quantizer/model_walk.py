@@ -46,9 +46,26 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"top-level modules: {children}"
         )
     name, layers = stacks[0]
+    if not find_linears(layers[0]):  # e.g. GPT-2's blocks use transformers' Conv1D
+        held_by = sorted(
+            {
+                type(m).__name__
+                for m in layers[0].modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor)
+            }
+        )
+        raise UserError(
+            f"unsupported architecture {type(model).__name__}: its decoder layers {name} "
+            f"({type(layers[0]).__name__}) have no nn.Linear sublayers; their weights are held "
+            f"by {', '.join(held_by) or 'nothing'}"
+        )
     model_type = getattr(getattr(model, "config", None), "model_type", "?")
     if model_type not in TESTED_MODEL_TYPES:
-        log.warning("model_type %r is not in the tested set %s: check the result", model_type, TESTED_MODEL_TYPES)
+        log.warning(
+            "model_type %r is not in the tested set %s: check the result",
+            model_type,
+            TESTED_MODEL_TYPES,
+        )
     return name, layers
 
 
@@ -66,9 +83,7 @@ class StopForward(Exception):
     """Raised from a hook to end a forward pass once the needed input was seen."""
 
 
-def sequential_groups(
-    linears: dict[str, nn.Linear], run: Callable[[], object]
-) -> list[list[str]]:
+def sequential_groups(linears: dict[str, nn.Linear], run: Callable[[], object]) -> list[list[str]]:
     """Sublayers in execution order, grouped by shared input tensor (true-sequential order).
 
     ``run`` performs one forward pass of the layer.
@@ -76,7 +91,9 @@ def sequential_groups(
     calls: list[tuple[str, tuple[int, tuple[int, ...]]]] = []
     handles = [
         m.register_forward_pre_hook(
-            lambda _m, args, name=name: calls.append((name, (args[0].data_ptr(), tuple(args[0].shape))))
+            lambda _m, args, name=name: calls.append(
+                (name, (args[0].data_ptr(), tuple(args[0].shape)))
+            )
         )
         for name, m in linears.items()
     ]

@@ -57,7 +57,9 @@ class QuantizeJob:
     batch_size: int = 1
     device: str = "cpu"
     dtype: str = "float32"  # dtype for layer forwards and activations
-    skip: tuple[str, ...] = ()  # regexes of linear sublayers (relative to a layer) to leave unquantized
+    skip: tuple[
+        str, ...
+    ] = ()  # regexes of linear sublayers (relative to a layer) to leave unquantized
     overwrite: bool = False
     max_shard_bytes: int = 4 * 1024**3
 
@@ -86,8 +88,16 @@ class Summary:
 def _qcfg(job: QuantizeJob, not_converted: list[str]) -> LeanQuantConfig:
     s = job.settings
     method = "rtn" if job.rtn else ("gptq" if s.grid == "minmax" else "leanquant")
-    meta = {"method": method, "grid_fit": s.grid, "damp": s.damp, "exponent": s.exponent,
-            "blocksize": s.blocksize, "T": s.T, "shrink": s.shrink, "seed": s.seed}
+    meta = {
+        "method": method,
+        "grid_fit": s.grid,
+        "damp": s.damp,
+        "exponent": s.exponent,
+        "blocksize": s.blocksize,
+        "T": s.T,
+        "shrink": s.shrink,
+        "seed": s.seed,
+    }
     if not job.rtn:
         meta.update(calib=job.calib, nsamples=job.nsamples, seqlen=job.seqlen)
     return LeanQuantConfig(
@@ -138,7 +148,9 @@ class _Catcher(nn.Module):
         super().__init__()
         self.layer, self.index, self.sink = layer, index, sink
 
-    def __getattr__(self, name: str):  # the model may read attributes of its layers (attention_type)
+    def __getattr__(
+        self, name: str
+    ):  # the model may read attributes of its layers (attention_type)
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -214,18 +226,33 @@ def quantize_model(
         _check_shapes(job, layer, f"{layers_name}.{i}")
     out_emb = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is out_emb), None)
-    skipped = [f"{layers_name}.{i}.{n}" for i, layer in enumerate(layers)
-               for n in set(find_linears(layer)) - set(find_linears(layer, job.skip))]
+    skipped = [
+        f"{layers_name}.{i}.{n}"
+        for i, layer in enumerate(layers)
+        for n in set(find_linears(layer)) - set(find_linears(layer, job.skip))
+    ]
     qcfg = _qcfg(job, ([head_name] if head_name else []) + skipped)
 
     # Non-layer tensors (embeddings, final norm, lm_head) go to the checkpoint unchanged.
     layer_prefix = layers_name + "."
     outer = [n for n in src.weight_map if not n.startswith(layer_prefix)]
-    summary = Summary(out=str(job.out), seconds=0, peak_rss_bytes=0, peak_gpu_bytes=0,
-                      total_loss=0.0, cholesky_retries=0)
-    with CheckpointWriter(job.out, max_shard_bytes=job.max_shard_bytes, overwrite=job.overwrite) as writer:
+    summary = Summary(
+        out=str(job.out),
+        seconds=0,
+        peak_rss_bytes=0,
+        peak_gpu_bytes=0,
+        total_loss=0.0,
+        cholesky_retries=0,
+    )
+    with CheckpointWriter(
+        job.out, max_shard_bytes=job.max_shard_bytes, overwrite=job.overwrite
+    ) as writer:
         writer.add({n: src.get(n) for n in outer})
-        inputs, kwargs = ([], []) if job.rtn else _calibration_inputs(job, src, model, layers, device, dtype, head_name)
+        inputs, kwargs = (
+            ([], [])
+            if job.rtn
+            else _calibration_inputs(job, src, model, layers, device, dtype, head_name)
+        )
 
         bar = tqdm(range(len(layers)), desc="layers", unit="layer")
         for i in bar:
@@ -244,7 +271,9 @@ def quantize_model(
                 except CholeskyError as e:
                     raise UserError(f"{prefix}.{name}: {e}; raise --damp") from e
                 if not torch.isfinite(r.Q).all():
-                    raise UserError(f"{prefix}.{name}: quantization produced NaN/Inf (check the calibration data)")
+                    raise UserError(
+                        f"{prefix}.{name}: quantization produced NaN/Inf (check the calibration data)"
+                    )
                 m.weight.data = r.Q.to(dtype)  # later sublayers see the quantized output
                 tensors = {"codes": r.codes}
                 if qcfg.grid == "nonuniform":
@@ -253,16 +282,24 @@ def quantize_model(
                     tensors.update(scales=r.scales, zeros=r.zeros)
                     if qcfg.uses_g_idx:
                         tensors["g_idx"] = r.g_idx
-                packed.update({f"{prefix}.{name}.{k}": v for k, v in pack_linear(qcfg, **tensors).items()})
+                packed.update(
+                    {f"{prefix}.{name}.{k}": v for k, v in pack_linear(qcfg, **tensors).items()}
+                )
                 if observer is not None:
                     observer(f"{prefix}.{name}", r)
-                reports.append(SublayerReport(name, tuple(m.weight.shape), r.loss, time.time() - t, r.damp, r.retries))
+                reports.append(
+                    SublayerReport(
+                        name, tuple(m.weight.shape), r.loss, time.time() - t, r.damp, r.retries
+                    )
+                )
 
             if job.rtn:
                 for name in linears:
                     quantize(name, None)
             else:
-                groups = sequential_groups(linears, lambda: _layer_forward(layer, inputs[0], kwargs[i]))
+                groups = sequential_groups(
+                    linears, lambda: _layer_forward(layer, inputs[0], kwargs[i])
+                )
                 for group in groups:
                     H = _hessian(layer, linears[group[0]], inputs, kwargs[i], device)
                     for name in group:
@@ -295,23 +332,36 @@ def quantize_model(
 def _calibration_inputs(job, src, model, layers, device, dtype, head_name):
     """Tokenize the calibration text and capture every layer's inputs/kwargs for the windows."""
     if job.calib is None:
-        raise UserError("--calib is required (a text file, folder, wiki-sample or a hub dataset name), or use --rtn")
+        raise UserError(
+            "--calib is required (a text file, folder, wiki-sample or a hub dataset name), or use --rtn"
+        )
     if job.nsamples % job.batch_size:
-        raise UserError(f"--nsamples {job.nsamples} is not a multiple of --batch-size {job.batch_size}")
+        raise UserError(
+            f"--nsamples {job.nsamples} is not a multiple of --batch-size {job.batch_size}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(job.model)
-    windows = random_windows(tokenize(tokenizer, load_text(job.calib, "calib")), job.nsamples, job.seqlen, job.settings.seed)
+    windows = random_windows(
+        tokenize(tokenizer, load_text(job.calib, "calib")),
+        job.nsamples,
+        job.seqlen,
+        job.settings.seed,
+    )
     batches = list(windows.split(job.batch_size))
     # Materialise everything outside the layer stack that runs before layer 0 (embeddings, rotary).
     layers_name = next(n for n, m in model.named_modules() if m is layers)
     for name, _ in list(model.named_parameters()):
-        if not name.startswith(layers_name + ".") and not (head_name and name.startswith(head_name + ".")):
+        if not name.startswith(layers_name + ".") and not (
+            head_name and name.startswith(head_name + ".")
+        ):
             set_module_tensor_to_device(model, name, device, value=src.get(name), dtype=dtype)
     sink = _LayerInputs(layers)
     sink.capture(model, batches, device)
     return sink.hidden, sink.kwargs
 
 
-def _hessian(layer: nn.Module, first: nn.Linear, inputs: list[Tensor], kwargs: dict, device) -> Tensor:
+def _hessian(
+    layer: nn.Module, first: nn.Linear, inputs: list[Tensor], kwargs: dict, device
+) -> Tensor:
     """H of the group's shared input: run the layer up to that sublayer for every batch."""
     h = Hessian(first.in_features, device)
 

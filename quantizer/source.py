@@ -30,7 +30,9 @@ class SourceModel:
             raise UserError(f"{self.path / 'config.json'} is not valid JSON: {e}") from e
         if "quantization_config" in self.config:
             method = self.config["quantization_config"].get("quant_method", "?")
-            raise UserError(f"{self.path} is already quantized ({method}): give an unquantized model")
+            raise UserError(
+                f"{self.path} is already quantized ({method}): give an unquantized model"
+            )
         self.weight_map = self._weight_map()
         self._files = ExitStack()
         self._handles: dict[str, object] = {}
@@ -44,7 +46,9 @@ class SourceModel:
                 raise UserError(f"{index} is not a valid safetensors index: {e}") from e
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
-            raise UserError(f"{self.path} has no *.safetensors weights (.bin checkpoints are not supported)")
+            raise UserError(
+                f"{self.path} has no *.safetensors weights (.bin checkpoints are not supported)"
+            )
         names: dict[str, str] = {}
         for f in files:
             with safe_open(f, "pt") as h:

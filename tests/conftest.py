@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny random bf16 models of each tested architecture, a tiny trained
+tokenizer and a calibration text, all written once per test session to a temporary folder."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 320  # byte-level alphabet (256) plus a few merges
+WORDS = (
+    "the of and to in is was for on that with as by at from his an were are which this be has "
+    "it or had model weight grid layer token quantization error column matrix group scale"
+).split()
+
+# Every architecture the pipeline claims to support (model_walk.TESTED_MODEL_TYPES), tiny:
+# hidden 64, intermediate 128, 4 heads of 16, 2 kv heads. Gemma and Mistral use a sliding
+# window shorter than the calibration windows, and both attention types occur in Gemma.
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+_SLIDING_FULL = ["sliding_attention", "full_attention"]
+ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
+    "llama": lambda v: LlamaConfig(**_COMMON, num_hidden_layers=2, vocab_size=v),
+    "mistral": lambda v: MistralConfig(
+        **_COMMON, num_hidden_layers=2, vocab_size=v, sliding_window=16
+    ),
+    "qwen2": lambda v: Qwen2Config(**_COMMON, num_hidden_layers=2, vocab_size=v),
+    "qwen3": lambda v: Qwen3Config(**_COMMON, num_hidden_layers=2, vocab_size=v),
+    "gemma2": lambda v: Gemma2Config(
+        **_COMMON, num_hidden_layers=2, vocab_size=v, sliding_window=16, layer_types=_SLIDING_FULL
+    ),
+    "gemma3_text": lambda v: Gemma3TextConfig(
+        **_COMMON,
+        num_hidden_layers=3,
+        vocab_size=v,
+        sliding_window=16,
+        layer_types=[*_SLIDING_FULL, "sliding_attention"],
+    ),
+    # Not supported: its blocks use transformers' Conv1D, not nn.Linear.
+    "gpt2": lambda v: GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        vocab_size=v,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+}
+SUPPORTED = tuple(a for a in ARCHITECTURES if a != "gpt2")
+
+# The tensors here are tiny: a second thread only adds contention on a shared machine.
+torch.set_num_threads(1)
+
+
+def _random_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(50)) for _ in range(n_words // 50)]
+    return "\n\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory) -> Path:
+    """A text file of random words, about 4000 tokens of the tiny tokenizer."""
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(_random_text(2000, seed=0))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on random text of the same words."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([_random_text(500, seed=1)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
+    """``tiny_model(arch, nan_in=None)``: path of a tiny random bf16 model folder of ``arch``
+    (a key of ARCHITECTURES) with the tokenizer; ``nan_in`` names a weight given one NaN.
+    Folders are written once per session and must not be modified by tests."""
+    cache: dict[tuple[str, str | None], Path] = {}
+
+    def make(arch: str, nan_in: str | None = None) -> Path:
+        if (arch, nan_in) in cache:
+            return cache[arch, nan_in]
+        torch.manual_seed(0)
+        config = ARCHITECTURES[arch](len(tokenizer))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        with torch.no_grad():  # random init is tiny (std 0.02): spread the norms around 1 too
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+        path = tmp_path_factory.mktemp(f"{arch}{'-nan' if nan_in else ''}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        if nan_in is not None:
+            weights = load_file(path / "model.safetensors")
+            weights[nan_in][0, 1] = float("nan")
+            save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        cache[arch, nan_in] = path
+        return path
+
+    return make

@@ -72,6 +72,10 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         + f"; total loss error {s.total_loss:.4g}, largest layer {worst[0]} {worst[1].name} "
         f"{worst[1].loss:.4g}; Cholesky retries {s.cholesky_retries} (details: quantize_report.json)"
     )
+    print(
+        "loss error per layer: "
+        + ", ".join(f"{i}: {sum(r.loss for r in layer):.3g}" for i, layer in enumerate(s.layers))
+    )
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:

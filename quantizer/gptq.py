@@ -116,19 +116,22 @@ def quantize_weight(W: Tensor, H: Tensor | None, s: GPTQSettings) -> QuantizedWe
         s.grid, Wg, d, s.bits, T=s.T, shrink=s.shrink, kmeans_iters=s.kmeans_iters, generator=gen
     )
 
-    if H is None:  # RTN: every column weighs the same, no Hessian, no updates
-        U, lam, retries = torch.eye(columns, device=W.device), 0.0, 0
-        perm = None
-    else:
-        H = H.to(W.device, torch.float32).clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1  # dead input: any value works, it is multiplied by zero activations
-        W[:, dead] = 0
-        perm = torch.argsort(torch.diag(H), descending=True) if s.actorder else None
-        if perm is not None:
-            W, H = W[:, perm], H[perm][:, perm]
-        U, lam, retries = inverse_cholesky(H, s.damp, s.damp_retries)
-        del H
+    if H is None:  # RTN: every column weighs the same, no Hessian, no updates: no column loop
+        ones = torch.ones(columns, device=W.device)
+        groups = [fit(W[:, g : g + G], ones[g : g + G]) for g in range(0, columns, G)]
+        parts = [p.quantize(W[:, k * G : (k + 1) * G]) for k, p in enumerate(groups)]
+        codes, Q = torch.cat([c for c, _ in parts], 1), torch.cat([q for _, q in parts], 1)
+        return _result(s, groups, codes, Q, None, float(((W - Q) ** 2).sum()), 0.0, 0)
+
+    H = H.to(W.device, torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1  # dead input: any value works, it is multiplied by zero activations
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if s.actorder else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, lam, retries = inverse_cholesky(H, s.damp, s.damp_retries)
+    del H
     d = torch.diag(U) ** -s.exponent  # LeanQuant's column importance U_ii^(−p)
     invperm = torch.argsort(perm) if perm is not None else None
 
@@ -177,20 +180,24 @@ def quantize_weight(W: Tensor, H: Tensor | None, s: GPTQSettings) -> QuantizedWe
         codes, Q = codes[:, invperm], Q[:, invperm]
         if s.group_size != -1 and not s.static_groups:
             g_idx = col_group[invperm.cpu()].to(torch.int32)
+    return _result(s, groups, codes, Q, g_idx, float(losses.sum()), lam, retries)
+
+
+def _result(
+    s: GPTQSettings,
+    groups: list[GridParams],
+    codes: Tensor,
+    Q: Tensor,
+    g_idx: Tensor | None,
+    loss: float,
+    damp: float,
+    retries: int,
+) -> QuantizedWeight:
+    """Collect the fitted grids into the stored form: a per-row table or (n_groups, rows) scales/zeros."""
     scales = zeros = lut = None
     if s.grid == "nonuniform":
         lut = groups[0].lut
     else:
         scales, zeros = _stack(groups)
         zeros = zeros.to(torch.int32)
-    return QuantizedWeight(
-        codes=codes,
-        Q=Q,
-        scales=scales,
-        zeros=zeros,
-        lut=lut,
-        g_idx=g_idx,
-        loss=float(losses.sum()),
-        damp=lam,
-        retries=retries,
-    )
+    return QuantizedWeight(codes, Q, scales, zeros, lut, g_idx, loss, damp, retries)

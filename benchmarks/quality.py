@@ -103,6 +103,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows in --work")
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite the results from cached rows only"
+    )
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
@@ -111,88 +114,68 @@ def main() -> None:
     src = smollm2_dir()
     wiki_splits()
     cache = a.work / "rows.json"
-    rows = {} if a.fresh or not cache.exists() else json.loads(cache.read_text())
-    key = f"bf16|{a.eval_seqlen}x{a.eval_windows}"
-    if key not in rows:
-        rows[key] = {
+    cached = {} if a.fresh or not cache.exists() else json.loads(cache.read_text())
+    evals = f"{a.eval_seqlen}x{a.eval_windows}"
+    wanted = {f"bf16|{evals}": None, "g128": None}
+    for setting in a.settings.split(","):
+        for method in a.methods.split(","):
+            wanted[f"{setting}|{method}|{a.nsamples}x{a.seqlen}|{evals}"] = (setting, method)
+    if a.report_only:
+        missing = [k for k in wanted if k not in cached]
+        if missing:
+            sys.exit(f"no cached rows for {missing} in {cache}")
+    for k, job in wanted.items():
+        if k not in cached:
+            cached[k] = measure(k, job, src, a)
+            print(json.dumps(cached[k]), flush=True)
+            cache.write_text(json.dumps(cached, indent=1))
+    g128 = cached["g128"]
+    write_results({k: cached[k] for k in wanted if k != "g128"}, g128, a)
+
+
+def measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Namespace) -> dict:
+    """One row: quantize (its own process) and evaluate; or the bf16 row; or the g128 check."""
+    if key == "g128":  # SmolLM2's hidden size 576 is not a multiple of 128: a clear error
+        flags = "--group-size 128 --calib wiki-sample --nsamples 1 --seqlen 64 --overwrite"
+        p = run(CLI + ["quantize", str(src), str(a.work / "g128"), *flags.split()])
+        return {"exit_code": p.returncode, "stderr": (p.stderr.strip().splitlines() or [""])[-1]}
+    if job is None:
+        size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+        return {
             "setting": "-",
             "method": "bf16",
             "bits": 16,
             "perplexity": evaluate(src, a),
             "seconds": 0.0,
             "peak_rss_gib": None,
-            "bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
+            "bytes": size,
         }
-        cache.write_text(json.dumps(rows, indent=1))
-
-    for setting in a.settings.split(","):
-        bits, group = SETTINGS[setting]
-        for method in a.methods.split(","):
-            k = f"{setting}|{method}|{a.nsamples}x{a.seqlen}|{a.eval_seqlen}x{a.eval_windows}"
-            if k in rows:
-                continue
-            g = -1 if method == "leanquant-nu" else group
-            out = a.work / f"{setting}-{method}"
-            cmd = CLI + [
-                "quantize",
-                str(src),
-                str(out),
-                "--bits",
-                str(bits),
-                "--group-size",
-                str(g),
-                "--calib",
-                "wiki-sample",
-                "--nsamples",
-                str(a.nsamples),
-                "--seqlen",
-                str(a.seqlen),
-                "--overwrite",
-                *METHODS[method],
-            ]
-            t = time.time()
-            p = run(cmd)
-            if p.returncode:
-                raise RuntimeError(f"{setting} {method} failed:\n{p.stderr[-3000:]}")
-            report = json.loads((out / "quantize_report.json").read_text())
-            grid = "nonuniform" if method == "leanquant-nu" else "affine"
-            rows[k] = {
-                "setting": setting,
-                "method": method,
-                "bits": bits,
-                "group_size": g,
-                "perplexity": evaluate(out, a),
-                "seconds": report["seconds"],
-                "wall_seconds": time.time() - t,
-                "peak_rss_gib": report["peak_rss_bytes"] / 2**30,
-                **size_model(src, out, bits, g, grid),
-            }
-            print(json.dumps(rows[k]), flush=True)
-            cache.write_text(json.dumps(rows, indent=1))
-
-    # SmolLM2's hidden size 576 is not a multiple of 128: group 128 must fail with a clear error.
-    p = run(
-        CLI
-        + [
-            "quantize",
-            str(src),
-            str(a.work / "g128"),
-            "--group-size",
-            "128",
-            "--calib",
-            "wiki-sample",
-            "--nsamples",
-            "1",
-            "--seqlen",
-            "64",
-            "--overwrite",
-        ]
-    )
-    g128 = {
-        "exit_code": p.returncode,
-        "stderr": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "",
+    setting, method = job
+    bits, group = SETTINGS[setting]
+    g = -1 if method == "leanquant-nu" else group
+    out = a.work / f"{setting}-{method}"
+    flags = (
+        f"--bits {bits} --group-size {g} --calib wiki-sample --nsamples {a.nsamples} "
+        f"--seqlen {a.seqlen} --overwrite"
+    ).split()
+    t = time.time()
+    p = run(CLI + ["quantize", str(src), str(out), *flags, *METHODS[method]])
+    wall = time.time() - t
+    if p.returncode:
+        raise RuntimeError(f"{setting} {method} failed:\n{p.stderr[-3000:]}")
+    report = json.loads((out / "quantize_report.json").read_text())
+    grid = "nonuniform" if method == "leanquant-nu" else "affine"
+    return {
+        "setting": setting,
+        "method": method,
+        "bits": bits,
+        "group_size": g,
+        "perplexity": evaluate(out, a),
+        "seconds": report["seconds"],
+        "wall_seconds": wall,
+        "peak_rss_gib": report["peak_rss_bytes"] / 2**30,
+        **size_model(src, out, bits, g, grid),
     }
-    write_results(rows, g128, a)
 
 
 def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
@@ -206,12 +189,15 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
         "calibration": f"{a.nsamples} x {a.seqlen} tokens, wiki-sample calibration split",
         "evaluation": f"{a.eval_windows} x {a.eval_seqlen} tokens, wiki-sample evaluation split",
         "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-        "command": "python benchmarks/quality.py",
+        "command": " ".join(["python benchmarks/quality.py", *sys.argv[1:]]),
         "group_128": g128,
     }
     (a.results / "quality.json").write_text(
         json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1)
     )
+
+    def row(s: str, m: str) -> dict | None:
+        return next((r for r in rows.values() if r["setting"] == s and r["method"] == m), None)
 
     lines = [
         f"bf16 perplexity: **{bf16['perplexity']:.2f}**. Cells: perplexity (quantization seconds, "
@@ -223,13 +209,32 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     for s in settings:
         cells = []
         for m in methods:
-            r = next((r for r in rows.values() if r["setting"] == s and r["method"] == m), None)
+            r = row(s, m)
             cells.append(
                 "-"
                 if r is None
                 else f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gib']:.1f})"
             )
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+
+    if "gptq" in methods:  # the targets: LeanQuant vs GPTQ in the same run
+        lines += [
+            "",
+            "| setting | LeanQuant (best grid) / GPTQ perplexity | LeanQuant-aff / GPTQ "
+            "time | LeanQuant-nu / GPTQ time |",
+            "|---|---|---|---|",
+        ]
+        for s in settings:
+            g, aff, nu = row(s, "gptq"), row(s, "leanquant-aff"), row(s, "leanquant-nu")
+            lq = [r for r in (aff, nu) if r is not None]
+            if g is None or not lq:
+                continue
+            best = min(lq, key=lambda r: r["perplexity"])
+            t = [f"{r['seconds'] / g['seconds']:.2f}×" if r else "-" for r in (aff, nu)]
+            lines.append(
+                f"| {s} | {best['perplexity'] / g['perplexity']:.3f} ({best['method']}) "
+                f"| {t[0]} | {t[1]} |"
+            )
     lines += [
         "",
         "Checkpoint size vs bits·params/8 + group metadata + unquantized tensors:",

@@ -18,9 +18,21 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+# name: (hub path, config, data_files per split or None, calib split, eval split, max documents)
 HUB_DATASETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test"),
-    "c4": ("allenai/c4", "en", "train", "validation"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", None, "train", "test", None),
+    # One shard each, as the GPTQ/LeanQuant references do, not the whole 300 GB corpus.
+    "c4": (
+        "allenai/c4",
+        None,
+        {
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        },
+        "train",
+        "validation",
+        20_000,
+    ),
 }
 _LOCAL_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json"}
 
@@ -35,10 +47,13 @@ def load_text(source: str, split: str = "calib") -> str:
         splits = wiki_splits()
         return (splits.calib if split == "calib" else splits.eval).read_text(encoding="utf-8")
     if source in HUB_DATASETS:
-        path, name, calib_split, eval_split = HUB_DATASETS[source]
+        path, name, files, calib_split, eval_split, limit = HUB_DATASETS[source]
+        which = calib_split if split == "calib" else eval_split
         ds = datasets.load_dataset(
-            path, name, split=calib_split if split == "calib" else eval_split
+            path, name, data_files=files and {which: files[which]}, split=which
         )
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
         return "\n\n".join(t for t in ds["text"] if t)
     p = Path(source)
     if not p.exists():

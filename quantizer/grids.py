@@ -120,7 +120,7 @@ def fit_affine(
 ) -> AffineParams:
     """LeanQuant_aff: choose lo = min + a·R/T, hi = max − c·R/T, 0 ≤ a, c ≤ shrink·T, minimising L.
 
-    Coarse-to-fine search: a ``coarse``×``coarse`` grid over (a, c), then 5×5 neighbourhoods
+    Coarse-to-fine search: a ``coarse``×``coarse`` grid over (a, c), then (2·radius+1)² neighbourhoods
     around each row's best with the step halved until it is 1. (a, c) = (0, 0), the min-max
     grid, is always a candidate, so the result is never worse than min-max on L.
     """

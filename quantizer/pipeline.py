@@ -125,7 +125,7 @@ class _LayerInputs:
         self.layers = layers
         self.hidden: list[Tensor] = []
         self.kwargs: list[dict] = [{} for _ in layers]
-        self._first = True
+        self.first_batch = True
 
     def capture(self, model: nn.Module, batches: list[Tensor], device: torch.device) -> None:
         originals = list(self.layers)
@@ -135,7 +135,7 @@ class _LayerInputs:
         try:
             with torch.no_grad():
                 for b, ids in enumerate(batches):
-                    self._first = b == 0  # kwargs are read from the first batch only
+                    self.first_batch = b == 0  # kwargs are read from the first batch only
                     try:
                         model(input_ids=ids.to(device), use_cache=False)
                     except StopForward:
@@ -150,9 +150,8 @@ class _Catcher(nn.Module):
         super().__init__()
         self.layer, self.index, self.sink = layer, index, sink
 
-    def __getattr__(
-        self, name: str
-    ):  # the model may read attributes of its layers (attention_type)
+    def __getattr__(self, name: str):
+        """The model may read attributes of its layers (e.g. attention_type)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -163,10 +162,10 @@ class _Catcher(nn.Module):
             raise UserError("decoder layers called with positional arguments beyond hidden_states")
         if self.index == 0:
             self.sink.hidden.append(hidden_states)
-        if self.sink._first:
+        if self.sink.first_batch:
             kwargs.pop("past_key_values", None)
             self.sink.kwargs[self.index] = kwargs
-        if self.index == len(self.sink.layers) - 1 or not self.sink._first:
+        if self.index == len(self.sink.layers) - 1 or not self.sink.first_batch:
             raise StopForward
         return hidden_states
 
@@ -366,13 +365,18 @@ def _calibration_inputs(job, src, model, layers, device, dtype, head_name):
     batches = list(windows.split(job.batch_size))
     # Materialise everything outside the layer stack that runs before layer 0 (embeddings, rotary).
     layers_name = next(n for n, m in model.named_modules() if m is layers)
-    for name, _ in list(model.named_parameters()):
-        if not name.startswith(layers_name + ".") and not (
-            head_name and name.startswith(head_name + ".")
-        ):
-            set_module_tensor_to_device(model, name, device, value=src.get(name), dtype=dtype)
+    outer = [
+        name
+        for name, _ in model.named_parameters()
+        if not name.startswith(layers_name + ".")
+        and not (head_name and name.startswith(head_name + "."))
+    ]
+    for name in outer:
+        set_module_tensor_to_device(model, name, device, value=src.get(name), dtype=dtype)
     sink = _LayerInputs(layers)
     sink.capture(model, batches, device)
+    for name in outer:  # the embeddings are not needed again: free them
+        set_module_tensor_to_device(model, name, "meta")
     return sink.hidden, sink.kwargs
 
 

@@ -236,14 +236,14 @@ def test_linear_specs_by_hand():
     assert got == {
         "qweight": ((6, 32), torch.int32),
         "scales": ((2, 32), torch.float16),
-        "qzeros": ((2, 3), torch.int32),
+        "zero_points": ((2, 3), torch.int32),
         "g_idx": ((64,), torch.int32),
     }
     specs = linear_specs(LeanQuantConfig(bits=2, grid="nonuniform"), 48, 5)
     assert {k: v.shape for k, v in specs.items()} == {"qweight": (3, 5), "lut": (5, 4)}
     with pytest.raises(FormatError, match="qweight: in_features=48"):
         linear_specs(LeanQuantConfig(bits=3), 48, 32)
-    with pytest.raises(FormatError, match="qzeros: out_features=5"):
+    with pytest.raises(FormatError, match="zero_points: out_features=5"):
         linear_specs(LeanQuantConfig(bits=4), 64, 5)
     with pytest.raises(FormatError, match="qweight: in_features=64 .*group_size=48"):
         linear_specs(LeanQuantConfig(bits=4, group_size=48), 64, 8)
@@ -364,7 +364,7 @@ def test_check_linear_names_full_tensor():
     good = pack_linear(cfg, **random_inputs(cfg, 32, 64))
     prefix = "model.layers.0.mlp.up_proj"
     bad_cases = {
-        "qzeros: missing": {k: v for k, v in good.items() if k != "qzeros"},
+        "zero_points: missing": {k: v for k, v in good.items() if k != "zero_points"},
         "lut: unexpected": {**good, "lut": torch.zeros(32, 16, dtype=torch.float16)},
         "scales: dtype torch.float32": {**good, "scales": good["scales"].float()},
         r"scales: shape \(1, 32\)": {**good, "scales": good["scales"][:1]},

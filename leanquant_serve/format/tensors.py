@@ -4,12 +4,16 @@ Layout convention: the dense weight W is (out_features, in_features) = (rows, co
 codes q are (out, in) integers in [0, 2**bits). A quantized linear ``prefix`` is stored as
 ``prefix + "." + suffix``:
 
-- ``qweight``  int32 (in * bits // 32, out): q transposed to (in, out), packed along dim 0.
-- ``scales``   float16 (n_groups, out)                       [affine]
-- ``qzeros``   int32 (n_groups, out * bits // 32): integer zero points z packed along dim 1,
-  stored as the true z (not GPTQ v1's z - 1); w = (q - z) * s    [affine]
-- ``g_idx``    int32 (in,): group of each input column       [affine and cfg.uses_g_idx]
-- ``lut``      float16 (out, 2**bits): w[o, i] = lut[o, q[o, i]]   [nonuniform]
+- ``qweight``      int32 (in * bits // 32, out): q transposed to (in, out), packed along dim 0.
+- ``scales``       float16 (n_groups, out)                               [affine]
+- ``zero_points``  int32 (n_groups, out * bits // 32): integer zero points z packed along
+  dim 1, stored as the true z; w = (q - z) * s                          [affine]
+- ``g_idx``        int32 (in,): group of each input column               [affine, cfg.uses_g_idx]
+- ``lut``          float16 (out, 2**bits): w[o, i] = lut[o, q[o, i]]     [nonuniform]
+
+The zero points are deliberately not named ``qzeros``: loaders that key on GPTQ tensor names
+(exllamav2) assume GPTQ v1's stored z - 1 and would silently load every zero off by one;
+with a different name they fail loudly instead (see docs/engine-notes.md, E).
 
 Without ``g_idx``, column i belongs to group i // group_size (group_size -1: a single group).
 A bias, if any, is stored unquantized as ``prefix + ".bias"``.
@@ -26,7 +30,7 @@ from torch import Tensor
 from .config import FormatError, LeanQuantConfig
 from .packing import check_code_range, chunk_size, pack_codes, unpack_codes
 
-QUANT_SUFFIXES = ("qweight", "scales", "qzeros", "g_idx", "lut")
+QUANT_SUFFIXES = ("qweight", "scales", "zero_points", "g_idx", "lut")
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,12 @@ def _specs(
         return specs
     if out_features % n:
         raise FormatError(
-            f"{_name(prefix, 'qzeros')}: out_features={out_features} is not a multiple "
+            f"{_name(prefix, 'zero_points')}: out_features={out_features} is not a multiple "
             f"of {n} ({cfg.bits}-bit packing)"
         )
     groups = cfg.n_groups(in_features)
     specs["scales"] = TensorSpec((groups, out_features), torch.float16)
-    specs["qzeros"] = TensorSpec((groups, out_features * cfg.bits // 32), torch.int32)
+    specs["zero_points"] = TensorSpec((groups, out_features * cfg.bits // 32), torch.int32)
     if cfg.uses_g_idx:
         specs["g_idx"] = TensorSpec((in_features,), torch.int32)
     return specs
@@ -139,7 +143,7 @@ def pack_linear(
     _check_arg("zeros", zeros, (groups, out_features), integer=True)
     check_code_range("zeros", zeros, cfg.bits)
     out["scales"] = _to_fp16("scales", scales)
-    out["qzeros"] = pack_codes(zeros, cfg.bits, dim=1)
+    out["zero_points"] = pack_codes(zeros, cfg.bits, dim=1)
     if g_idx is not None:
         _check_arg("g_idx", g_idx, (in_features,), integer=True)
         _check_g_idx(g_idx, groups)
@@ -200,7 +204,7 @@ def unpack_linear(cfg: LeanQuantConfig, tensors: Mapping[str, Tensor]) -> dict[s
         out["lut"] = tensors["lut"]
         return out
     out["scales"] = tensors["scales"]
-    out["zeros"] = unpack_codes(tensors["qzeros"], cfg.bits, dim=1)
+    out["zeros"] = unpack_codes(tensors["zero_points"], cfg.bits, dim=1)
     if "g_idx" in tensors:
         _check_g_idx(tensors["g_idx"], out["scales"].shape[0])
         out["g_idx"] = tensors["g_idx"]

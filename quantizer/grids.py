@@ -116,7 +116,7 @@ def fit_affine(
     shrink: float | None = None,
     coarse: int = 5,
     radius: int = 1,
-    max_chunk_elems: int = 1 << 24,
+    max_chunk_elems: int = 1 << 20,  # (rows, candidates, cols) temporaries that stay in cache
 ) -> AffineParams:
     """LeanQuant_aff: choose lo = min + a·R/T, hi = max − c·R/T, 0 ≤ a, c ≤ shrink·T, minimising L.
 
@@ -174,20 +174,22 @@ def fit_affine(
 # ----------------------------------------------------------------------------- nonuniform
 
 
+def _sample_rows(p: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One column index per row, drawn ∝ p (inverse CDF; uniform where a row's p is all 0)."""
+    p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))
+    cdf = p.cumsum(1)
+    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_max(p.shape[1] - 1)
+
+
 def _kmeanspp_init(W: Tensor, d: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
     """Weighted k-means++ seeding per row: each next centroid drawn ∝ d_j · D(w_j)²."""
-    rows = W.shape[0]
-    p = d.expand_as(W).clamp_min(1e-30)
-    idx = torch.multinomial(p, 1, generator=generator)
-    cent = [W.gather(1, idx)]
-    D2 = (W - cent[0]) ** 2
+    cent = [W.gather(1, _sample_rows(d.expand_as(W), generator))]
+    D2 = (W - cent[0]) ** 2  # squared distance to the nearest centroid so far
     for _ in range(1, k):
-        p = (d * D2).clamp_min(0)
-        p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))  # all points covered
-        idx = torch.multinomial(p + 1e-30, 1, generator=generator)
-        cent.append(W.gather(1, idx))
+        cent.append(W.gather(1, _sample_rows(d * D2, generator)))
         D2 = torch.minimum(D2, (W - cent[-1]) ** 2)
-    return torch.cat(cent, 1).reshape(rows, k)
+    return torch.cat(cent, 1)
 
 
 def fit_nonuniform(
@@ -196,6 +198,7 @@ def fit_nonuniform(
     bits: int,
     *,
     max_iter: int = 100,
+    tol: float = 1e-4,
     init: str | None = None,
     generator: torch.Generator | None = None,
 ) -> LUTParams:
@@ -203,7 +206,9 @@ def fit_nonuniform(
 
     Batched Lloyd iterations over all rows; 1-D assignment is a searchsorted against the
     midpoints of the sorted centroids. Init as the reference: linspace(min, max) for b ≤ 3,
-    k-means++ for b ≥ 4. Stops when no assignment changes (or after ``max_iter``).
+    k-means++ for b ≥ 4. Stops when no assignment changes or, as scikit-learn's KMeans that
+    the reference runs, when every row's Σ_k (centroid shift)² ≤ tol · Var(row); at most
+    ``max_iter`` iterations.
     """
     W, d = W.float(), d.float()
     k = 2**bits
@@ -218,6 +223,7 @@ def fit_nonuniform(
     cent = cent.sort(1).values
     dW = W * d  # numerator terms d_j w_j
     dd = d.expand_as(W)
+    shift_tol = tol * W.var(dim=1)
     assign = None
     for _ in range(max_iter):
         new_assign = torch.searchsorted((cent[:, 1:] + cent[:, :-1]) / 2, W.contiguous())
@@ -226,7 +232,11 @@ def fit_nonuniform(
         assign = new_assign
         num = torch.zeros_like(cent).scatter_add_(1, assign, dW)  # Σ d_j w_j per cluster
         den = torch.zeros_like(cent).scatter_add_(1, assign, dd)  # Σ d_j per cluster
-        cent = torch.where(den > 0, num / den.clamp_min(1e-30), cent).sort(1).values
+        new = torch.where(den > 0, num / den.clamp_min(1e-30), cent).sort(1).values
+        converged = bool((((new - cent) ** 2).sum(1) <= shift_tol).all())
+        cent = new
+        if converged:
+            break
     return LUTParams(_fp16_exact(cent).sort(1).values)
 
 

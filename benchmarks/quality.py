@@ -152,8 +152,19 @@ def main() -> None:
     write_results({k: cached[k] for k in wanted if k != "g128"}, g128, a)
 
 
+def commit() -> str:
+    p = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return p.stdout.strip() or "unknown"
+
+
 def measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Namespace) -> dict:
     """One row: quantize (its own process) and evaluate; or the bf16 row; or the g128 check."""
+    return {**_measure(key, job, src, a), "commit": commit()}
+
+
+def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Namespace) -> dict:
     if key == "g128":  # SmolLM2's hidden size 576 is not a multiple of 128: a clear error
         flags = "--group-size 128 --calib wiki-sample --nsamples 1 --seqlen 64 --overwrite"
         p = run(CLI + ["quantize", str(src), str(a.work / "g128"), *flags.split()])
@@ -208,7 +219,9 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
         "calibration": f"{a.nsamples} x {a.seqlen} tokens, wiki-sample calibration split",
         "evaluation": f"{a.eval_windows} x {a.eval_seqlen} tokens, wiki-sample evaluation split",
         "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-        "command": " ".join(["python benchmarks/quality.py", *sys.argv[1:]]),
+        "command": " ".join(
+            ["python benchmarks/quality.py", *(x for x in sys.argv[1:] if x != "--report-only")]
+        ),
         "group_128": g128,
     }
     (a.results / "quality.json").write_text(
@@ -267,6 +280,12 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
                 f"| {r['setting']} | {r['method']} | {r['bytes'] / 2**20:.1f} | {r['size_vs_expected']:+.2%} |"
             )
     lines += ["", f"Group size 128: exit code {g128['exit_code']}, `{g128['stderr']}`"]
+    commits = sorted({r.get("commit", "unknown") for r in rows.values()})
+    lines += [
+        "",
+        f"Code: commit {', '.join(commits)}. Command: `{meta['command']}`. {meta['calibration']}; "
+        f"{meta['evaluation']}; {meta['machine']}.",
+    ]
     (a.results / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -29,22 +29,21 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from .gptq import GPTQSettings
     from .pipeline import QuantizeJob, parse_skip, quantize_model
 
-    if a.grid == "nonuniform" and a.group_size != -1:
-        raise UserError("--grid nonuniform stores one table per output row: use --group-size -1")
-    if a.group_size == 0 or a.group_size < -1:
-        raise UserError(f"--group-size must be -1 or positive, got {a.group_size}")
-    settings = GPTQSettings(
-        bits=a.bits,
-        group_size=a.group_size,
-        grid=a.grid,
-        actorder=a.act_order,
-        static_groups=a.static_groups,
-        damp=a.damp,
-        exponent=a.exponent,
-        T=a.T,
-        shrink=a.shrink,
-        seed=a.seed,
-    )
+    try:  # GPTQSettings validates the combination (e.g. nonuniform needs --group-size -1)
+        settings = GPTQSettings(
+            bits=a.bits,
+            group_size=a.group_size,
+            grid=a.grid,
+            actorder=a.act_order,
+            static_groups=a.static_groups,
+            damp=a.damp,
+            exponent=a.exponent,
+            T=a.T,
+            shrink=a.shrink,
+            seed=a.seed,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         raise UserError(f"output folder {out} exists: pass --overwrite to replace it")

@@ -64,8 +64,12 @@ class GPTQSettings:
     def __post_init__(self) -> None:
         if self.grid not in GRID_NAMES:
             raise ValueError(f"grid must be one of {', '.join(GRID_NAMES)}, got {self.grid!r}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"--group-size must be -1 or positive, got {self.group_size}")
         if self.grid == "nonuniform" and self.group_size != -1:
-            raise ValueError("the nonuniform grid is one table per output row: use group_size -1")
+            raise ValueError(
+                "--grid nonuniform stores one table per output row: use --group-size -1"
+            )
 
 
 @dataclass

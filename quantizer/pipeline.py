@@ -59,9 +59,8 @@ class QuantizeJob:
     batch_size: int = 1
     device: str = "cpu"
     dtype: str = "float32"  # dtype for layer forwards and activations
-    skip: tuple[
-        str, ...
-    ] = ()  # regexes of linear sublayers (relative to a layer) to leave unquantized
+    # regexes of linear sublayers (relative to a layer) to leave unquantized
+    skip: tuple[str, ...] = ()
     overwrite: bool = False
     max_shard_bytes: int = 4 * 1024**3
 
@@ -191,10 +190,14 @@ def _check_shapes(job: QuantizeJob, layer: nn.Module, layer_name: str) -> None:
             raise UserError(f"{layer_name}.{name}: {e}") from e
 
 
-def _load_layer(src: SourceModel, layer: nn.Module, prefix: str, device, dtype) -> None:
-    for pname, _ in list(layer.named_parameters()):
-        t = src.get_finite(f"{prefix}.{pname}")
-        set_module_tensor_to_device(layer, pname, device, value=t, dtype=dtype)
+def _load_layer(
+    src: SourceModel, layer: nn.Module, prefix: str, device, dtype
+) -> dict[str, Tensor]:
+    """Materialise the layer from the shards; returns the tensors read, as stored."""
+    stored = {f"{prefix}.{p}": src.get_finite(f"{prefix}.{p}") for p, _ in layer.named_parameters()}
+    for name, t in stored.items():
+        set_module_tensor_to_device(layer, name[len(prefix) + 1 :], device, value=t, dtype=dtype)
+    return stored
 
 
 def quantize_model(
@@ -245,21 +248,25 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
     ]
     qcfg = _qcfg(job, ([head_name] if head_name else []) + skipped)
     # Non-layer tensors (embeddings, final norm, lm_head) go to the checkpoint unchanged.
-    outer = [n for n in src.weight_map if not n.startswith(layers_name + ".")]
+    outer_names = [n for n in src.weight_map if not n.startswith(layers_name + ".")]
     summary = Summary(str(job.out), 0.0, 0, 0, 0.0, 0)
 
     with CheckpointWriter(
         job.out, max_shard_bytes=job.max_shard_bytes, overwrite=job.overwrite
     ) as writer:
-        writer.add({n: src.get_finite(n) for n in outer})
+        outer = {n: src.get_finite(n) for n in outer_names}
+        writer.add(outer)
         if not job.rtn:
-            inputs, kwargs = _calibration_inputs(job, src, model, layers, device, dtype, head_name)
+            inputs, kwargs = _calibration_inputs(
+                job, outer, model, layers_name, layers, device, dtype, head_name
+            )
+        del outer
 
         bar = tqdm(range(len(layers)), desc="layers", unit="layer")
         for i in bar:
             prefix, layer = f"{layers_name}.{i}", layers[i]
             linears = find_linears(layer, job.skip)
-            _load_layer(src, layer, prefix, device, dtype)
+            stored = _load_layer(src, layer, prefix, device, dtype)
             results: list[tuple[dict[str, Tensor], SublayerReport]] = []
             sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
             if job.rtn:
@@ -283,7 +290,11 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
             sub.close()
 
             quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
-            rest = {n: src.get(n) for n in src.names(prefix + ".") if n not in quantized_weights}
+            rest = {
+                n: stored[n] if n in stored else src.get(n)
+                for n in src.names(prefix + ".")
+                if n not in quantized_weights
+            }
             writer.add(rest)
             for tensors, _ in results:
                 writer.add(tensors)
@@ -345,7 +356,7 @@ def _quantize_sublayer(
     return tensors, report
 
 
-def _calibration_inputs(job, src, model, layers, device, dtype, head_name):
+def _calibration_inputs(job, outer, model, layers_name, layers, device, dtype, head_name):
     """Tokenize the calibration text and capture every layer's inputs/kwargs for the windows."""
     if job.calib is None:
         raise UserError(
@@ -364,18 +375,19 @@ def _calibration_inputs(job, src, model, layers, device, dtype, head_name):
     )
     batches = list(windows.split(job.batch_size))
     # Materialise everything outside the layer stack that runs before layer 0 (embeddings, rotary).
-    layers_name = next(n for n, m in model.named_modules() if m is layers)
-    outer = [
+    names = [
         name
         for name, _ in model.named_parameters()
         if not name.startswith(layers_name + ".")
         and not (head_name and name.startswith(head_name + "."))
     ]
-    for name in outer:
-        set_module_tensor_to_device(model, name, device, value=src.get(name), dtype=dtype)
+    for name in names:
+        if name not in outer:
+            raise UserError(f"tensor {name} is missing from {job.model}")
+        set_module_tensor_to_device(model, name, device, value=outer[name], dtype=dtype)
     sink = _LayerInputs(layers)
     sink.capture(model, batches, device)
-    for name in outer:  # the embeddings are not needed again: free them
+    for name in names:  # the embeddings are not needed again: free them
         set_module_tensor_to_device(model, name, "meta")
     return sink.hidden, sink.kwargs
 

@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine: `make demo` (the main job on the bundled SmolLM2-135M,
-# about 10 minutes on 2 CPU cores) and `make test` (the whole test suite). Both create .venv
+# about 7 minutes on 2 CPU cores) and `make test` (the whole test suite). Both create .venv
 # and install what they need.
 BIN := .venv/bin
 OUT ?= out/smollm2-leanquant-w4g64

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import _TYPES as _SAFETENSORS_DTYPES  # header dtype name -> torch dtype
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -248,14 +249,27 @@ class Checkpoint:
         except SafetensorError as e:
             raise FormatError(f"{name}: cannot read it from {self._files[name]} ({e})") from None
 
+    def meta(self, name: str) -> Tensor:
+        """A meta tensor with the stored shape and dtype of ``name``, read from the header."""
+        if name not in self._files:
+            raise FormatError(f"{name}: no such tensor in {self.path}")
+        try:
+            sl = self._handle(self._files[name]).get_slice(name)
+            dtype = _SAFETENSORS_DTYPES[sl.get_dtype()]
+        except (SafetensorError, KeyError) as e:
+            raise FormatError(f"{name}: cannot read its header in {self._files[name]} ({e})") from None
+        return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+
     def quantized_prefixes(self) -> list[str]:
         """Module names of the quantized linears (those with a ``.qweight``)."""
         return sorted(n.removesuffix(".qweight") for n in self._files if n.endswith(".qweight"))
 
-    def linear_tensors(self, prefix: str) -> dict[str, Tensor]:
-        """Suffix -> stored tensor of quantized linear ``prefix``, checked with ``check_linear``."""
+    def linear_tensors(self, prefix: str, meta: bool = False) -> dict[str, Tensor]:
+        """Suffix -> stored tensor of quantized linear ``prefix``, checked with ``check_linear``;
+        ``meta``: meta tensors from the headers (shapes and dtypes only, nothing read)."""
+        read = self.meta if meta else self.get
         tensors = {
-            s: self.get(f"{prefix}.{s}") for s in QUANT_SUFFIXES if f"{prefix}.{s}" in self._files
+            s: read(f"{prefix}.{s}") for s in QUANT_SUFFIXES if f"{prefix}.{s}" in self._files
         }
         check_linear(self.qcfg, prefix, tensors)
         return tensors
@@ -273,7 +287,8 @@ class Checkpoint:
             raise FormatError(f"{prefix}.weight: dense weight stored next to {prefix}.qweight")
 
     def validate(self) -> None:
-        """Check the index against the shard files and every quantized linear against its specs."""
+        """Check the index against the shard files and every quantized linear's tensor names,
+        shapes and dtypes against its specs. Reads headers only, so it is cheap at any size."""
         by_file: dict[str, set[str]] = {}
         for name, file in self._files.items():
             by_file.setdefault(file, set()).add(name)
@@ -290,7 +305,7 @@ class Checkpoint:
                 raise FormatError(f"{prefix}.qweight: missing (found {name})")
         for prefix in sorted(prefixes):
             self._check_module(prefix)
-            self.linear_tensors(prefix)
+            self.linear_tensors(prefix, meta=True)
 
     def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Dense state dict: unquantized tensors as stored (floating ones cast to ``dtype`` if

@@ -92,6 +92,10 @@ def unpack_codes(packed: Tensor, bits: int, dim: int) -> Tensor:
     if packed.dtype != torch.int32:
         raise FormatError(f"packed: dtype {packed.dtype} is not torch.int32")
     dim = _check_aligned(packed, dim, n_words, f"packed ({bits}-bit)")
+    if n_words == 1:  # 2, 4, 8 bits: whole codes per word, code j at shift j * bits
+        w = packed.movedim(dim, -1).unsqueeze(-1) >> shift.to(torch.int32)
+        codes = w & ((1 << bits) - 1)  # the mask also clears an arithmetic shift's sign bits
+        return codes.flatten(-2).movedim(-1, dim).contiguous()
     w = packed.movedim(dim, -1).to(torch.int64) & _LOW32  # words as unsigned
     w = w.reshape(*w.shape[:-1], -1, n_words)
     w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # spare word for the gather below

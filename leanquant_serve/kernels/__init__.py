@@ -1,0 +1,1 @@
+"""Kernels for LeanQuant weights that engines do not ship."""

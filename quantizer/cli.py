@@ -96,6 +96,24 @@ def _cmd_fetch_assets(a: argparse.Namespace) -> None:
     print(f"model: {model}\ncalibration text: {wiki.calib}\nevaluation text: {wiki.eval}")
 
 
+def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
+    from leanquant_serve.export.compressed_tensors import ExportError, export_compressed_tensors
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
+    try:
+        r = export_compressed_tensors(a.checkpoint, out, overwrite=a.overwrite)
+    except ExportError as e:
+        raise UserError(f"cannot export {a.checkpoint} as compressed-tensors: {e}") from e
+    w = r.quantization_config["config_groups"]["group_0"]["weights"]
+    grouping = f"group size {w['group_size']}" if w["strategy"] == "group" else "per channel"
+    print(
+        f"wrote {r.out}: {r.layers} linears as compressed-tensors pack-quantized "
+        f"W{w['num_bits']}A16, {'symmetric' if w['symmetric'] else 'asymmetric'}, {grouping}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanquant", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -175,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="convert a LeanQuant checkpoint to a stock format")
+    formats = x.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    xc = formats.add_parser(
+        "compressed-tensors",
+        help="compressed-tensors pack-quantized, loaded by stock vLLM (no plugin)",
+    )
+    xc.add_argument("checkpoint", help="LeanQuant checkpoint folder")
+    xc.add_argument("out", help="output folder (written only when complete)")
+    xc.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    xc.set_defaults(func=_cmd_export_compressed_tensors)
 
     f = sub.add_parser("fetch-assets", help="fetch the offline SmolLM2 model and Wikipedia sample")
     f.set_defaults(func=_cmd_fetch_assets)

@@ -1,0 +1,269 @@
+"""Export a LeanQuant checkpoint as a compressed-tensors ``pack-quantized`` checkpoint.
+
+Stock vLLM (0.32) loads the result with its ``CompressedTensorsWNA16`` scheme, no plugin.
+Layouts, checked against compressed-tensors 0.17.0 (the version vLLM 0.32 pins) and vLLM 0.32;
+W is (out, in), a LeanQuant layer stores ``qweight`` (in*b/32, out), ``scales`` (G, out) fp16,
+``zero_points`` (G, out*b/32), all packed as a little-endian bitstream of b-bit codes:
+
+- ``weight_packed`` int32 (out, in*b/32) = ``qweight``ᵀ. compressed-tensors'
+  ``pack_to_int32`` puts 32//b codes in each word, code j of a word at bits [j*b, (j+1)*b),
+  along the input dimension; for b in {2, 4, 8} that is exactly our bitstream. Its stored
+  codes are the signed values + 2**(b-1), i.e. our unsigned codes q.
+- ``weight_scale`` (out, G) = ``scales``ᵀ, kept in float16 (as compressed-tensors' AWQ
+  converter does). vLLM copies it into a parameter of the model dtype: exact under
+  ``--dtype float16`` or ``float32``, rounded to bfloat16 under bfloat16.
+- ``weight_zero_point`` int32 (out*b/32, G) = ``zero_points``ᵀ, packed along dim 0, stored as
+  the true z (w = (q - z)·s), only for asymmetric checkpoints. Symmetric checkpoints (every
+  z == 2**(b-1)) store none: vLLM's uint{b}b{2**(b-1)} types and compressed-tensors' signed
+  codes imply that zero.
+- ``weight_shape`` int64 [out, in]. Biases and every unquantized tensor are copied as stored.
+
+``quantization_config``: one config group targeting ``Linear`` (strategy ``group``, or
+``channel`` for group_size -1), ``actorder`` "weight" for act-order with static groups (the
+layout does not change), ``ignore`` = every ``nn.Linear`` of the architecture left unquantized.
+
+Not exportable (:class:`ExportError`): nonuniform grids (a lookup table per row, not affine);
+3-bit (compressed-tensors 0.17 packs 10 codes per word, vLLM 0.32 sizes ``weight_packed`` for a
+dense 3-bit stream: no file satisfies both); asymmetric 2-bit (no stock vLLM kernel takes zero
+points below 4 bits); act-order with dynamic groups, i.e. a non-trivial ``g_idx`` (vLLM 0.32
+rejects compressed-tensors ``actorder: "group"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..format import (
+    QUANT_SUFFIXES,
+    Checkpoint,
+    CheckpointWriter,
+    FormatError,
+    infer_linear_shape,
+    unpack_codes,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pack-quantized"
+QUANT_METHOD = "compressed-tensors"
+TARGET_VERSION = "0.17.0"  # the compressed-tensors release whose layout this writes
+ZERO_POINT_BITS = (4, 8)  # asymmetric: vLLM's zero-point kernels (uint4, uint8)
+SYMMETRIC_BITS = (2, 4, 8)  # of LeanQuant's 2/3/4/8; 3-bit: see the module docstring
+# vLLM fuses these sibling linears; it refuses a fused layer whose parts are quantized differently.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be written exactly in the target format; the message says why."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    quantization_config: dict[str, Any]
+    layers: int  # quantized linears written
+
+
+def _weights_args(bits: int, symmetric: bool, group_size: int, actorder: str | None) -> dict:
+    """``QuantizationArgs`` as compressed-tensors 0.17 serialises them (``model_dump``)."""
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "group_size": None if group_size == -1 else group_size,
+        "strategy": "channel" if group_size == -1 else "group",
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": actorder,
+        "scale_dtype": None,
+        "zp_dtype": None if symmetric else "torch.int8",
+        "observer": "memoryless_minmax",
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(
+    bits: int, symmetric: bool, group_size: int, actorder: str | None, ignore: Iterable[str]
+) -> dict[str, Any]:
+    """The ``config.json["quantization_config"]`` of an exported checkpoint, laid out like
+    compressed-tensors' ``ModelCompressor.update_config``."""
+    return {
+        "version": TARGET_VERSION,
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": _weights_args(bits, symmetric, group_size, actorder),
+                "input_activations": None,
+                "output_activations": None,
+                "format": FORMAT,
+            }
+        },
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+@dataclass(frozen=True)
+class _ConfigForWriter:
+    """What ``CheckpointWriter.finalize`` needs of its ``qcfg`` argument: ``to_dict()``."""
+
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.config
+
+
+def _linear_modules(hf_config: Mapping[str, Any], path: Path) -> list[str]:
+    """Names of every ``nn.Linear`` of the architecture, from a meta-device skeleton."""
+    from accelerate import init_empty_weights  # heavy imports, only needed here
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    if "model_type" not in config_dict:
+        raise FormatError(f"{path / 'config.json'}: no model_type")
+    try:
+        config = AutoConfig.for_model(**config_dict)
+        with init_empty_weights(include_buffers=True):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise ExportError(f"{path}: cannot build the architecture to list its linears ({e})") from e
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _check_fused_siblings(quantized: set[str], linears: list[str]) -> None:
+    present = set(linears)
+    for name in linears:
+        parent, dot, leaf = name.rpartition(".")
+        for group in FUSED_SIBLINGS:
+            if leaf != group[0]:
+                continue
+            parts = [p for p in (f"{parent}{dot}{g}" for g in group) if p in present]
+            done = [p in quantized for p in parts]
+            if any(done) and not all(done):
+                raise ExportError(
+                    f"{parent}: {', '.join(p.rpartition('.')[2] for p in parts)} are quantized "
+                    "only in part; vLLM fuses them and needs one scheme for all"
+                )
+
+
+def _layer_zeros(src: Checkpoint, prefix: str) -> torch.Tensor:
+    return unpack_codes(src.get(f"{prefix}.zero_points"), src.qcfg.bits, dim=1)
+
+
+def _plan(src: Checkpoint, prefixes: list[str]) -> bool:
+    """Check every layer can be exported; returns whether the checkpoint is symmetric."""
+    cfg = src.qcfg
+    if cfg.grid != "affine":
+        raise ExportError(
+            f"grid {cfg.grid!r} stores a lookup table per row; "
+            "compressed-tensors pack-quantized is affine only"
+        )
+    if cfg.bits not in SYMMETRIC_BITS:
+        raise ExportError(
+            f"{cfg.bits}-bit: compressed-tensors {TARGET_VERSION} packs {32 // cfg.bits} codes "
+            f"per int32 but vLLM sizes weight_packed for dense {cfg.bits}-bit packing, "
+            "so no file loads the same in both"
+        )
+    mid = 1 << (cfg.bits - 1)
+    names = set(src.tensor_names())
+    asymmetric = None
+    for prefix in prefixes:
+        if f"{prefix}.g_idx" in names:
+            g_idx = src.get(f"{prefix}.g_idx").long()
+            in_features = g_idx.numel()
+            if not torch.equal(g_idx, torch.arange(in_features) // cfg.group_size):
+                raise ExportError(
+                    f"{prefix}: act-order with dynamic groups (g_idx) cannot be exported: "
+                    "vLLM rejects compressed-tensors actorder 'group'; "
+                    "re-quantize with --static-groups"
+                )
+        if asymmetric is None and not bool((_layer_zeros(src, prefix) == mid).all()):
+            asymmetric = prefix
+    if asymmetric is not None and cfg.bits not in ZERO_POINT_BITS:
+        raise ExportError(
+            f"{asymmetric}: asymmetric {cfg.bits}-bit weights (zero points other than {mid}) "
+            f"have no stock vLLM kernel; zero points need "
+            f"{' or '.join(map(str, ZERO_POINT_BITS))} bits"
+        )
+    return asymmetric is None
+
+
+def _convert_linear(src: Checkpoint, prefix: str, symmetric: bool) -> dict[str, torch.Tensor]:
+    t = src.linear_tensors(prefix)
+    out_features, in_features = infer_linear_shape(src.qcfg, t)
+    tensors = {
+        f"{prefix}.weight_packed": t["qweight"].t().contiguous(),
+        f"{prefix}.weight_scale": t["scales"].t().contiguous(),
+        f"{prefix}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+    }
+    if not symmetric:
+        tensors[f"{prefix}.weight_zero_point"] = t["zero_points"].t().contiguous()
+    return tensors
+
+
+def _model_dtype(hf_config: Mapping[str, Any]) -> str | None:
+    dtype = hf_config.get("dtype", hf_config.get("torch_dtype"))
+    return dtype if isinstance(dtype, str) else None
+
+
+def export_compressed_tensors(
+    src_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False
+) -> ExportResult:
+    """Write LeanQuant checkpoint ``src_dir`` to ``out_dir`` as compressed-tensors
+    ``pack-quantized``; layer by layer, atomically (nothing is left behind on failure).
+
+    Raises :class:`ExportError` for what the format cannot hold exactly (see the module
+    docstring), ``FormatError`` for a broken source or an existing ``out_dir`` without
+    ``overwrite``.
+    """
+    src = Checkpoint(src_dir)
+    out = Path(out_dir)
+    if out.exists() and out.resolve() == src.path.resolve():
+        raise ExportError(f"{out}: the output folder is the source checkpoint")
+    cfg = src.qcfg
+    prefixes = src.quantized_prefixes()
+    if not prefixes:
+        raise ExportError(f"{src.path}: no quantized linears")
+    symmetric = _plan(src, prefixes)
+
+    linears = _linear_modules(src.hf_config, src.path)
+    strays = sorted(set(prefixes) - set(linears))
+    if strays:
+        raise ExportError(f"{strays[0]}: quantized, but not an nn.Linear of the architecture")
+    quantized = set(prefixes)
+    _check_fused_siblings(quantized, linears)
+    ignore = [n for n in linears if n not in quantized]
+    actorder = "weight" if cfg.desc_act else None  # dynamic groups were refused in _plan
+    qconfig = quantization_config(cfg.bits, symmetric, cfg.group_size, actorder, ignore)
+
+    dtype = _model_dtype(src.hf_config)
+    if dtype not in ("float16", "float32"):
+        log.warning(
+            "%s: model dtype %s; vLLM casts the float16 weight_scale to the model dtype, "
+            "so serve with --dtype float16 (or float32) for bit-exact scales",
+            out,
+            dtype,
+        )
+    stored = {f"{p}.{s}" for p in prefixes for s in QUANT_SUFFIXES}
+    hf_config = {k: v for k, v in src.hf_config.items() if k != "quantization_config"}
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        for name in src.tensor_names():
+            if name not in stored:
+                writer.add({name: src.get(name)})
+            elif name.endswith(".qweight"):
+                writer.add(_convert_linear(src, name.removesuffix(".qweight"), symmetric))
+        writer.finalize(hf_config, _ConfigForWriter(qconfig), copy_from=src.path)
+    log.info("exported %d quantized linears to %s (%s)", len(prefixes), out, FORMAT)
+    return ExportResult(out=out, quantization_config=qconfig, layers=len(prefixes))

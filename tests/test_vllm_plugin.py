@@ -102,9 +102,11 @@ def _registered():
     register()  # idempotent
 
 
+@pytest.mark.parametrize("mode", ["per-call", "dense"])
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_tensor_parallel_shards_reproduce_reference(name, world):
+def test_tensor_parallel_shards_reproduce_reference(name, world, mode, monkeypatch):
+    monkeypatch.setenv("LEANQUANT_PORTABLE", mode)
     cfg = CONFIGS[name]
     q_out, kv_out = HEADS * HEAD, KV_HEADS * HEAD
     stored = {
@@ -139,7 +141,7 @@ def test_tensor_parallel_shards_reproduce_reference(name, world):
             load(down, stored["down"])
             for layer in (qkv, gate_up, down):
                 layer.quant_method.process_weights_after_loading(layer)
-                assert layer.leanquant_kernel == "portable"  # no vLLM kernel on this CPU
+                assert layer.leanquant_kernel == f"portable ({mode})"  # no vLLM kernel here
             qkv_parts.append(qkv(x)[0])
             gate_up_parts.append(gate_up(x)[0])
             part = INTER // world
@@ -218,3 +220,81 @@ def test_fused_layer_with_mixed_parts_is_an_error():
         qc.is_quantized("model.layers.0.self_attn.qkv_proj")
     qc.quantized = set()
     assert not qc.is_quantized("model.layers.0.self_attn.qkv_proj")
+
+
+# --- a whole checkpoint through vLLM's own config path (what `vllm serve` runs before loading)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_model, calib_text, tmp_path_factory):
+    from quantizer.gptq import GPTQSettings
+    from quantizer.pipeline import QuantizeJob, quantize_model
+
+    out = tmp_path_factory.mktemp("vllm-tiny") / "ckpt"
+    settings = GPTQSettings(bits=4, group_size=32, grid="affine", actorder=True, static_groups=True)
+    quantize_model(
+        QuantizeJob(
+            model=tiny_model("llama"), out=out, settings=settings, calib=str(calib_text),
+            nsamples=2, seqlen=16,
+        )
+    )
+    return out
+
+
+def engine_config(path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(path), dtype="float32").create_engine_config()
+
+
+def broken_copy(src, tmp_path, edit_config=None, edit_tensors=None):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "broken"
+    shutil.copytree(src, dst)
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg["quantization_config"])
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        for f in dst.glob("*.safetensors"):
+            tensors = load_file(f)
+            edit_tensors(tensors)
+            save_file(tensors, f, metadata={"format": "pt"})
+    return dst
+
+
+def test_checkpoint_is_detected_and_validated_by_vllm(tiny_ckpt):
+    cfg = engine_config(tiny_ckpt)
+    assert cfg.model_config.quantization == "leanquant"
+    assert isinstance(cfg.quant_config, LeanQuantVLLMConfig)
+    assert len(cfg.quant_config.quantized) == 2 * 7  # every decoder linear, nothing else
+
+
+@pytest.mark.parametrize(
+    "edit_config,edit_tensors,message",
+    [
+        (lambda q: q.update(bits=5), None, r"quantization_config\.bits: 5"),
+        (lambda q: q.update(grid="lut"), None, r"quantization_config\.grid"),
+        (lambda q: q.update(group_size=64), None, r"model\.layers\.0\..*\.scales: shape"),
+        (
+            None,
+            lambda t: t.pop("model.layers.1.mlp.down_proj.zero_points", None),
+            r"model\.layers\.1\.mlp\.down_proj\.zero_points: missing",
+        ),
+        (
+            None,
+            lambda t: t.update({"model.layers.0.self_attn.o_proj.scales": torch.ones(3, 64, dtype=torch.float16)})
+            if "model.layers.0.self_attn.o_proj.scales" in t else None,
+            r"model\.layers\.0\.self_attn\.o_proj\.scales: shape \(3, 64\)",
+        ),
+    ],
+    ids=["bits", "grid", "group-size", "missing-tensor", "wrong-shape"],
+)
+def test_broken_checkpoint_fails_at_load_naming_it(tiny_ckpt, tmp_path, edit_config, edit_tensors, message):
+    broken = broken_copy(tiny_ckpt, tmp_path, edit_config, edit_tensors)
+    with pytest.raises(Exception, match=message):
+        engine_config(broken)

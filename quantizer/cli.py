@@ -114,6 +114,55 @@ def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
     )
 
 
+def _cmd_export_exllamav2(a: argparse.Namespace) -> None:
+    from leanquant_serve.export.exllamav2 import ExportError, export_exllamav2
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
+    try:
+        r = export_exllamav2(a.checkpoint, out, overwrite=a.overwrite)
+    except ExportError as e:
+        raise UserError(f"cannot export {a.checkpoint} for exllamav2: {e}") from e
+    g = r.quantization_config["group_size"]
+    print(
+        f"wrote {r.out}: {r.layers} linears as GPTQ 4-bit for exllamav2, "
+        f"{'per channel' if g == -1 else f'group size {g}'}"
+        f"{f', g_idx in {r.g_idx_layers}' if r.g_idx_layers else ''}; "
+        f"{r.negated} of {r.grids} grids have z = 0 and are stored flipped (negated scale)"
+    )
+
+
+def _cmd_plan(a: argparse.Namespace) -> None:
+    from leanquant_serve.plan import PlanError, PlanInput, format_plan, plan
+
+    try:
+        r = plan(
+            PlanInput(
+                model=a.model,
+                bits=a.bits,
+                group_size=a.group_size,
+                grid=a.grid,
+                gpus=a.gpus,
+                gpu_mem_gib=a.gpu_mem,
+                max_model_len=a.max_model_len,
+                concurrency=a.concurrency,
+                tp=a.tp,
+                kv_dtype=a.kv_dtype,
+                gpu_memory_utilization=a.gpu_memory_utilization,
+                engine=a.engine,
+                max_num_batched_tokens=a.max_num_batched_tokens,
+                enforce_eager=a.enforce_eager,
+                reserve_gib=a.reserve_gib,
+            )
+        )
+    except PlanError as e:
+        raise UserError(str(e)) from e
+    print(json.dumps(r.to_dict(), indent=2) if a.json else format_plan(r))
+    if a.check and not r.fits:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanquant", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -204,9 +253,55 @@ def build_parser() -> argparse.ArgumentParser:
     xc.add_argument("out", help="output folder (written only when complete)")
     xc.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     xc.set_defaults(func=_cmd_export_compressed_tensors)
+    xe = formats.add_parser(
+        "exllamav2",
+        help="GPTQ 4-bit (v1 zeros) that exllamav2 loads exactly; layer split only, no TP",
+    )
+    xe.add_argument("checkpoint", help="LeanQuant checkpoint folder (affine, 4-bit)")
+    xe.add_argument("out", help="output folder (written only when complete)")
+    xe.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    xe.set_defaults(func=_cmd_export_exllamav2)
 
     f = sub.add_parser("fetch-assets", help="fetch the offline SmolLM2 model and Wikipedia sample")
     f.set_defaults(func=_cmd_fetch_assets)
+
+    pl = sub.add_parser(
+        "plan",
+        help="weights, KV cache and capacity per GPU for serving a model (arithmetic, no GPU)",
+        description="Size a LeanQuant checkpoint for serving: checkpoint bytes, weights and KV "
+        "cache per GPU, KV-cache capacity in tokens, and whether max_model_len x concurrency "
+        "fits. Every assumption is printed with the result (see leanquant_serve/plan.py).",
+    )
+    pl.add_argument(
+        "model",
+        help="preset (llama-3.1-8b, llama-3.1-70b, llama-3.1-405b), a config.json, or a model "
+        "or checkpoint folder (a checkpoint's quantization_config gives the defaults)",
+    )
+    pl.add_argument("--bits", type=int, default=None, help="2, 3, 4, 8, or 16 (unquantized)")
+    pl.add_argument("--group-size", type=int, default=None, help="default 128; -1: per row")
+    pl.add_argument("--grid", default=None, choices=("affine", "nonuniform"))
+    pl.add_argument("--engine", default="vllm", choices=("vllm", "exllamav2"))
+    pl.add_argument("--gpus", type=int, default=1)
+    pl.add_argument(
+        "--gpu-mem", type=float, default=80.0, help="GiB per GPU, as nvidia-smi reports it"
+    )
+    pl.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: --gpus)")
+    pl.add_argument("--max-model-len", type=int, default=8192)
+    pl.add_argument("--concurrency", type=int, default=1, help="sequences at once (max_num_seqs)")
+    pl.add_argument(
+        "--kv-dtype", default="fp16", help="vllm: fp16, bf16, fp8; exllamav2: fp16, fp8, q8, q6, q4"
+    )
+    pl.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    pl.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="default: vLLM's for the GPU size"
+    )
+    pl.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM)")
+    pl.add_argument(
+        "--reserve-gib", type=float, default=None, help="replace the estimated overhead per GPU"
+    )
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--check", action="store_true", help="exit with status 1 if it does not fit")
+    pl.set_defaults(func=_cmd_plan)
     return p
 
 

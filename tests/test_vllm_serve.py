@@ -11,6 +11,7 @@ tie occurs this is exactly "greedy tokens equal the reference's greedy tokens"."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,16 +59,30 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_dir())
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """``checkpoint(setting)``: SmolLM2 quantized with SETTINGS[setting], made once."""
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            out = tmp_path_factory.mktemp(name) / "ckpt"
+            quantize_model(
+                QuantizeJob(
+                    model=smollm2_dir(), out=out, settings=SETTINGS[name],
+                    calib="wiki-sample", nsamples=4, seqlen=128,
+                )
+            )
+            made[name] = out
+        return made[name]
+
+    return make
+
+
 @pytest.fixture(scope="module", params=list(SETTINGS))
-def served(request, tmp_path_factory):
+def served(request, checkpoint):
     """(checkpoint, reference model, OpenAI client, server log) for one setting."""
-    out = tmp_path_factory.mktemp(request.param) / "ckpt"
-    quantize_model(
-        QuantizeJob(
-            model=smollm2_dir(), out=out, settings=SETTINGS[request.param],
-            calib="wiki-sample", nsamples=4, seqlen=128,
-        )
-    )
+    out = checkpoint(request.param)
     reference = load_reference_model(out, dtype=torch.float32)
     log = out.parent / "vllm.log"
     with vllm_server(out, SERVE_ARGS, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log_path=log) as url:
@@ -131,3 +146,31 @@ def test_chat_completions_match_reference(served, tokenizer):
     ties = check_against_reference(reference, list(prompt_ids), ids, [c.logprob for c in content])
     assert ties <= MAX_TIES
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["quant_method"] == "leanquant"
+
+
+def test_tensor_parallel_serving_matches_reference(checkpoint, tokenizer, tmp_path):
+    """Real tensor parallelism in vLLM: SmolLM2 has 9 attention heads and 3 KV heads, so TP=3
+    (TP=2 is refused by vLLM itself: "Total number of attention heads (9) must be divisible by
+    tensor parallel size (2)"). vLLM's CPU backend binds each rank's threads to a NUMA node and
+    this machine has one, so the ranks' cores are given by hand."""
+    out = checkpoint("affine-w4g64")
+    reference = load_reference_model(out, dtype=torch.float32)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}
+    log = tmp_path / "vllm-tp3.log"
+    with vllm_server(out, [*SERVE_ARGS, "--tensor-parallel-size", "3"], env=env, log_path=log) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
+        prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+        r = client.completions.create(
+            model="lq", prompt=prompts, max_tokens=N_TOKENS, temperature=0, logprobs=1,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
+        ties = sum(
+            check_against_reference(
+                reference, prompts[c.index], _token_ids(c.logprobs.tokens), c.logprobs.token_logprobs
+            )
+            for c in r.choices
+        )
+    assert ties <= MAX_TIES
+    ranks = {line.split("Worker_TP")[1].split(" ")[0] for line in log.read_text().splitlines()
+             if "leanquant:" in line and "Worker_TP" in line}
+    assert ranks == {"0", "1", "2"}, ranks  # the plugin ran in every rank's process

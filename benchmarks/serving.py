@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def bench(model: Path, a: argparse.Namespace, log: Path, env: dict[str, str]) ->
             assert n == batch * a.tokens, (n, batch, a.tokens)
             rows[batch] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs}
             print(f"  batch {batch}: {n / secs:.1f} tokens/s ({n} tokens in {secs:.2f} s)", flush=True)
-    paths = sorted({line.split("layers use ")[1].split(" ")[0]
+    paths = sorted({re.split(r" \((?!dense|per-call)", line.split("layers use ")[1])[0]
                     for line in log.read_text().splitlines() if "layers use " in line})
     return {"startup_s": startup, "batches": rows, "linear_paths": paths}
 

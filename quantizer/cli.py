@@ -25,6 +25,21 @@ def _model_path(name: str) -> Path:
     return Path(name)
 
 
+def _size(text: str) -> int:
+    """``4GB``, ``500MB``, ``64KiB``, ``1024`` (bytes) -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    number = t.rstrip("KMGTIB")
+    try:
+        n = int(float(number) * units[t[len(number) :]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GB or 500MB") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive")
+    return n
+
+
 def _cmd_quantize(a: argparse.Namespace) -> None:
     from .gptq import GPTQSettings
     from .pipeline import QuantizeJob, parse_skip, quantize_model
@@ -47,6 +62,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
+    if a.resume and a.fresh:
+        raise UserError("--resume and --fresh exclude each other")
     job = QuantizeJob(
         model=_model_path(a.model),
         out=out,
@@ -60,8 +77,22 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         dtype=a.dtype,
         skip=parse_skip(a.skip),
         overwrite=a.overwrite,
+        max_shard_bytes=a.max_shard_size,
+        resume=a.resume,
+        fresh=a.fresh,
     )
-    s = quantize_model(job)
+    try:
+        s = quantize_model(job)
+    except KeyboardInterrupt:
+        partial = out.parent / f".{out.name}.partial"
+        if partial.exists():
+            print(
+                f"leanquant: interrupted; partial run kept at {partial}: rerun with --resume "
+                "to continue it, or with --fresh to start over",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
+        raise
     worst = max(
         ((i, r) for i, layer in enumerate(s.layers) for r in layer), key=lambda x: x[1].loss
     )
@@ -173,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         help=f"Hugging Face model folder, or {BUNDLED_MODEL!r} for the bundled SmolLM2-135M",
     )
-    q.add_argument("out", help="output checkpoint folder (written only when complete)")
+    q.add_argument(
+        "out",
+        help="output checkpoint folder (appears only when complete; after a failure or a kill "
+        "the finished layers stay in the hidden .OUT.partial next to it, for --resume)",
+    )
     q.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
     q.add_argument(
         "--group-size", type=int, default=128, help="columns per group; -1: one group per row"
@@ -231,6 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of layer forwards and calibration activations",
     )
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the partial run of OUT (kept in .OUT.partial next to it after a failure "
+        "or kill) after its last finished layer; the model, calibration data and settings "
+        "must be the same. The result is byte-identical to an uninterrupted run. Without a "
+        "partial run, starts one",
+    )
+    q.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard a partial run of OUT and start over (without --resume or --fresh, an "
+        "existing partial run is an error)",
+    )
+    q.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default=4 * 1024**3,
+        metavar="SIZE",
+        help="largest checkpoint shard, e.g. 4GiB (default), 500MB or a byte count",
+    )
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model or LeanQuant checkpoint")

@@ -4,11 +4,20 @@ Memory: the model is built as a skeleton with empty (meta) weights; only the emb
 the current decoder layer and the calibration activations are ever materialised. Each
 layer's tensors are read from the safetensors shards, quantized in true-sequential order
 (q/k/v, then o with quantized q/k/v upstream, ...), written to the checkpoint and freed.
+
+Resume: after every decoder layer the partial checkpoint folder durably records the step
+(the layer's tensors, the calibration activations entering the next layer, the reports so
+far and a fingerprint of the job) in ``progress.json``. A failed or killed run keeps that
+folder; ``QuantizeJob(resume=True)`` (``--resume``) continues after the last recorded layer
+and produces the same checkpoint files, byte for byte, as an uninterrupted run (only the
+timing and memory fields of ``quantize_report.json`` differ).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -33,6 +42,7 @@ from leanquant_serve.format import (
     linear_specs,
     pack_linear,
 )
+from leanquant_serve.format.checkpoint import PartialRunError, PartialRunLocked
 
 from .data import load_text, random_windows, tokenize
 from .errors import UserError
@@ -63,6 +73,9 @@ class QuantizeJob:
     skip: tuple[str, ...] = ()
     overwrite: bool = False
     max_shard_bytes: int = 4 * 1024**3
+    # An existing partial run of ``out`` is refused unless one of these is set.
+    resume: bool = False  # continue it after its last finished layer (or start if none)
+    fresh: bool = False  # discard it and start over
 
 
 @dataclass
@@ -208,12 +221,28 @@ def quantize_model(
     ``observer(name, result)`` is called for every quantized sublayer (tests use it to
     rebuild the in-memory quantized model).
     """
+    if job.resume and job.fresh:
+        raise UserError("--resume and --fresh exclude each other")
     t0 = time.time()
     src = SourceModel(job.model)
     try:
         return _run(job, src, t0, observer)
     finally:
         src.close()
+
+
+def _partial_hint(partial: Path) -> str:
+    return (
+        f"partial run kept at {partial} ({CheckpointWriter.describe_partial(partial)}): "
+        "rerun with --resume to continue it, or with --fresh (or delete it) to start over"
+    )
+
+
+def _os_error(e: OSError) -> str:
+    what = f" writing {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device{what}"
+    return f"I/O error{what}: {e.strerror or e}"
 
 
 def _build_skeleton(job: QuantizeJob, dtype: torch.dtype) -> nn.Module:
@@ -231,7 +260,6 @@ def _build_skeleton(job: QuantizeJob, dtype: torch.dtype) -> nn.Module:
 
 
 def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
-    s = job.settings
     device, dtype = torch.device(job.device), getattr(torch, job.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is available")
@@ -241,79 +269,211 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
         _check_shapes(job, layer, f"{layers_name}.{i}")
     out_emb = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is out_emb), None)
-    skipped = [
+    skipped = [  # sorted: set order varies between processes (string hashing)
         f"{layers_name}.{i}.{n}"
         for i, layer in enumerate(layers)
-        for n in set(find_linears(layer)) - set(find_linears(layer, job.skip))
+        for n in sorted(set(find_linears(layer)) - set(find_linears(layer, job.skip)))
     ]
     qcfg = _qcfg(job, ([head_name] if head_name else []) + skipped)
     # Non-layer tensors (embeddings, final norm, lm_head) go to the checkpoint unchanged.
     outer_names = [n for n in src.weight_map if not n.startswith(layers_name + ".")]
-    summary = Summary(str(job.out), 0.0, 0, 0, 0.0, 0)
+    windows = None if job.rtn else _calibration_windows(job)
+    fingerprint = _fingerprint(job, src, windows)
 
-    with CheckpointWriter(
-        job.out, max_shard_bytes=job.max_shard_bytes, overwrite=job.overwrite
-    ) as writer:
-        outer = {n: src.get_finite(n) for n in outer_names}
-        writer.add(outer)
-        if not job.rtn:
-            inputs, kwargs = _calibration_inputs(
-                job, outer, model, layers_name, layers, device, dtype, head_name
+    try:
+        writer = CheckpointWriter(
+            job.out,
+            max_shard_bytes=job.max_shard_bytes,
+            overwrite=job.overwrite,
+            resumable=True,
+            on_partial="resume" if job.resume else "fresh" if job.fresh else "refuse",
+            check_state=lambda state: _check_fingerprint(
+                job.out.parent / f".{job.out.name}.partial", state.get("job", {}), fingerprint
+            ),
+        )
+    except PartialRunLocked as e:
+        raise UserError(str(e)) from e
+    except PartialRunError as e:  # refused, or found unusable by a resume
+        hint = (
+            "pass --fresh to discard it"
+            if job.resume
+            else "pass --resume to continue it, or --fresh to discard it"
+        )
+        raise UserError(f"{e}: {hint}") from e
+    if writer.finished:  # a resumed run that had finished all but moving into place
+        return _summary_from_report(job.out / REPORT_FILE)
+    try:
+        with writer:
+            return _layers(
+                job,
+                src,
+                t0,
+                observer,
+                model,
+                layers_name,
+                layers,
+                head_name,
+                qcfg,
+                outer_names,
+                windows,
+                fingerprint,
+                writer,
+                device,
+                dtype,
             )
-        del outer
+    except (UserError, FormatError, OSError) as e:
+        msg = _os_error(e) if isinstance(e, OSError) else str(e)
+        if writer.kept and not isinstance(e, _Mismatch):
+            raise UserError(f"{msg}; {_partial_hint(writer.partial)}") from e
+        if isinstance(e, OSError):
+            raise UserError(f"{msg} (no layer had finished: nothing kept)") from e
+        raise
+    except BaseException:
+        if writer.kept:
+            log.error(_partial_hint(writer.partial))
+        raise
 
-        bar = tqdm(range(len(layers)), desc="layers", unit="layer")
-        for i in bar:
-            prefix, layer = f"{layers_name}.{i}", layers[i]
-            linears = find_linears(layer, job.skip)
-            stored = _load_layer(src, layer, prefix, device, dtype)
-            results: list[tuple[dict[str, Tensor], SublayerReport]] = []
-            sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
-            if job.rtn:
-                for name in linears:
+
+def _summary_from_report(path: Path) -> Summary:
+    return _summary_from_dict(json.loads(path.read_text()))
+
+
+def _summary_state(summary: Summary) -> dict:
+    return {k: v for k, v in asdict(summary).items() if k != "out"}
+
+
+def _layers(
+    job,
+    src,
+    t0,
+    observer,
+    model,
+    layers_name,
+    layers,
+    head_name,
+    qcfg,
+    outer_names,
+    windows,
+    fingerprint,
+    writer: CheckpointWriter,
+    device,
+    dtype,
+) -> Summary:
+    """The per-layer loop, from the first layer the partial run in ``writer`` has not done."""
+    s = job.settings
+    summary = Summary(str(job.out), 0.0, 0, 0, 0.0, 0)
+    start, seconds_before = 0, 0.0
+    if writer.progress is not None:
+        state = writer.progress  # its fingerprint was checked by the writer
+        start, seconds_before = state["layers_done"], state["seconds"]
+        summary = _summary_from_state(job, state["summary"])
+        log.info("resuming %s after layer %d of %d", writer.partial, start - 1, len(layers))
+    outer = {n: src.get_finite(n) for n in outer_names}
+    if start == 0:
+        writer.add(outer)
+    if not job.rtn:
+        inputs, kwargs = _calibration_inputs(
+            job, windows, outer, model, layers_name, layers, device, dtype, head_name
+        )
+        if start and start < len(layers):
+            saved = writer.load_state_file(writer.progress["activations"])
+            if len(saved) != len(inputs):
+                raise UserError(f"{writer.partial}: saved activations do not match the batches")
+            inputs = [saved[str(b)].to(device) for b in range(len(inputs))]
+    del outer
+
+    bar = tqdm(
+        range(start, len(layers)), desc="layers", unit="layer", initial=start, total=len(layers)
+    )
+    for i in bar:
+        prefix, layer = f"{layers_name}.{i}", layers[i]
+        linears = find_linears(layer, job.skip)
+        stored = _load_layer(src, layer, prefix, device, dtype)
+        results: list[tuple[dict[str, Tensor], SublayerReport]] = []
+        sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
+        if job.rtn:
+            for name in linears:
+                results.append(
+                    _quantize_sublayer(qcfg, s, prefix, name, linears[name], None, observer)
+                )
+                sub.update()
+        else:
+            run_first = functools.partial(_layer_forward, layer, inputs[0], kwargs[i])
+            for group in sequential_groups(linears, run_first):
+                H = _hessian(layer, linears[group[0]], inputs, kwargs[i], device)
+                if not torch.isfinite(H).all():
+                    raise UserError(
+                        f"{prefix}.{group[0]}: the Hessian of its calibration inputs has "
+                        f"NaN/Inf (the activations entering layer {i} overflowed or are NaN;"
+                        " try --dtype float32 or other calibration data)"
+                    )
+                for name in group:  # members share the input, hence H
                     results.append(
-                        _quantize_sublayer(qcfg, s, prefix, name, linears[name], None, observer)
+                        _quantize_sublayer(qcfg, s, prefix, name, linears[name], H, observer)
                     )
                     sub.update()
-            else:
-                run_first = functools.partial(_layer_forward, layer, inputs[0], kwargs[i])
-                for group in sequential_groups(linears, run_first):
-                    H = _hessian(layer, linears[group[0]], inputs, kwargs[i], device)
-                    for name in group:  # members share the input, hence H
-                        results.append(
-                            _quantize_sublayer(qcfg, s, prefix, name, linears[name], H, observer)
-                        )
-                        sub.update()
-                    del H
-                with torch.no_grad():  # inputs of the next layer, through the quantized layer
-                    inputs = [_layer_forward(layer, x, kwargs[i]) for x in inputs]
-            sub.close()
+                del H
+            with torch.no_grad():  # inputs of the next layer, through the quantized layer
+                inputs = [_layer_forward(layer, x, kwargs[i]) for x in inputs]
+            if not all(torch.isfinite(x).all() for x in inputs):
+                raise UserError(
+                    f"{prefix}: the quantized layer's outputs contain NaN/Inf "
+                    "(try --dtype float32, a larger --damp or other calibration data)"
+                )
+        sub.close()
 
-            quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
-            rest = {
-                n: stored[n] if n in stored else src.get(n)
-                for n in src.names(prefix + ".")
-                if n not in quantized_weights
-            }
-            writer.add(rest)
-            for tensors, _ in results:
-                writer.add(tensors)
-            layer.to("meta")  # free the layer
-            reports = [r for _, r in results]
-            summary.layers.append(reports)
-            loss = sum(r.loss for r in reports)
-            summary.total_loss += loss
-            summary.cholesky_retries += sum(r.cholesky_retries for r in reports)
-            bar.set_postfix(loss=f"{loss:.3g}")
-            log.debug("layer %d: %s", i, ", ".join(f"{r.name}={r.loss:.3g}" for r in reports))
+        quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
+        rest = {
+            n: stored[n] if n in stored else src.get(n)
+            for n in src.names(prefix + ".")
+            if n not in quantized_weights
+        }
+        writer.add(rest)
+        for tensors, _ in results:
+            writer.add(tensors)
+        layer.to("meta")  # free the layer
+        reports = [r for _, r in results]
+        summary.layers.append(reports)
+        loss = sum(r.loss for r in reports)
+        summary.total_loss += loss
+        summary.cholesky_retries += sum(r.cholesky_retries for r in reports)
+        bar.set_postfix(loss=f"{loss:.3g}")
+        log.debug("layer %d: %s", i, ", ".join(f"{r.name}={r.loss:.3g}" for r in reports))
+        # Durable step: a kill from here on resumes at layer i + 1.
+        summary.seconds = seconds_before + time.time() - t0
+        state = {
+            "job": fingerprint,
+            "layers_done": i + 1,
+            "seconds": summary.seconds,
+            "summary": _summary_state(summary),
+            "activations": None,
+        }
+        files = {}
+        if not job.rtn and i + 1 < len(layers):
+            state["activations"] = f"state-activations-{i + 1:05d}.safetensors"
+            files[state["activations"]] = {str(b): x for b, x in enumerate(inputs)}
+        writer.save_state(state, files, note=f"{i + 1} of {len(layers)} layers done")
 
-        summary.seconds = time.time() - t0
-        summary.peak_rss_bytes = _peak_rss()
-        if device.type == "cuda":
-            summary.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
-        (writer.partial / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=1))
-        writer.finalize(src.config, qcfg, copy_from=job.model)
+    summary.seconds = seconds_before + time.time() - t0
+    summary.peak_rss_bytes = _peak_rss()
+    if device.type == "cuda":
+        summary.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+    (writer.partial / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=1))
+    writer.finalize(src.config, qcfg, copy_from=job.model)
     return summary
+
+
+def _summary_from_state(job: QuantizeJob, d: dict) -> Summary:
+    return _summary_from_dict({**d, "out": str(job.out)})
+
+
+def _summary_from_dict(d: dict) -> Summary:
+    d = dict(d)
+    d["layers"] = [
+        [SublayerReport(**{**r, "shape": tuple(r["shape"])}) for r in layer]
+        for layer in d["layers"]
+    ]
+    return Summary(**d)
 
 
 def _quantize_sublayer(
@@ -356,8 +516,8 @@ def _quantize_sublayer(
     return tensors, report
 
 
-def _calibration_inputs(job, outer, model, layers_name, layers, device, dtype, head_name):
-    """Tokenize the calibration text and capture every layer's inputs/kwargs for the windows."""
+def _calibration_windows(job: QuantizeJob) -> Tensor:
+    """The calibration windows (nsamples, seqlen) drawn with the job's seed."""
     if job.calib is None:
         raise UserError(
             "--calib is required (a text file, folder, wiki-sample or a hub dataset name), or use --rtn"
@@ -367,12 +527,71 @@ def _calibration_inputs(job, outer, model, layers_name, layers, device, dtype, h
             f"--nsamples {job.nsamples} is not a multiple of --batch-size {job.batch_size}"
         )
     tokenizer = AutoTokenizer.from_pretrained(job.model)
-    windows = random_windows(
+    return random_windows(
         tokenize(tokenizer, load_text(job.calib, "calib")),
         job.nsamples,
         job.seqlen,
         job.settings.seed,
     )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fingerprint(job: QuantizeJob, src: SourceModel, windows: Tensor | None) -> dict:
+    """What a resumed run must share with the run it continues (as JSON data).
+
+    The source model is identified by its resolved path, config.json and tensor names per
+    file (not the tensor bytes, which would mean reading the whole model, and not the file
+    sizes or times, so that a corrupt shard can be replaced and the run resumed)."""
+    fp = {
+        "model": str(Path(job.model).resolve()),
+        "model_config_sha256": _sha256((Path(job.model) / "config.json").read_bytes()),
+        "model_tensors_sha256": _sha256(json.dumps(sorted(src.weight_map.items())).encode()),
+        "settings": asdict(job.settings),
+        "rtn": job.rtn,
+        "calib": None if job.rtn else job.calib,
+        "nsamples": None if job.rtn else job.nsamples,
+        "seqlen": None if job.rtn else job.seqlen,
+        "batch_size": None if job.rtn else job.batch_size,
+        "calib_windows_sha256": None if windows is None else _sha256(windows.numpy().tobytes()),
+        "device": torch.device(job.device).type,
+        "dtype": job.dtype,
+        "skip": list(job.skip),
+        "max_shard_bytes": job.max_shard_bytes,
+    }
+    return json.loads(json.dumps(fp))
+
+
+class _Mismatch(UserError):
+    """The partial run belongs to another job (its message says what to do)."""
+
+
+def _check_fingerprint(partial: Path, old: dict, new: dict) -> None:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [
+                f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
+        elif a != b and key.endswith("sha256"):
+            diffs.append(f"{key}: {str(a)[:12]}... -> {str(b)[:12]}...")
+        elif a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    if diffs:
+        raise _Mismatch(
+            f"cannot resume the partial run {partial}: it was started with a different model, "
+            f"data or settings ({'; '.join(diffs)}); rerun with its settings, or pass --fresh "
+            "to discard it"
+        )
+
+
+def _calibration_inputs(job, windows, outer, model, layers_name, layers, device, dtype, head_name):
+    """Capture every layer's inputs/kwargs for the calibration ``windows``."""
     batches = list(windows.split(job.batch_size))
     # Materialise everything outside the layer stack that runs before layer 0 (embeddings, rotary).
     names = [

@@ -1,0 +1,448 @@
+"""Resuming killed or failed quantization runs, and determinism.
+
+A run keeps its hidden partial folder (``.<out>.partial``) once a decoder layer has finished;
+``--resume`` continues after the last finished layer and must give the same files, byte for
+byte, as an uninterrupted run with the same seed. Only ``quantize_report.json`` is left out
+of the byte comparison: its timing and memory fields (and ``out``) differ between runs; the
+rest of it is compared as data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import _COMMON
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from leanquant_serve.format import Checkpoint
+from leanquant_serve.format import checkpoint as ckpt_module
+from quantizer import pipeline
+from quantizer.cli import main
+from quantizer.errors import UserError
+from quantizer.gptq import GPTQSettings
+from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = 6
+# The CLI run the subprocess tests kill: GPTQ with activations carried between layers.
+CLI_FLAGS = ["--nsamples", "8", "--seqlen", "48", "--group-size", "32", "--batch-size", "2"]
+TIMING = ("seconds", "peak_rss_bytes", "peak_gpu_bytes", "out")
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random bf16 llama with LAYERS decoder layers (so that a run has a middle)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**_COMMON, num_hidden_layers=LAYERS, vocab_size=len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("deep")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def files_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file but quantize_report.json (whose timings differ)."""
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.iterdir())
+        if f.name != REPORT_FILE
+    }
+
+
+def report_data(folder: Path) -> dict:
+    """quantize_report.json without its timing and memory fields and ``out``."""
+    r = json.loads((folder / REPORT_FILE).read_text())
+    for k in TIMING:
+        r.pop(k)
+    for layer in r["layers"]:
+        for sub in layer:
+            sub.pop("seconds")
+    return r
+
+
+def assert_same_checkpoint(got: Path, want: Path) -> None:
+    assert files_digest(got) == files_digest(want)
+    assert report_data(got) == report_data(want)
+    assert not (got.parent / f".{got.name}.partial").exists()
+    Checkpoint(got).validate()
+
+
+def progress(partial: Path) -> dict:
+    return json.loads((partial / "progress.json").read_text())
+
+
+def cli_args(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
+    return ["quantize", str(model), str(out), "--calib", str(calib), *CLI_FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def cli_reference(deep_model, calib_text, tmp_path_factory) -> Path:
+    """An uninterrupted CLI run (in this process, one thread)."""
+    out = tmp_path_factory.mktemp("reference") / "ckpt"
+    assert main(cli_args(deep_model, out, calib_text)) == 0
+    return out
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantizer.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 60.0) -> bool:
+    """Poll ``ready()`` every few ms until true (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.003)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def layers_done(partial: Path) -> int:
+    try:
+        return progress(partial)["state"]["layers_done"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(
+    deep_model, calib_text, cli_reference, tmp_path, capsys
+):
+    out = tmp_path / "ckpt"
+    partial = tmp_path / ".ckpt.partial"
+    proc = start_cli(cli_args(deep_model, out, calib_text))
+    assert wait_for(proc, lambda: layers_done(partial) >= 2), proc.communicate()[1]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = layers_done(partial)
+    assert 2 <= done < LAYERS and not out.exists()
+
+    # Neither a fresh run nor one with other settings may touch the partial run.
+    before = files_digest(partial)
+    assert main(cli_args(deep_model, out, calib_text)) == 2
+    err = capsys.readouterr().err
+    assert f"{done} of {LAYERS} layers done" in err and "--resume" in err and "--fresh" in err
+    assert main(cli_args(deep_model, out, calib_text, "--resume", "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "seed: 0 -> 1" in err and "calib_windows_sha256" in err
+    assert main(cli_args(deep_model, out, calib_text, "--resume", "--bits", "3")) == 2
+    assert "bits: 4 -> 3" in capsys.readouterr().err
+    assert files_digest(partial) == before
+
+    assert main(cli_args(deep_model, out, calib_text, "--resume")) == 0
+    assert_same_checkpoint(out, cli_reference)
+
+
+def test_sigkill_at_a_random_moment(deep_model, calib_text, cli_reference, tmp_path):
+    """Kill at a random moment from the partial folder's creation (before any layer) to the
+    end of the run; finish with --resume in this process."""
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    seed = time.time_ns() % 10**6  # a new moment each time; the seed is in failure messages
+    delay = random.Random(seed).choice([0.0, random.Random(seed).uniform(0.0, 1.5)])
+    proc = start_cli(cli_args(deep_model, out, calib_text))
+    assert wait_for(proc, partial.exists), (seed, proc.communicate()[1])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    code, done = proc.wait(), layers_done(partial)
+    assert code in (0, -signal.SIGKILL), (seed, proc.communicate()[1])
+    if not out.exists():  # (killed after moving it into place: nothing left to do)
+        assert main(cli_args(deep_model, out, calib_text, "--resume")) == 0, seed
+    assert files_digest(out) == files_digest(cli_reference), (seed, delay, done)
+    assert_same_checkpoint(out, cli_reference)
+
+
+def test_partial_without_a_finished_layer(deep_model, calib_text, cli_reference, tmp_path):
+    """What a kill before the first step leaves: refused without --resume; --resume starts
+    over."""
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    partial.mkdir()
+    (partial / ".lock").touch()
+    (partial / "pending-00001.safetensors").write_bytes(b"half-written")
+    with pytest.raises(UserError, match=r"no step finished.*--resume.*--fresh"):
+        quantize_model(small_job(deep_model, out, calib_text))
+    assert main(cli_args(deep_model, out, calib_text, "--resume")) == 0
+    assert_same_checkpoint(out, cli_reference)
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def small_job(model: Path, out: Path, calib: Path, **kw) -> QuantizeJob:
+    """GPTQ (plain grid: fast) with small shards, so that shards flush in mid-layer."""
+    s = GPTQSettings(bits=4, group_size=32, grid="minmax", blocksize=32)
+    return QuantizeJob(
+        model=model,
+        out=out,
+        settings=s,
+        calib=str(calib),
+        nsamples=4,
+        seqlen=32,
+        batch_size=2,
+        max_shard_bytes=25_000,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def small_reference(deep_model, calib_text, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small") / "ckpt"
+    quantize_model(small_job(deep_model, out, calib_text))
+    assert len(list(out.glob("model-*.safetensors"))) > LAYERS  # several shards per layer
+    return out
+
+
+class Killed(BaseException):
+    """A simulated SIGKILL: nothing after it runs (the writer keeps what is on disk)."""
+
+
+@pytest.fixture(scope="module")
+def two_layer_reference(tiny_model, calib_text, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "ckpt"
+    quantize_model(small_job(tiny_model("llama"), out, calib_text))
+    return out
+
+
+def test_killed_at_every_durable_write_resumes_identically(
+    tiny_model, calib_text, two_layer_reference, tmp_path, monkeypatch
+):
+    """Stop the run before every file write and right after every directory sync (the
+    moments between writing a file and recording it, and between recording a step and
+    deleting what it superseded; the finalize commit), then resume."""
+    calls = {"n": 0, "at": -1}
+
+    def hook(real):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["at"]:
+                raise Killed
+            result = real(*args, **kwargs)
+            if calls["n"] + 0.5 == calls["at"]:
+                raise Killed
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(ckpt_module, "_save_durably", hook(ckpt_module._save_durably))
+    monkeypatch.setattr(ckpt_module, "_fsync_dir", hook(ckpt_module._fsync_dir))
+    model = tiny_model("llama")  # 2 layers: about 2 x 15 runs
+    quantize_model(small_job(model, tmp_path / "count", calib_text))
+    events = calls["n"]
+    assert events > 6
+    for k, at in enumerate(x / 2 for x in range(2, 2 * events + 2)):
+        out = tmp_path / f"run{k}"
+        calls.update(n=0, at=at)
+        with pytest.raises(Killed):
+            quantize_model(small_job(model, out, calib_text))
+        calls["at"] = -1
+        partial = tmp_path / f".run{k}.partial"
+        if (partial / "progress.json").exists():  # another job's resume leaves it untouched
+            before = files_digest(partial)
+            job = small_job(model, out, calib_text, resume=True)
+            with pytest.raises(UserError, match="seed: 0 -> 1"):
+                quantize_model(replace(job, settings=replace(job.settings, seed=1)))
+            assert files_digest(partial) == before
+        quantize_model(small_job(model, out, calib_text, resume=True))
+        assert_same_checkpoint(out, two_layer_reference)
+
+
+def test_same_seed_same_bytes(deep_model, calib_text, small_reference, tmp_path):
+    out = tmp_path / "again"
+    quantize_model(small_job(deep_model, out, calib_text))
+    assert_same_checkpoint(out, small_reference)
+    other = tmp_path / "seed1"
+    job = small_job(deep_model, other, calib_text)
+    quantize_model(replace(job, settings=replace(job.settings, seed=1)))
+    assert files_digest(other) != files_digest(small_reference)
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def test_nan_mid_run_keeps_a_resumable_partial(
+    deep_model, calib_text, small_reference, tmp_path, monkeypatch
+):
+    real = pipeline.quantize_weight
+    target = "model.layers.3.mlp.up_proj"
+    seen = []
+
+    def nan_in_layer3(W, H, s):
+        r = real(W, H, s)
+        seen.append(None)
+        if len(seen) == 3 * 7 + 6:  # the 6th sublayer of layer 3 (up_proj)
+            r = dataclasses.replace(r, Q=torch.full_like(r.Q, float("nan")))
+        return r
+
+    monkeypatch.setattr(pipeline, "quantize_weight", nan_in_layer3)
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    with pytest.raises(UserError) as e:
+        quantize_model(small_job(deep_model, out, calib_text))
+    msg = str(e.value)
+    assert target in msg and "NaN" in msg and str(partial) in msg and "--resume" in msg
+    assert layers_done(partial) == 3 and not out.exists()
+    monkeypatch.setattr(pipeline, "quantize_weight", real)
+
+    def nan_hessian(layer, first, inputs, kwargs, device):
+        H = real_hessian(layer, first, inputs, kwargs, device)
+        return H * float("inf") if layers_done(partial) == 3 else H
+
+    real_hessian = pipeline._hessian
+    monkeypatch.setattr(pipeline, "_hessian", nan_hessian)
+    with pytest.raises(UserError, match=r"model\.layers\.3\.self_attn\.q_proj: the Hessian.*NaN"):
+        quantize_model(small_job(deep_model, out, calib_text, resume=True))
+    assert layers_done(partial) == 3
+    monkeypatch.setattr(pipeline, "_hessian", real_hessian)
+
+    quantize_model(small_job(deep_model, out, calib_text, resume=True))
+    assert_same_checkpoint(out, small_reference)
+
+
+def test_full_disk_keeps_a_resumable_partial(
+    deep_model, calib_text, cli_reference, tmp_path, monkeypatch, capsys
+):
+    writes = []
+
+    def save_file_until_full(tensors, path, metadata=None):
+        writes.append(Path(path).name)
+        if len([w for w in writes if w.startswith("state-")]) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensors, path, metadata=metadata)
+
+    real = ckpt_module.save_file
+    monkeypatch.setattr(ckpt_module, "save_file", save_file_until_full)
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    assert main(cli_args(deep_model, out, calib_text)) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("leanquant: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "no space left on the device" in lines[0] and "2 of 6 layers done" in lines[0]
+    assert "--resume" in lines[0] and layers_done(partial) == 2 and not out.exists()
+    monkeypatch.setattr(ckpt_module, "save_file", real)
+    assert main(cli_args(deep_model, out, calib_text, "--resume")) == 0
+    assert_same_checkpoint(out, cli_reference)
+
+
+@pytest.mark.parametrize("rtn", [False, True])
+def test_unreadable_source_shard_then_resume(
+    rtn, deep_model, calib_text, small_reference, tmp_path
+):
+    """Layers 2.. live in a second source shard that is corrupt: the run stops there with a
+    clear message; once the shard is replaced, --resume finishes the same checkpoint."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in deep_model.iterdir():
+        if f.name != "model.safetensors":
+            (src / f.name).write_bytes(f.read_bytes())
+    weights = load_file(deep_model / "model.safetensors")
+    late = {n for n in weights if n.startswith("model.layers.") and int(n.split(".")[2]) >= 2}
+    save_file({n: t for n, t in weights.items() if n not in late}, src / "a.safetensors")
+    save_file({n: weights[n] for n in late}, src / "b.safetensors")
+    index = {"weight_map": {n: "b.safetensors" if n in late else "a.safetensors" for n in weights}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    good = (src / "b.safetensors").read_bytes()
+    (src / "b.safetensors").write_bytes(b"\x00garbage" * 100)
+
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    job = replace(small_job(src, out, calib_text), rtn=rtn)
+    with pytest.raises(UserError, match=r"cannot read weight shard .*b\.safetensors.*--resume"):
+        quantize_model(job)
+    assert layers_done(partial) == 2 and not out.exists()
+    (src / "b.safetensors").write_bytes(good)
+    quantize_model(replace(job, resume=True))
+    if rtn:
+        reference = tmp_path / "rtn"
+        quantize_model(replace(small_job(deep_model, reference, calib_text), rtn=True))
+    else:
+        reference = small_reference
+    assert files_digest(out) == files_digest(reference)
+
+
+def test_fresh_discards_and_a_running_partial_is_locked(
+    deep_model, calib_text, small_reference, tmp_path, monkeypatch
+):
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    job = small_job(deep_model, out, calib_text)
+    real = pipeline._quantize_sublayer
+    calls = []
+
+    def stop_in_layer2(qcfg, s, prefix, *args):
+        calls.append(prefix)
+        if prefix.endswith(".2"):
+            raise RuntimeError("boom")
+        return real(qcfg, s, prefix, *args)
+
+    monkeypatch.setattr(pipeline, "_quantize_sublayer", stop_in_layer2)
+    with pytest.raises(RuntimeError, match="boom"):
+        quantize_model(job)
+    monkeypatch.setattr(pipeline, "_quantize_sublayer", real)
+    assert layers_done(partial) == 2
+
+    with pytest.raises(UserError, match="--resume and --fresh"):
+        quantize_model(replace(job, resume=True, fresh=True))
+    fd = os.open(partial / ".lock", os.O_RDWR)  # as if another process were running it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for kw in ({"resume": True}, {"fresh": True}):
+            with pytest.raises(UserError, match="in use by another running process"):
+                quantize_model(replace(job, **kw))
+    finally:
+        os.close(fd)
+    assert layers_done(partial) == 2
+
+    # A damaged partial run: --resume says what is wrong and how to start over.
+    pending = sorted(partial.glob("pending-*.safetensors"))[0]
+    pending.write_bytes(pending.read_bytes()[:100])
+    with pytest.raises(UserError, match=rf"{pending.name}.*unreadable.*pass --fresh"):
+        quantize_model(replace(job, resume=True))
+
+    quantize_model(replace(job, fresh=True))
+    assert_same_checkpoint(out, small_reference)
+
+
+def test_overflowing_activations_stop_with_the_layer_named(deep_model, calib_text, tmp_path):
+    """Real data, no patching: layer 3's MLP norm is huge, so the Hessian of its MLP input
+    overflows; the 3 finished layers are kept for a resume."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in deep_model.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.3.post_attention_layernorm.weight"].fill_(1e30)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    with pytest.raises(UserError) as e:
+        quantize_model(small_job(src, out, calib_text))
+    msg = str(e.value)
+    assert "model.layers.3.mlp.gate_proj: the Hessian" in msg and "NaN/Inf" in msg, msg
+    assert "--resume" in msg and layers_done(partial) == 3 and not out.exists()

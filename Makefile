@@ -12,7 +12,7 @@ env:
 demo: env
 	$(BIN)/leanquant fetch-assets
 	$(BIN)/leanquant quantize smollm2 $(OUT) --bits 4 --group-size 64 --grid affine \
-		--calib wiki-sample --nsamples 32 --seqlen 512 --overwrite
+		--calib wiki-sample --nsamples 32 --seqlen 512 --overwrite --fresh
 	$(BIN)/leanquant eval smollm2 $(EVAL)
 	$(BIN)/leanquant eval $(OUT) $(EVAL)
 

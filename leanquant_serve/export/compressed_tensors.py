@@ -47,6 +47,7 @@ from ..format import (
     infer_linear_shape,
     unpack_codes,
 )
+from . import ExportError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ ZERO_POINT_BITS = (4, 8)  # asymmetric: vLLM's zero-point kernels (uint4, uint8)
 SYMMETRIC_BITS = (2, 4, 8)  # of LeanQuant's 2/3/4/8; 3-bit: see the module docstring
 # vLLM fuses these sibling linears; it refuses a fused layer whose parts are quantized differently.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-class ExportError(ValueError):
-    """The checkpoint cannot be written exactly in the target format; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -228,14 +225,8 @@ def export_compressed_tensors(
     docstring), ``FormatError`` for a broken source or an existing ``out_dir`` without
     ``overwrite``.
     """
-    src = Checkpoint(src_dir)
-    out = Path(out_dir)
-    if out.exists() and out.resolve() == src.path.resolve():
-        raise ExportError(f"{out}: the output folder is the source checkpoint")
+    src, out, prefixes = open_source(src_dir, out_dir)
     cfg = src.qcfg
-    prefixes = src.quantized_prefixes()
-    if not prefixes:
-        raise ExportError(f"{src.path}: no quantized linears")
     symmetric = _plan(src, prefixes)
 
     linears = _linear_modules(src.hf_config, src.path)

@@ -95,7 +95,7 @@ from ..format import (
     pack_codes,
     unpack_linear,
 )
-from .compressed_tensors import ExportError
+from . import ExportError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -333,14 +333,8 @@ def export_exllamav2(
     docstring), ``FormatError`` for a broken source or an existing ``out_dir`` without
     ``overwrite``.
     """
-    src = Checkpoint(src_dir)
-    out = Path(out_dir)
-    if out.exists() and out.resolve() == src.path.resolve():
-        raise ExportError(f"{out}: the output folder is the source checkpoint")
+    src, out, prefixes = open_source(src_dir, out_dir)
     cfg = src.qcfg
-    prefixes = src.quantized_prefixes()
-    if not prefixes:
-        raise ExportError(f"{src.path}: no quantized linears")
     with_g_idx = _plan(src, prefixes)
 
     stored = {f"{p}.{s}" for p in prefixes for s in QUANT_SUFFIXES}

@@ -127,16 +127,24 @@ def _cmd_fetch_assets(a: argparse.Namespace) -> None:
     print(f"model: {model}\ncalibration text: {wiki.calib}\nevaluation text: {wiki.eval}")
 
 
-def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
-    from leanquant_serve.export.compressed_tensors import ExportError, export_compressed_tensors
+def _export(a: argparse.Namespace, export, target: str):
+    """Run ``export(checkpoint, out)`` with the CLI's refusals: an existing output without
+    --overwrite, and what the target cannot hold exactly (ExportError), as one-line errors."""
+    from leanquant_serve.export import ExportError
 
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
     try:
-        r = export_compressed_tensors(a.checkpoint, out, overwrite=a.overwrite)
+        return export(a.checkpoint, out, overwrite=a.overwrite)
     except ExportError as e:
-        raise UserError(f"cannot export {a.checkpoint} as compressed-tensors: {e}") from e
+        raise UserError(f"cannot export {a.checkpoint} {target}: {e}") from e
+
+
+def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
+    from leanquant_serve.export.compressed_tensors import export_compressed_tensors
+
+    r = _export(a, export_compressed_tensors, "as compressed-tensors")
     w = r.quantization_config["config_groups"]["group_0"]["weights"]
     grouping = f"group size {w['group_size']}" if w["strategy"] == "group" else "per channel"
     print(
@@ -146,15 +154,9 @@ def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
 
 
 def _cmd_export_exllamav2(a: argparse.Namespace) -> None:
-    from leanquant_serve.export.exllamav2 import ExportError, export_exllamav2
+    from leanquant_serve.export.exllamav2 import export_exllamav2
 
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
-    try:
-        r = export_exllamav2(a.checkpoint, out, overwrite=a.overwrite)
-    except ExportError as e:
-        raise UserError(f"cannot export {a.checkpoint} for exllamav2: {e}") from e
+    r = _export(a, export_exllamav2, "for exllamav2")
     g = r.quantization_config["group_size"]
     print(
         f"wrote {r.out}: {r.layers} linears as GPTQ 4-bit for exllamav2, "

@@ -62,7 +62,9 @@ tensor dtypes exllamav2's loader does not know.
 EXL2 (exllamav2's own format, and the only one ``ExLlamaV2.load_tp`` splits across GPUs:
 ``linear.py ExLlamaV2Linear.tp_split`` asserts EXL2 tensors and ``ext_qmatrix.cpp
 make_q_matrix_split`` says "Tensor split not implemented for GPTQ matrices") is not written: see
-:data:`EXL2_REASON`. What a mapping would cost, measured on ``out/smollm2-leanquant-w4g64``
+:data:`EXL2_REASON`. What a mapping would cost, measured once with a throwaway script that is
+not in this repository (so no command here reproduces these two figures), on
+``out/smollm2-leanquant-w4g64``
 (SmolLM2-135M, LeanQuant affine 4-bit, g64; squared weight error summed over all 210 linears,
 relative to that checkpoint's own ‖W - Q‖²): keeping every q - z exactly in 5-bit EXL2 codes
 and only moving each scale to the nearest EXL2 level (max = the group's largest scale) adds

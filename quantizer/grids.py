@@ -174,20 +174,35 @@ def fit_affine(
 # ----------------------------------------------------------------------------- nonuniform
 
 
-def _sample_rows(p: Tensor, generator: torch.Generator | None) -> Tensor:
+@dataclass
+class RowRandom:
+    """Uniform draws that depend only on a row's index in the whole weight: a slice of rows
+    (``first``, of ``total``) gets the numbers those rows get when the weight is done whole."""
+
+    generator: torch.Generator | None
+    first: int = 0
+    total: int | None = None
+
+    def rand(self, rows: int, device: torch.device) -> Tensor:
+        total = rows if self.total is None else self.total
+        u = torch.rand(total, 1, generator=self.generator, device=device)
+        return u[self.first : self.first + rows]
+
+
+def _sample_rows(p: Tensor, rng: RowRandom) -> Tensor:
     """One column index per row, drawn ∝ p (inverse CDF; uniform where a row's p is all 0)."""
     p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))
     cdf = p.cumsum(1)
-    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device) * cdf[:, -1:]
+    u = rng.rand(p.shape[0], p.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).clamp_max(p.shape[1] - 1)
 
 
-def _kmeanspp_init(W: Tensor, d: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+def _kmeanspp_init(W: Tensor, d: Tensor, k: int, rng: RowRandom) -> Tensor:
     """Weighted k-means++ seeding per row: each next centroid drawn ∝ d_j · D(w_j)²."""
-    cent = [W.gather(1, _sample_rows(d.expand_as(W), generator))]
+    cent = [W.gather(1, _sample_rows(d.expand_as(W), rng))]
     D2 = (W - cent[0]) ** 2  # squared distance to the nearest centroid so far
     for _ in range(1, k):
-        cent.append(W.gather(1, _sample_rows(d * D2, generator)))
+        cent.append(W.gather(1, _sample_rows(d * D2, rng)))
         D2 = torch.minimum(D2, (W - cent[-1]) ** 2)
     return torch.cat(cent, 1)
 
@@ -200,16 +215,18 @@ def fit_nonuniform(
     max_iter: int = 100,
     tol: float = 1e-4,
     init: str | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowRandom | None = None,
 ) -> LUTParams:
     """LeanQuant_nu: per-row weighted k-means of the row's weights with weights d, 2^b centroids.
 
     Batched Lloyd iterations over all rows; 1-D assignment is a searchsorted against the
     midpoints of the sorted centroids. Init as the reference: linspace(min, max) for b ≤ 3,
-    k-means++ for b ≥ 4. Stops when no assignment changes or, as scikit-learn's KMeans that
-    the reference runs, when every row's Σ_k (centroid shift)² ≤ tol · Var(row); at most
-    ``max_iter`` iterations.
+    k-means++ for b ≥ 4. Each row stops on its own, as the reference's per-row scikit-learn
+    KMeans does: when its assignment no longer changes or its Σ_k (centroid shift)² ≤
+    tol · Var(row); at most ``max_iter`` iterations. A row's result therefore does not depend
+    on the other rows fitted with it.
     """
+    rng = generator if isinstance(generator, RowRandom) else RowRandom(generator)
     W, d = W.float(), d.float()
     k = 2**bits
     init = init or ("linspace" if bits <= 3 else "kmeans++")
@@ -217,26 +234,28 @@ def fit_nonuniform(
         lo, hi = W.min(1).values, W.max(1).values
         cent = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, k, device=W.device)
     elif init == "kmeans++":
-        cent = _kmeanspp_init(W, d[None, :], k, generator)
+        cent = _kmeanspp_init(W, d[None, :], k, rng)
     else:
         raise ValueError(f"init must be 'linspace' or 'kmeans++', got {init!r}")
     cent = cent.sort(1).values
     dW = W * d  # numerator terms d_j w_j
     dd = d.expand_as(W)
     shift_tol = tol * W.var(dim=1)
+    active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)  # rows still iterating
     assign = None
     for _ in range(max_iter):
         new_assign = torch.searchsorted((cent[:, 1:] + cent[:, :-1]) / 2, W.contiguous())
-        if assign is not None and torch.equal(new_assign, assign):
+        if assign is not None:
+            active &= (new_assign != assign).any(1)  # unchanged assignment: the row is done
+        if not bool(active.any()):
             break
         assign = new_assign
         num = torch.zeros_like(cent).scatter_add_(1, assign, dW)  # Σ d_j w_j per cluster
         den = torch.zeros_like(cent).scatter_add_(1, assign, dd)  # Σ d_j per cluster
         new = torch.where(den > 0, num / den.clamp_min(1e-30), cent).sort(1).values
-        converged = bool((((new - cent) ** 2).sum(1) <= shift_tol).all())
+        new = torch.where(active[:, None], new, cent)  # finished rows keep their centroids
+        active &= ((new - cent) ** 2).sum(1) > shift_tol  # moved less than tol: done after this
         cent = new
-        if converged:
-            break
     return LUTParams(_fp16_exact(cent).sort(1).values)
 
 
@@ -249,7 +268,7 @@ def fit_grid(
     T: int = 2048,
     shrink: float | None = None,
     kmeans_iters: int = 100,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowRandom | None = None,
 ) -> GridParams:
     """Fit the grid ``name`` on W (rows, cols) with column importance d (cols,)."""
     if name == "minmax":

@@ -87,8 +87,24 @@ class QuantizedWeight:
     lut: Tensor | None  # (rows, 2^bits), nonuniform only
     g_idx: Tensor | None  # (columns,) int32, only for act-order with dynamic groups
     loss: float  # Σ (w − q)² / U_ii² (GPTQ's loss error; the grid objective with p = 2)
+    row_loss: Tensor  # (rows,) the same per row: row slices concatenate to the same sum
     damp: float  # damping λ finally used
     retries: int  # Cholesky retries needed
+
+    @staticmethod
+    def cat(parts: list[QuantizedWeight], device: torch.device | str) -> QuantizedWeight:
+        """The whole weight from its row slices (in row order), on ``device``."""
+
+        def cat(field: str, dim: int) -> Tensor | None:
+            ts = [getattr(p, field) for p in parts]
+            return None if ts[0] is None else torch.cat([t.to(device) for t in ts], dim)
+
+        g_idx = parts[0].g_idx  # per column: the same in every slice
+        return QuantizedWeight(
+            cat("codes", 0), cat("Q", 0), cat("scales", 1), cat("zeros", 1), cat("lut", 0),
+            None if g_idx is None else g_idx.to(device),
+            float(cat("row_loss", 0).sum()), cat("row_loss", 0), parts[0].damp, parts[0].retries,
+        )  # fmt: skip
 
 
 def inverse_cholesky(H: Tensor, damp: float, retries: int) -> tuple[Tensor, float, int]:
@@ -186,7 +202,7 @@ def quantize_weight(
         groups = [fit(W[:, g : g + G], ones[g : g + G]) for g in range(0, columns, G)]
         parts = [p.quantize(W[:, k * G : (k + 1) * G]) for k, p in enumerate(groups)]
         codes, Q = torch.cat([c for c, _ in parts], 1), torch.cat([q for _, q in parts], 1)
-        return _result(s, groups, codes, Q, None, float(((W - Q) ** 2).sum()), 0.0, 0)
+        return _result(s, groups, codes, Q, None, ((W - Q) ** 2).sum(1), 0.0, 0)
 
     prep = (H if isinstance(H, Prepared) else prepare(H, s)).to(W.device)
     U, d, perm = prep.U, prep.d, prep.perm
@@ -213,7 +229,7 @@ def quantize_weight(
 
     codes = torch.zeros(n_rows, columns, dtype=torch.uint8, device=W.device)  # bits <= 8
     Q = torch.zeros_like(W)
-    losses = torch.zeros(columns, device=W.device)  # per column: Σ_rows (w − q)²/U_ii²
+    losses = torch.zeros(n_rows, device=W.device)  # per row: Σ_columns (w − q)²/U_ii²
     B = s.blocksize
     for i1 in range(0, columns, B):
         i2 = min(i1 + B, columns)
@@ -229,7 +245,7 @@ def quantize_weight(
             w = W1[:, i]
             c, q = groups[col_group[col]].quantize(w)
             codes[:, col], Q[:, col] = c, q
-            losses[col] = ((w - q) ** 2).sum() / U1[i, i] ** 2  # loss error (w − q)²/U_ii²
+            losses += (w - q) ** 2 / U1[i, i] ** 2  # loss error (w − q)²/U_ii²
             err = (w - q) / U1[i, i]  # err = (w − q)/U_ii
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # OBQ update inside the block
             Err1[:, i] = err
@@ -240,7 +256,7 @@ def quantize_weight(
         codes, Q = codes[:, invperm], Q[:, invperm]
         if s.group_size != -1 and not s.static_groups:
             g_idx = col_group[invperm.cpu()].to(torch.int32)
-    return _result(s, groups, codes, Q, g_idx, float(losses.sum()), prep.damp, prep.retries)
+    return _result(s, groups, codes, Q, g_idx, losses, prep.damp, prep.retries)
 
 
 def _result(
@@ -249,7 +265,7 @@ def _result(
     codes: Tensor,
     Q: Tensor,
     g_idx: Tensor | None,
-    loss: float,
+    row_loss: Tensor,
     damp: float,
     retries: int,
 ) -> QuantizedWeight:
@@ -260,4 +276,6 @@ def _result(
     else:
         scales, zeros = _stack(groups)
         zeros = zeros.to(torch.int32)
-    return QuantizedWeight(codes, Q, scales, zeros, lut, g_idx, loss, damp, retries)
+    return QuantizedWeight(
+        codes, Q, scales, zeros, lut, g_idx, float(row_loss.sum()), row_loss, damp, retries
+    )

@@ -18,12 +18,14 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import re
 import resource
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,9 +46,17 @@ from leanquant_serve.format import (
 )
 from leanquant_serve.format.checkpoint import PartialRunError, PartialRunLocked
 
+from .activations import PLACES, Activations
 from .data import load_text, random_windows, tokenize
 from .errors import UserError
-from .gptq import CholeskyError, GPTQSettings, Hessian, QuantizedWeight, quantize_weight
+from .gptq import (
+    CholeskyError,
+    GPTQSettings,
+    Hessian,
+    QuantizedWeight,
+    prepare,
+    quantize_weight,
+)
 from .model_walk import StopForward, find_decoder_layers, find_linears, sequential_groups
 from .source import SourceModel
 
@@ -67,8 +77,13 @@ class QuantizeJob:
     nsamples: int = 128
     seqlen: int = 2048
     batch_size: int = 1
+    # compute device, or a comma-separated list (cuda:0,cuda:1): the first runs the layer
+    # forwards and holds the activations; every one takes rows of each group's GPTQ work,
+    # and the second accumulates and factors the Hessians
     device: str = "cpu"
-    dtype: str = "float32"  # dtype for layer forwards and activations
+    dtype: str = "float32"  # dtype for layer forwards
+    activations: str = "device"  # where calibration activations live: device | cpu | disk
+    act_dtype: str | None = None  # their stored dtype (None: dtype)
     # regexes of linear sublayers (relative to a layer) to leave unquantized
     skip: tuple[str, ...] = ()
     overwrite: bool = False
@@ -76,6 +91,10 @@ class QuantizeJob:
     # An existing partial run of ``out`` is refused unless one of these is set.
     resume: bool = False  # continue it after its last finished layer (or start if none)
     fresh: bool = False  # discard it and start over
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return [torch.device(d.strip()) for d in self.device.split(",")]
 
 
 @dataclass
@@ -93,10 +112,11 @@ class Summary:
     out: str
     seconds: float
     peak_rss_bytes: int
-    peak_gpu_bytes: int
+    peak_gpu_bytes: int  # the largest over the devices
     total_loss: float
     cholesky_retries: int
     layers: list[list[SublayerReport]] = field(default_factory=list)
+    activation_bytes: int = 0  # of one layer's calibration inputs, as stored
 
 
 def _qcfg(job: QuantizeJob, not_converted: list[str]) -> LeanQuantConfig:
@@ -131,11 +151,12 @@ def _peak_rss() -> int:
 
 
 class _LayerInputs:
-    """Catches what the model feeds each decoder layer: layer 0's hidden states, every layer's kwargs."""
+    """Catches what the model feeds each decoder layer: layer 0's hidden states (handed to
+    ``on_hidden`` batch by batch), every layer's kwargs (from the first batch)."""
 
-    def __init__(self, layers: nn.ModuleList) -> None:
+    def __init__(self, layers: nn.ModuleList, on_hidden: Callable[[Tensor], None]) -> None:
         self.layers = layers
-        self.hidden: list[Tensor] = []
+        self.on_hidden = on_hidden
         self.kwargs: list[dict] = [{} for _ in layers]
         self.first_batch = True
 
@@ -173,7 +194,7 @@ class _Catcher(nn.Module):
         if args:
             raise UserError("decoder layers called with positional arguments beyond hidden_states")
         if self.index == 0:
-            self.sink.hidden.append(hidden_states)
+            self.sink.on_hidden(hidden_states)
         if self.sink.first_batch:
             kwargs.pop("past_key_values", None)
             self.sink.kwargs[self.index] = kwargs
@@ -204,13 +225,18 @@ def _check_shapes(job: QuantizeJob, layer: nn.Module, layer_name: str) -> None:
 
 
 def _load_layer(
-    src: SourceModel, layer: nn.Module, prefix: str, device, dtype
+    src: SourceModel, layer: nn.Module, prefix: str, device, dtype, keep: set[str]
 ) -> dict[str, Tensor]:
-    """Materialise the layer from the shards; returns the tensors read, as stored."""
-    stored = {f"{prefix}.{p}": src.get_finite(f"{prefix}.{p}") for p, _ in layer.named_parameters()}
-    for name, t in stored.items():
-        set_module_tensor_to_device(layer, name[len(prefix) + 1 :], device, value=t, dtype=dtype)
-    return stored
+    """Materialise the layer from the shards, one tensor at a time; returns the tensors named
+    in ``keep`` as stored (the others are dropped as soon as the module holds them)."""
+    kept = {}
+    for p, _ in layer.named_parameters():
+        t = src.get_finite(f"{prefix}.{p}")
+        src.release()  # unmap: the shard's pages leave this process's resident memory
+        set_module_tensor_to_device(layer, p, device, value=t, dtype=dtype)
+        if f"{prefix}.{p}" in keep:
+            kept[f"{prefix}.{p}"] = t
+    return kept
 
 
 def quantize_model(
@@ -259,10 +285,53 @@ def _build_skeleton(job: QuantizeJob, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+@dataclass
+class _Run:
+    """One quantization run: what the per-layer loop works with."""
+
+    job: QuantizeJob
+    src: SourceModel
+    writer: CheckpointWriter
+    model: nn.Module
+    layers_name: str
+    layers: nn.ModuleList
+    head_name: str | None
+    qcfg: LeanQuantConfig
+    outer_names: list[str]  # tensors outside the decoder layers, stored unchanged
+    windows: Tensor | None  # calibration windows (None: RTN)
+    fingerprint: dict
+    devices: list[torch.device]
+    dtype: torch.dtype
+    observer: Callable[[str, QuantizedWeight], None] | None
+    t0: float
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the layer forwards and of ``--activations device``."""
+        return self.devices[0]
+
+    @property
+    def hessian_device(self) -> torch.device:
+        """Where Hessians are accumulated and factored: the second device if there is one."""
+        return self.devices[1] if len(self.devices) > 1 else self.devices[0]
+
+
 def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
-    device, dtype = torch.device(job.device), getattr(torch, job.dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is available")
+    try:
+        devices, dtype = job.devices, getattr(torch, job.dtype)
+    except RuntimeError as e:  # torch.device's parse error
+        raise UserError(f"--device {job.device!r}: {e}") from e
+    if len({d.type for d in devices}) > 1:
+        raise UserError(f"--device {job.device}: mixes device types (use GPUs only, or cpu)")
+    if job.activations not in PLACES:
+        raise UserError(f"--activations must be one of {', '.join(PLACES)}")
+    for d in devices:
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {d} but no CUDA GPU is available")
+        if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+            raise UserError(f"--device {d}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    if len(set(devices)) != len(devices) and devices[0].type != "cpu":
+        raise UserError(f"--device {job.device} names a device twice")
     model = _build_skeleton(job, dtype)
     layers_name, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
@@ -275,7 +344,6 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
         for n in sorted(set(find_linears(layer)) - set(find_linears(layer, job.skip)))
     ]
     qcfg = _qcfg(job, ([head_name] if head_name else []) + skipped)
-    # Non-layer tensors (embeddings, final norm, lm_head) go to the checkpoint unchanged.
     outer_names = [n for n in src.weight_map if not n.startswith(layers_name + ".")]
     windows = None if job.rtn else _calibration_windows(job)
     fingerprint = _fingerprint(job, src, windows)
@@ -302,25 +370,13 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
         raise UserError(f"{e}: {hint}") from e
     if writer.finished:  # a resumed run that had finished all but moving into place
         return _summary_from_report(job.out / REPORT_FILE)
+    run = _Run(
+        job, src, writer, model, layers_name, layers, head_name, qcfg, outer_names, windows,
+        fingerprint, devices, dtype, observer, t0,
+    )  # fmt: skip
     try:
         with writer:
-            return _layers(
-                job,
-                src,
-                t0,
-                observer,
-                model,
-                layers_name,
-                layers,
-                head_name,
-                qcfg,
-                outer_names,
-                windows,
-                fingerprint,
-                writer,
-                device,
-                dtype,
-            )
+            return _layers(run)
     except (UserError, FormatError, OSError) as e:
         msg = _os_error(e) if isinstance(e, OSError) else str(e)
         if writer.kept and not isinstance(e, _Mismatch):
@@ -342,25 +398,9 @@ def _summary_state(summary: Summary) -> dict:
     return {k: v for k, v in asdict(summary).items() if k != "out"}
 
 
-def _layers(
-    job,
-    src,
-    t0,
-    observer,
-    model,
-    layers_name,
-    layers,
-    head_name,
-    qcfg,
-    outer_names,
-    windows,
-    fingerprint,
-    writer: CheckpointWriter,
-    device,
-    dtype,
-) -> Summary:
-    """The per-layer loop, from the first layer the partial run in ``writer`` has not done."""
-    s = job.settings
+def _layers(run: _Run) -> Summary:
+    """The per-layer loop, from the first layer the partial run in ``run.writer`` has not done."""
+    job, src, writer, layers = run.job, run.src, run.writer, run.layers
     summary = Summary(str(job.out), 0.0, 0, 0, 0.0, 0)
     start, seconds_before = 0, 0.0
     if writer.progress is not None:
@@ -368,71 +408,72 @@ def _layers(
         start, seconds_before = state["layers_done"], state["seconds"]
         summary = _summary_from_state(job, state["summary"])
         log.info("resuming %s after layer %d of %d", writer.partial, start - 1, len(layers))
-    outer = {n: src.get_finite(n) for n in outer_names}
-    if start == 0:
-        writer.add(outer)
+    acts = None
     if not job.rtn:
-        inputs, kwargs = _calibration_inputs(
-            job, windows, outer, model, layers_name, layers, device, dtype, head_name
-        )
-        if start and start < len(layers):
-            saved = writer.load_state_file(writer.progress["activations"])
-            if len(saved) != len(inputs):
-                raise UserError(f"{writer.partial}: saved activations do not match the batches")
-            inputs = [saved[str(b)].to(device) for b in range(len(inputs))]
-    del outer
+        store_dtype = getattr(torch, job.act_dtype or job.dtype)
+        acts = Activations(job.activations, run.device, run.dtype, store_dtype, writer)
+    kwargs = _outer_tensors(run, start, acts)
+    if acts is not None and 0 < start < len(layers):
+        names = writer.progress["activations"]
+        if not isinstance(names, list):
+            raise UserError(f"{writer.partial}: made by an older version; pass --fresh")
+        acts.restore(start, names)
+    if acts is not None and acts.nbytes:  # (none left to restore after the last layer)
+        summary.activation_bytes = acts.nbytes
 
     bar = tqdm(
         range(start, len(layers)), desc="layers", unit="layer", initial=start, total=len(layers)
     )
     for i in bar:
-        prefix, layer = f"{layers_name}.{i}", layers[i]
+        prefix, layer = f"{run.layers_name}.{i}", layers[i]
         linears = find_linears(layer, job.skip)
-        stored = _load_layer(src, layer, prefix, device, dtype)
+        quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
+        layer_names = src.names(prefix + ".")
+        stored = _load_layer(
+            src, layer, prefix, run.device, run.dtype, set(layer_names) - quantized_weights
+        )
         results: list[tuple[dict[str, Tensor], SublayerReport]] = []
         sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
-        if job.rtn:
+        if acts is None:
             for name in linears:
-                results.append(
-                    _quantize_sublayer(qcfg, s, prefix, name, linears[name], None, observer)
-                )
+                results += _quantize_group(run, prefix, [name], linears, None)
                 sub.update()
         else:
-            run_first = functools.partial(_layer_forward, layer, inputs[0], kwargs[i])
+            run_first = functools.partial(_layer_forward, layer, acts.first(), kwargs[i])
             for group in sequential_groups(linears, run_first):
-                H = _hessian(layer, linears[group[0]], inputs, kwargs[i], device)
-                if not torch.isfinite(H).all():
+                h = _hessian(layer, linears[group[0]], acts, kwargs[i], run.hessian_device)
+                if not torch.isfinite(h.H).all():
                     raise UserError(
                         f"{prefix}.{group[0]}: the Hessian of its calibration inputs has "
                         f"NaN/Inf (the activations entering layer {i} overflowed or are NaN;"
                         " try --dtype float32 or other calibration data)"
                     )
-                for name in group:  # members share the input, hence H
-                    results.append(
-                        _quantize_sublayer(qcfg, s, prefix, name, linears[name], H, observer)
-                    )
-                    sub.update()
-                del H
+                results += _quantize_group(run, prefix, group, linears, h)
+                sub.update(len(group))
+                del h
             with torch.no_grad():  # inputs of the next layer, through the quantized layer
-                inputs = [_layer_forward(layer, x, kwargs[i]) for x in inputs]
-            if not all(torch.isfinite(x).all() for x in inputs):
+                step = functools.partial(_layer_forward, layer, kwargs=kwargs[i])
+                finite = acts.advance(step, keep=i + 1 < len(layers))
+            if not finite:
                 raise UserError(
                     f"{prefix}: the quantized layer's outputs contain NaN/Inf "
                     "(try --dtype float32, a larger --damp or other calibration data)"
                 )
         sub.close()
 
-        quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
         rest = {
             n: stored[n] if n in stored else src.get(n)
-            for n in src.names(prefix + ".")
+            for n in layer_names
             if n not in quantized_weights
         }
+        src.release()
         writer.add(rest)
+        del stored, rest
         for tensors, _ in results:
             writer.add(tensors)
         layer.to("meta")  # free the layer
         reports = [r for _, r in results]
+        del results
         summary.layers.append(reports)
         loss = sum(r.loss for r in reports)
         summary.total_loss += loss
@@ -440,26 +481,29 @@ def _layers(
         bar.set_postfix(loss=f"{loss:.3g}")
         log.debug("layer %d: %s", i, ", ".join(f"{r.name}={r.loss:.3g}" for r in reports))
         # Durable step: a kill from here on resumes at layer i + 1.
-        summary.seconds = seconds_before + time.time() - t0
+        summary.seconds = seconds_before + time.time() - run.t0
+        files, written = {}, []
+        if acts is not None and i + 1 < len(layers):
+            files, written = acts.state()
         state = {
-            "job": fingerprint,
+            "job": run.fingerprint,
             "layers_done": i + 1,
             "seconds": summary.seconds,
             "summary": _summary_state(summary),
-            "activations": None,
+            "activations": [*files, *written] or None,
         }
-        files = {}
-        if not job.rtn and i + 1 < len(layers):
-            state["activations"] = f"state-activations-{i + 1:05d}.safetensors"
-            files[state["activations"]] = {str(b): x for b, x in enumerate(inputs)}
-        writer.save_state(state, files, note=f"{i + 1} of {len(layers)} layers done")
+        writer.save_state(
+            state, files, note=f"{i + 1} of {len(layers)} layers done", written=written
+        )
+        del files
 
-    summary.seconds = seconds_before + time.time() - t0
+    summary.seconds = seconds_before + time.time() - run.t0
     summary.peak_rss_bytes = _peak_rss()
-    if device.type == "cuda":
-        summary.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+    summary.peak_gpu_bytes = max(
+        (torch.cuda.max_memory_allocated(d) for d in run.devices if d.type == "cuda"), default=0
+    )
     (writer.partial / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=1))
-    writer.finalize(src.config, qcfg, copy_from=job.model)
+    writer.finalize(src.config, run.qcfg, copy_from=job.model)
     return summary
 
 
@@ -476,22 +520,77 @@ def _summary_from_dict(d: dict) -> Summary:
     return Summary(**d)
 
 
-def _quantize_sublayer(
-    qcfg: LeanQuantConfig,
-    s: GPTQSettings,
-    prefix: str,
-    name: str,
-    m: nn.Linear,
-    H: Tensor | None,
-    observer: Callable[[str, QuantizedWeight], None] | None,
-) -> tuple[dict[str, Tensor], SublayerReport]:
-    """Quantize sublayer ``name`` of layer ``prefix`` in place (its weight becomes Q);
-    returns its checkpoint tensors and report."""
-    full, t = f"{prefix}.{name}", time.time()
+def _row_plan(row_counts: list[int], n_devices: int) -> list[list[tuple[int, int, int]]]:
+    """Split the group's weights, stacked by rows, into ``n_devices`` equal row ranges:
+    per device, (member, first row, end row) slices. Rows are independent given H."""
+    total = sum(row_counts)
+    bounds = [round(k * total / n_devices) for k in range(n_devices + 1)]
+    offsets = [sum(row_counts[:m]) for m in range(len(row_counts))]
+    plan: list[list[tuple[int, int, int]]] = []
+    for lo, hi in itertools.pairwise(bounds):
+        plan.append(
+            [
+                (m, max(lo - off, 0), min(hi - off, n))
+                for m, (off, n) in enumerate(zip(offsets, row_counts, strict=True))
+                if max(lo - off, 0) < min(hi - off, n)
+            ]
+        )
+    return plan
+
+
+def _quantize_group(
+    run: _Run, prefix: str, group: list[str], linears: dict[str, nn.Linear], h: Hessian | None
+) -> list[tuple[dict[str, Tensor], SublayerReport]]:
+    """Quantize the sublayers of ``group`` (they share the input, hence H) in place; returns
+    each one's checkpoint tensors and report.
+
+    H is factored once, on the Hessian device; the group's rows are then split evenly over
+    the devices, each quantizing its slices with its own copy of U (in threads: GPU kernels
+    run concurrently). The slices give exactly the rows a single device would."""
+    s = run.job.settings
+    t = time.time()
     try:
-        r = quantize_weight(m.weight.data, H, s)
+        prep = None if h is None else prepare(h, s)
     except CholeskyError as e:
-        raise UserError(f"{full}: {e}; raise --damp") from e
+        raise UserError(f"{prefix}.{'/'.join(group)}: {e}; raise --damp") from e
+    weights = [linears[n].weight.data for n in group]
+    plan = _row_plan([w.shape[0] for w in weights], len(run.devices))
+
+    def work(device: torch.device, slices: list[tuple[int, int, int]]):
+        p = None if prep is None else prep.to(device)  # U copied to each device
+        return [
+            (m, a, quantize_weight(weights[m][a:b].to(device), p, s, rows=(a, weights[m].shape[0])))
+            for m, a, b in slices
+        ]
+
+    if len(run.devices) == 1:
+        done = [work(run.devices[0], plan[0])]
+    else:
+        with ThreadPoolExecutor(len(run.devices)) as pool:
+            done = list(pool.map(work, run.devices, plan))
+    prep = None  # free U before the results are packed
+    seconds = (time.time() - t) / len(group)
+    parts: list[list[tuple[int, QuantizedWeight]]] = [[] for _ in group]
+    for m, a, r in (x for per_device in done for x in per_device):
+        parts[m].append((a, r))
+    return [
+        _store_sublayer(
+            run,
+            prefix,
+            name,
+            linears[name],
+            QuantizedWeight.cat([r for _, r in sorted(parts[m], key=lambda x: x[0])], run.device),
+            seconds,
+        )  # fmt: skip
+        for m, name in enumerate(group)
+    ]
+
+
+def _store_sublayer(
+    run: _Run, prefix: str, name: str, m: nn.Linear, r: QuantizedWeight, seconds: float
+) -> tuple[dict[str, Tensor], SublayerReport]:
+    """Set sublayer ``name``'s weight to Q; returns its checkpoint tensors and report."""
+    full, qcfg = f"{prefix}.{name}", run.qcfg
     if not torch.isfinite(r.Q).all():
         raise UserError(f"{full}: quantization produced NaN/Inf (check the calibration data)")
     m.weight.data = r.Q.to(m.weight.dtype)  # later sublayers see the quantized output
@@ -510,9 +609,9 @@ def _quantize_sublayer(
             f"{full}: stored tensors dequantize {err:.3g} away from Q (a packing bug)"
         )
     tensors = {f"{full}.{k}": v for k, v in packed.items()}
-    if observer is not None:
-        observer(full, r)
-    report = SublayerReport(name, tuple(m.weight.shape), r.loss, time.time() - t, r.damp, r.retries)
+    if run.observer is not None:
+        run.observer(full, r)
+    report = SublayerReport(name, tuple(m.weight.shape), r.loss, seconds, r.damp, r.retries)
     return tensors, report
 
 
@@ -556,8 +655,9 @@ def _fingerprint(job: QuantizeJob, src: SourceModel, windows: Tensor | None) -> 
         "seqlen": None if job.rtn else job.seqlen,
         "batch_size": None if job.rtn else job.batch_size,
         "calib_windows_sha256": None if windows is None else _sha256(windows.numpy().tobytes()),
-        "device": torch.device(job.device).type,
+        "device": job.devices[0].type,  # not the count: rows split exactly across devices
         "dtype": job.dtype,
+        "act_dtype": job.act_dtype or job.dtype,  # not where they live: that changes no value
         "skip": list(job.skip),
         "max_shard_bytes": job.max_shard_bytes,
     }
@@ -590,31 +690,51 @@ def _check_fingerprint(partial: Path, old: dict, new: dict) -> None:
         )
 
 
-def _calibration_inputs(job, windows, outer, model, layers_name, layers, device, dtype, head_name):
-    """Capture every layer's inputs/kwargs for the calibration ``windows``."""
-    batches = list(windows.split(job.batch_size))
-    # Materialise everything outside the layer stack that runs before layer 0 (embeddings, rotary).
-    names = [
-        name
-        for name, _ in model.named_parameters()
-        if not name.startswith(layers_name + ".")
-        and not (head_name and name.startswith(head_name + "."))
-    ]
-    for name in names:
-        if name not in outer:
-            raise UserError(f"tensor {name} is missing from {job.model}")
-        set_module_tensor_to_device(model, name, device, value=outer[name], dtype=dtype)
-    sink = _LayerInputs(layers)
-    sink.capture(model, batches, device)
-    for name in names:  # the embeddings are not needed again: free them
+def _outer_tensors(run: _Run, start: int, acts: Activations | None) -> list[dict]:
+    """Stream the tensors outside the decoder layers into the checkpoint (a fresh run), one at
+    a time, and capture the calibration inputs of layer 0 into ``acts`` and every layer's
+    kwargs; a resumed run reads only the embeddings and captures only the kwargs."""
+    job, model, src = run.job, run.model, run.src
+    # What runs before layer 0 (embeddings, rotary): outside the layer stack and the head.
+    needed = set()
+    if acts is not None and start < len(run.layers):
+        needed = {
+            name
+            for name, _ in model.named_parameters()
+            if not name.startswith(run.layers_name + ".")
+            and not (run.head_name and name.startswith(run.head_name + "."))
+        }
+    for name in sorted(needed - set(run.outer_names)):
+        raise UserError(f"tensor {name} is missing from {job.model}")
+    for name in run.outer_names:
+        if start == 0 or name in needed:
+            t = src.get_finite(name)
+            src.release()
+            if start == 0:
+                run.writer.add({name: t})
+            if name in needed:
+                set_module_tensor_to_device(model, name, run.device, value=t, dtype=run.dtype)
+            del t
+    src.release()
+    if not needed:
+        return [{} for _ in run.layers]
+    batches = list(run.windows.split(job.batch_size))
+    if start > 0:  # resumed: the inputs come from the saved state, the kwargs from one batch
+        sink = _LayerInputs(run.layers, on_hidden=lambda x: None)
+        batches = batches[:1]
+    else:
+        sink = _LayerInputs(run.layers, on_hidden=acts.append)
+    sink.capture(model, batches, run.device)
+    for name in needed:  # the embeddings are not needed again: free them
         set_module_tensor_to_device(model, name, "meta")
-    return sink.hidden, sink.kwargs
+    return sink.kwargs
 
 
 def _hessian(
-    layer: nn.Module, first: nn.Linear, inputs: list[Tensor], kwargs: dict, device
-) -> Tensor:
-    """H of the group's shared input: run the layer up to that sublayer for every batch."""
+    layer: nn.Module, first: nn.Linear, acts: Activations, kwargs: dict, device
+) -> Hessian:
+    """H of the group's shared input, on ``device``: run the layer up to that sublayer for
+    every batch."""
     h = Hessian(first.in_features, device)
 
     def hook(_m, args):
@@ -624,14 +744,14 @@ def _hessian(
     handle = first.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            for x in inputs:
+            for x in acts:
                 try:
                     _layer_forward(layer, x, kwargs)
                 except StopForward:
                     pass
     finally:
         handle.remove()
-    return h.H
+    return h
 
 
 def parse_skip(patterns: list[str]) -> tuple[str, ...]:

@@ -84,6 +84,11 @@ class SourceModel:
             raise UserError(f"tensor {name} contains NaN or Inf values")
         return t
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Close the open shards (they reopen on the next read). safetensors memory-maps
+        them, and every page read stays in this process's resident memory until unmapped:
+        without this, reading a whole model would show as RSS of the model's size."""
         self._files.close()
         self._handles.clear()
+
+    close = release

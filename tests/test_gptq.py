@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from quantizer.gptq import CholeskyError, GPTQSettings, Hessian, inverse_cholesky, quantize_weight
+from quantizer.gptq import (
+    CholeskyError,
+    GPTQSettings,
+    Hessian,
+    QuantizedWeight,
+    inverse_cholesky,
+    prepare,
+    quantize_weight,
+)
 from quantizer.grids import fit_grid
 
 
@@ -115,3 +123,47 @@ def test_cholesky_retries_with_more_damping_then_fails():
     )
     with pytest.raises(CholeskyError):
         inverse_cholesky(-torch.eye(cols), 0.01, 2)
+
+
+@pytest.mark.parametrize(
+    "s",
+    [
+        GPTQSettings(bits=4, grid="affine", group_size=64),
+        GPTQSettings(bits=3, grid="nonuniform", actorder=True),
+        GPTQSettings(bits=4, grid="nonuniform"),  # k-means++: random draws per row
+        GPTQSettings(bits=2, grid="minmax", group_size=32, actorder=True),
+    ],
+    ids=["affine-g64", "nu3-actorder", "nu4-kmeans++", "minmax2-g32-actorder"],
+)
+def test_row_slices_equal_the_whole_weight(s):
+    """Rows are independent given U: slices (as a multi-device run quantizes them) give the
+    whole weight's codes, values and per-row losses exactly."""
+    torch.manual_seed(0)
+    rows, cols = 96, 256
+    W = torch.randn(rows, cols)
+    h = Hessian(cols)
+    h.add_batch(torch.randn(512, cols) @ torch.randn(cols, cols) * 0.1)
+    prep = prepare(h.H, s)
+    whole = quantize_weight(W, prep, s)
+    parts = [quantize_weight(W[a:b], prep, s, rows=(a, rows)) for a, b in [(0, 40), (40, 96)]]
+    split = QuantizedWeight.cat(parts, "cpu")
+    for f in ("codes", "Q", "scales", "zeros", "lut", "row_loss"):
+        a, b = getattr(split, f), getattr(whole, f)
+        assert (a is None and b is None) or torch.equal(a, b), f
+    assert split.loss == whole.loss
+    assert torch.equal(quantize_weight(W, h.H, s).Q, whole.Q)  # prepare() inside is the same
+
+
+def test_prepare_takes_over_a_hessian_and_leaves_a_tensor_alone():
+    cols = 64
+    h = Hessian(cols)
+    h.add_batch(torch.randn(256, cols))
+    H = h.H.clone()
+    s = GPTQSettings(bits=4, actorder=True)
+    from_tensor = prepare(H, s)
+    assert torch.equal(H, h.H)  # unchanged
+    from_hessian = prepare(h, s)
+    assert h.H is None  # taken over (freed once U exists)
+    assert torch.equal(from_tensor.U, from_hessian.U) and torch.equal(
+        from_tensor.perm, from_hessian.perm
+    )

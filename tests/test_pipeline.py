@@ -84,7 +84,7 @@ class Run:
     settings: GPTQSettings
     Q: dict[str, torch.Tensor]  # sublayer name -> dense quantized weight seen by the observer
     W: dict[str, torch.Tensor] | None = None  # sublayer name -> the W given to quantize_weight
-    H: dict[str, torch.Tensor] | None = None  # sublayer name -> the H given to quantize_weight
+    H: dict[str, torch.Tensor] | None = None  # sublayer name -> the H its group factored
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
@@ -95,18 +95,23 @@ def run(request, tiny_model, calib_text, tmp_path_factory) -> Run:
     Q: dict[str, torch.Tensor] = {}
     W: dict[str, torch.Tensor] = {}
     H: dict[str, torch.Tensor] = {}
-    last_call = []
+    given_W, group_H = [], []  # quantize_weight's W in call order; the current group's H
 
-    def spy(W, H, s):
-        last_call[:] = [W.clone(), H.clone()]
-        return real(W, H, s)
+    def spy_prepare(h, s):
+        group_H[:] = [h.H.clone()]
+        return real_prepare(h, s)
 
-    def observer(name, r):  # called right after quantize_weight, with the sublayer's name
+    def spy(W, prep, s, rows=None):
+        assert rows == (0, W.shape[0])  # one device: whole weights
+        given_W.append(W.clone())
+        return real(W, prep, s, rows)
+
+    def observer(name, r):  # called per sublayer in group order, after the group's loop
         assert name not in Q, f"{name} quantized twice"
         Q[name] = r.Q.clone()
-        W[name], H[name] = last_call
+        W[name], H[name] = given_W.pop(0), group_H[0]
 
-    real = pipeline.quantize_weight
+    real, real_prepare = pipeline.quantize_weight, pipeline.prepare
     job = QuantizeJob(
         model=src,
         out=out,
@@ -118,7 +123,9 @@ def run(request, tiny_model, calib_text, tmp_path_factory) -> Run:
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "quantize_weight", spy)
+        mp.setattr(pipeline, "prepare", spy_prepare)
         quantize_model(job, observer)
+    assert not given_W
     return Run(src, out, s, Q, W, H)
 
 
@@ -302,11 +309,11 @@ def marker_folder(path: Path) -> Path:
 def test_failure_midway_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     calls = []
 
-    def fail_after_first(*args):
+    def fail_after_first(*args, **kw):
         if calls:
             raise RuntimeError("boom")
         calls.append(args)
-        return real(*args)
+        return real(*args, **kw)
 
     real = pipeline.quantize_weight
     monkeypatch.setattr(pipeline, "quantize_weight", fail_after_first)

@@ -297,8 +297,8 @@ def test_nan_mid_run_keeps_a_resumable_partial(
     target = "model.layers.3.mlp.up_proj"
     seen = []
 
-    def nan_in_layer3(W, H, s):
-        r = real(W, H, s)
+    def nan_in_layer3(W, H, s, rows=None):
+        r = real(W, H, s, rows)
         seen.append(None)
         if len(seen) == 3 * 7 + 6:  # the 6th sublayer of layer 3 (up_proj)
             r = dataclasses.replace(r, Q=torch.full_like(r.Q, float("nan")))
@@ -314,8 +314,10 @@ def test_nan_mid_run_keeps_a_resumable_partial(
     monkeypatch.setattr(pipeline, "quantize_weight", real)
 
     def nan_hessian(layer, first, inputs, kwargs, device):
-        H = real_hessian(layer, first, inputs, kwargs, device)
-        return H * float("inf") if layers_done(partial) == 3 else H
+        h = real_hessian(layer, first, inputs, kwargs, device)
+        if layers_done(partial) == 3:
+            h.H *= float("inf")
+        return h
 
     real_hessian = pipeline._hessian
     monkeypatch.setattr(pipeline, "_hessian", nan_hessian)
@@ -335,7 +337,8 @@ def test_full_disk_keeps_a_resumable_partial(
 
     def save_file_until_full(tensors, path, metadata=None):
         writes.append(Path(path).name)
-        if len([w for w in writes if w.startswith("state-")]) == 3:
+        # state-act-<layer>-<batch>: the first activation file of the third step
+        if len({w.split("-")[2] for w in writes if w.startswith("state-act-")}) == 3:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(tensors, path, metadata=metadata)
 
@@ -393,19 +396,19 @@ def test_fresh_discards_and_a_running_partial_is_locked(
 ):
     out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
     job = small_job(deep_model, out, calib_text)
-    real = pipeline._quantize_sublayer
+    real = pipeline._store_sublayer
     calls = []
 
-    def stop_in_layer2(qcfg, s, prefix, *args):
+    def stop_in_layer2(run, prefix, *args):
         calls.append(prefix)
         if prefix.endswith(".2"):
             raise RuntimeError("boom")
-        return real(qcfg, s, prefix, *args)
+        return real(run, prefix, *args)
 
-    monkeypatch.setattr(pipeline, "_quantize_sublayer", stop_in_layer2)
+    monkeypatch.setattr(pipeline, "_store_sublayer", stop_in_layer2)
     with pytest.raises(RuntimeError, match="boom"):
         quantize_model(job)
-    monkeypatch.setattr(pipeline, "_quantize_sublayer", real)
+    monkeypatch.setattr(pipeline, "_store_sublayer", real)
     assert layers_done(partial) == 2
 
     with pytest.raises(UserError, match="--resume and --fresh"):
@@ -446,3 +449,93 @@ def test_overflowing_activations_stop_with_the_layer_named(deep_model, calib_tex
     msg = str(e.value)
     assert "model.layers.3.mlp.gate_proj: the Hessian" in msg and "NaN/Inf" in msg, msg
     assert "--resume" in msg and layers_done(partial) == 3 and not out.exists()
+
+
+# ----------------------------------------------------------------------------- devices, activations
+
+
+@pytest.mark.parametrize(
+    ("device", "activations"),
+    [("cpu,cpu", "device"), ("cpu,cpu,cpu", "cpu"), ("cpu", "disk")],
+)
+def test_device_lists_and_activation_places_give_the_same_bytes(
+    device, activations, deep_model, calib_text, small_reference, tmp_path
+):
+    """Rows split over several workers, and activations kept in host RAM or spilled to disk,
+    change no byte. (On this CPU-only machine the workers are threads on the same CPU: this
+    checks the split, the threads and the merge, not transfers between GPUs.)"""
+    out = tmp_path / "ckpt"
+    job = small_job(deep_model, out, calib_text, device=device, activations=activations)
+    quantize_model(job)
+    assert_same_checkpoint(out, small_reference)
+
+
+@pytest.mark.parametrize("grid", ["affine", "nonuniform"])
+def test_split_rows_are_exact_for_learned_grids(grid, deep_model, calib_text, tmp_path):
+    """Act-order, dynamic groups (g_idx) and k-means++'s random draws, split over 3 workers."""
+    s = GPTQSettings(
+        bits=4, group_size=32 if grid == "affine" else -1, grid=grid, actorder=True, blocksize=32
+    )
+    for device in ("cpu", "cpu,cpu,cpu"):
+        job = small_job(deep_model, tmp_path / device, calib_text, device=device)
+        quantize_model(replace(job, settings=s))
+    assert files_digest(tmp_path / "cpu") == files_digest(tmp_path / "cpu,cpu,cpu")
+
+
+def test_disk_activations_resume_in_another_place(
+    deep_model, calib_text, small_reference, tmp_path, monkeypatch
+):
+    """Spilled activations are the resume state itself (no second copy); a run killed with
+    them on disk resumes with them on the device, split over two workers, to the same bytes."""
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    real = pipeline._store_sublayer
+
+    def kill_in_layer3(run, prefix, *args):
+        if prefix.endswith(".3"):
+            raise Killed
+        return real(run, prefix, *args)
+
+    monkeypatch.setattr(pipeline, "_store_sublayer", kill_in_layer3)
+    with pytest.raises(Killed):
+        quantize_model(small_job(deep_model, out, calib_text, activations="disk"))
+    monkeypatch.setattr(pipeline, "_store_sublayer", real)
+    state = progress(partial)
+    assert state["state"]["layers_done"] == 3
+    listed = state["state"]["activations"]
+    assert listed == [f"state-act-00003-{b:05d}.safetensors" for b in range(2)]  # 4 samples / 2
+    # Only the listed inputs of layer 3 remain (layer 3's own outputs were being written).
+    assert sorted(f.name for f in partial.glob("state-*")) == sorted(listed)
+    with pytest.raises(UserError, match="act_dtype: 'float32' -> 'bfloat16'"):
+        quantize_model(small_job(deep_model, out, calib_text, act_dtype="bfloat16", resume=True))
+    quantize_model(small_job(deep_model, out, calib_text, device="cpu,cpu", resume=True))
+    assert_same_checkpoint(out, small_reference)
+
+
+def test_activation_dtype(deep_model, calib_text, small_reference, tmp_path):
+    """bf16 activations take half the bytes and give a valid checkpoint (a resume with another
+    activation dtype is refused: see test_disk_activations_resume_in_another_place)."""
+    out = tmp_path / "ckpt"
+    quantize_model(small_job(deep_model, out, calib_text, act_dtype="bfloat16"))
+    Checkpoint(out).validate()
+    half = json.loads((out / REPORT_FILE).read_text())["activation_bytes"]
+    full = json.loads((small_reference / REPORT_FILE).read_text())["activation_bytes"]
+    assert full == 4 * 32 * 64 * 4 and half == full // 2  # nsamples x seqlen x hidden x 4 B
+
+
+def test_bad_device_lists_are_refused(deep_model, calib_text, tmp_path, capsys):
+    for device, msg in [("cpu,cuda:0", "mixes device types"), ("gpu0", "--device 'gpu0'")]:
+        args = cli_args(deep_model, tmp_path / "x", calib_text, "--device", device)
+        assert main(args) == 2
+        assert msg in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_row_plan_covers_every_row_once_and_balances():
+    for counts, n in [([7, 1, 1], 2), ([5], 3), ([3, 3], 4), ([2], 1), ([1, 1], 3)]:
+        plan = pipeline._row_plan(counts, n)
+        assert len(plan) == n
+        for m, rows in enumerate(counts):
+            got = sorted((a, b) for per in plan for mm, a, b in per if mm == m)
+            assert [a for a, _ in got] == [0] + [b for _, b in got[:-1]] and got[-1][1] == rows
+        sizes = [sum(b - a for _, a, b in per) for per in plan]
+        assert max(sizes) - min(sizes) <= 1

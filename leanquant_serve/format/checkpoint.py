@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,25 +305,41 @@ class CheckpointWriter:
         except SafetensorError as e:
             raise PartialRunError(f"{self.partial / name}: unreadable ({e})") from None
 
+    def _check_state_name(self, name: str) -> None:
+        if not name.startswith(STATE_PREFIX) or "/" in name or name in self._state_files:
+            raise ValueError(f"{name}: state files are new names starting with {STATE_PREFIX}")
+
+    def write_state_file(self, name: str, tensors: Mapping[str, Tensor]) -> None:
+        """Durably write a state file now, for a later :meth:`save_state` (``written``)."""
+        self._check_open()
+        self._check_state_name(name)
+        _save_durably(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.partial / name
+        )
+
     def save_state(
         self,
         state: Mapping[str, Any],
         files: Mapping[str, Mapping[str, Tensor]] = {},
         note: str = "",
+        written: Sequence[str] = (),
     ) -> None:
         """Durably record a step: the tensors added so far, ``files`` (name -> tensors; names
-        start with ``state-`` and must differ from the previous step's) and the JSON ``state``
-        that :attr:`progress` returns after a resume. ``progress.json`` is replaced last."""
+        start with ``state-`` and must differ from the previous step's), the state files
+        ``written`` earlier with :meth:`write_state_file`, and the JSON ``state`` that
+        :attr:`progress` returns after a resume. ``progress.json`` is replaced last; then
+        every state file this step does not list is deleted. Files are written one at a time
+        (host memory: one file's tensors)."""
         self._check_open()
         if not self.resumable:
             raise RuntimeError("save_state needs resumable=True")
-        for name in files:
-            if not name.startswith(STATE_PREFIX) or "/" in name or name in self._state_files:
-                raise ValueError(f"{name}: state files are new names starting with {STATE_PREFIX}")
+        for name in [*files, *written]:
+            self._check_state_name(name)
+        for name in written:
+            if not (self.partial / name).is_file():
+                raise ValueError(f"{name}: not written into {self.partial}")
         for name, tensors in files.items():
-            _save_durably(
-                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.partial / name
-            )
+            self.write_state_file(name, tensors)
         persisted = {n for names in self._pending.values() for n in names}
         new = [n for n in self._buffer if n not in persisted]
         if new:
@@ -336,7 +352,7 @@ class CheckpointWriter:
             for f, names in self._pending.items()
             if any(n in self._buffer for n in names)
         }
-        old_state_files, self._state_files = self._state_files, list(files)
+        self._state_files = [*files, *written]
         data = {
             "version": _PROGRESS_VERSION,
             "note": note,
@@ -358,10 +374,10 @@ class CheckpointWriter:
         os.replace(tmp, self.partial / PROGRESS_FILE)
         _fsync_dir(self.partial)
         self._kept = True
-        for f in old_state_files:
-            (self.partial / f).unlink(missing_ok=True)
-        for f in os.listdir(self.partial):
-            if f.startswith("pending-") and f not in self._pending:
+        for f in os.listdir(self.partial):  # superseded pending and state files
+            if (f.startswith("pending-") and f not in self._pending) or (
+                f.startswith(STATE_PREFIX) and f not in self._state_files
+            ):
                 (self.partial / f).unlink()
 
     def _fail(self) -> None:

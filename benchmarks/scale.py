@@ -4,12 +4,14 @@ down; each group's Hessian from a forward pass of the already-quantized upstream
 weights and random calibration activations, and the projection to the whole model.
 
     python benchmarks/scale.py --device cuda                 # 405B layer, 128 x 2048 tokens (GPU)
+    python benchmarks/scale.py --device cuda:0,cuda:1        # the same on two GPUs
     python benchmarks/scale.py --shape small --nsamples 4 --seqlen 128   # CPU smoke run
 
 Layer: hidden 16384, intermediate 53248, 128 heads of 128, 8 KV heads (Llama-3.1-405B).
-Projection: 126 layers x the measured layer time on ONE device. The quantizer has no
-multi-GPU mode yet (issue 5, `--devices`): an ideal two-GPU split would halve it; the number
-printed for two GPUs is that ideal, labelled as such. The paper's reference: 21 h for 405B on
+Each group is quantized by the pipeline's own ``_quantize_group`` on ``--devices`` (e.g.
+``cuda:0,cuda:1``: Hessians on the second, rows split over both), so the measured time is
+what ``leanquant quantize --device`` with the same list would take per layer.
+Projection: 126 layers x the measured layer time. The paper's reference: 21 h for 405B on
 2x Quadro RTX 8000 (Turing, 48 GB, ~16 TFLOPS fp32 each; an H100 has ~67 TFLOPS fp32 and ~3x
 the memory bandwidth). Results: benchmarks/results/scale-<device>.{json,md} (--out).
 """
@@ -28,8 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quantizer.gptq import GPTQSettings, quantize_weight  # noqa: E402
-from quantizer.pipeline import _hessian  # noqa: E402  (the pipeline's own Hessian pass)
+from types import SimpleNamespace  # noqa: E402
+
+from leanquant_serve.format import LeanQuantConfig  # noqa: E402
+from quantizer.gptq import GPTQSettings  # noqa: E402
+from quantizer.pipeline import _hessian, _quantize_group  # noqa: E402  (the pipeline's own)
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
     "405b": (16384, 53248, 128, 8, 128),
@@ -62,14 +67,16 @@ def build_layer(shape: str, dtype: torch.dtype, device: torch.device):
     return layer.eval(), rotary
 
 
-def peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def peak_bytes(devices: list[torch.device]) -> list[int]:
+    """Peak memory per GPU, or this process's peak RSS on CPU."""
+    if devices[0].type == "cuda":
+        return [torch.cuda.max_memory_allocated(d) for d in devices]
+    return [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]  # Linux: KiB
 
 
 def run(a: argparse.Namespace, grid: str) -> dict:
-    device = torch.device(a.device)
+    devices = [torch.device(d) for d in a.device.split(",")]
+    device = devices[0]
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     layer, rotary = build_layer(a.shape, dtype, device)
     hidden = SHAPES[a.shape][0]
@@ -84,28 +91,37 @@ def run(a: argparse.Namespace, grid: str) -> dict:
         bits=a.bits, group_size=a.group_size if grid != "nonuniform" else -1, grid=grid,
         actorder=True, static_groups=grid != "nonuniform",
     )
+    qcfg = LeanQuantConfig(
+        bits=a.bits, group_size=settings.group_size,
+        grid="nonuniform" if grid == "nonuniform" else "affine", desc_act=True, static_groups=settings.static_groups,
+    )
+    # What _quantize_group reads of a pipeline run.
+    ctx = SimpleNamespace(job=SimpleNamespace(settings=settings), devices=devices, device=device, qcfg=qcfg, observer=None)
+    hdev = devices[1] if len(devices) > 1 else device
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        for d in devices:
+            torch.cuda.synchronize(d)
+            torch.cuda.reset_peak_memory_stats(d)
     t_layer = time.perf_counter()
     rows = {}
     for group in GROUPS:
-        mods = [getattr(layer.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, n) for n in group]
+        linears = {n: getattr(layer.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, n) for n in group}
         t = time.perf_counter()
-        H = _hessian(layer, mods[0], inputs, kwargs, device)  # a forward pass per window
+        h = _hessian(layer, linears[group[0]], inputs, kwargs, hdev)  # a forward pass per window
         t_h = time.perf_counter() - t
-        for name, m in zip(group, mods, strict=True):
-            t = time.perf_counter()
-            r = quantize_weight(m.weight.data.float(), H, settings)
-            m.weight.data.copy_(r.Q.to(dtype))  # downstream groups see the quantized layer
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rows[name] = {"seconds": time.perf_counter() - t, "loss": r.loss,
-                          "hessian_seconds": t_h if name == group[0] else 0.0,
-                          "shape": list(m.weight.shape)}
-        del H
+        t = time.perf_counter()
+        results = _quantize_group(ctx, "layer", group, linears, h)  # sets each weight to Q
+        if device.type == "cuda":
+            for d in devices:
+                torch.cuda.synchronize(d)
+        t_q = time.perf_counter() - t
+        for name, (_, report) in zip(group, results, strict=True):
+            rows[name] = {"group_quantize_seconds": t_q, "loss": report.loss,
+                          "hessian_seconds": t_h, "shape": list(report.shape)}
+        del h, results
     seconds = time.perf_counter() - t_layer
-    return {"seconds": seconds, "peak_bytes": peak_bytes(device), "sublayers": rows}
+    peaks = peak_bytes(devices)
+    return {"seconds": seconds, "peak_bytes": max(peaks), "peak_bytes_per_device": peaks, "sublayers": rows}
 
 
 def main() -> None:
@@ -116,12 +132,15 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="a device or a comma-separated list, as leanquant quantize --device")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args()
     if a.shape == "405b" and a.device == "cpu":
         sys.exit("benchmarks/scale.py: the 405B layer needs a GPU (--device cuda); use --shape small on CPU")
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
+    if "," in a.device:
+        dev = f"{len(a.device.split(','))}x {dev}"
     results = {}
     for grid in a.grids.split(","):
         print(f"{grid}: quantizing one {a.shape} layer on {dev} ...", flush=True)
@@ -134,16 +153,18 @@ def main() -> None:
              f"`python benchmarks/scale.py --shape {a.shape} --nsamples {a.nsamples} --seqlen {a.seqlen} "
              f"--group-size {a.group_size} --device {a.device}`, "
              f"{a.bits}-bit, group {a.group_size} (nonuniform: per row), act-order + static groups.", "",
-             "| grid | layer s | peak GiB | x126 layers, 1 device (h) | ideal 2-device split (h, not implemented) |",
-             "|---|---|---|---|---|"]
+             f"| grid | layer s | peak GiB per device | x126 layers on {a.device} (h) |",
+             "|---|---|---|---|"]
     for grid, r in results.items():
         h = r["seconds"] * LAYERS_405B / 3600
-        r["projected_405b_hours_1_device"] = h if a.shape == "405b" else None
-        cells = (f"{h:.1f}", f"{h / 2:.1f}") if a.shape == "405b" else ("n/a (not the 405B shape)",) * 2
-        lines.append(f"| {grid} | {r['seconds']:.1f} | {r['peak_bytes'] / 2**30:.2f} | {cells[0]} | {cells[1]} |")
+        r["projected_405b_hours"] = h if a.shape == "405b" else None
+        cell = f"{h:.1f}" if a.shape == "405b" else "n/a (not the 405B shape)"
+        peaks = " / ".join(f"{p / 2**30:.2f}" for p in r["peak_bytes_per_device"])
+        lines.append(f"| {grid} | {r['seconds']:.1f} | {peaks} | {cell} |")
     lines += ["", "Paper reference: 21 h for 405B on 2x Quadro RTX 8000 (whole model held in host RAM)."]
     a.out.mkdir(parents=True, exist_ok=True)
-    tag = f"scale-{a.shape}-{'cuda' if a.device.startswith('cuda') else 'cpu'}"
+    n_dev = len(a.device.split(","))
+    tag = f"scale-{a.shape}-{'cuda' if a.device.startswith('cuda') else 'cpu'}" + (f"-x{n_dev}" if n_dev > 1 else "")
     (a.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (a.out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -247,6 +247,8 @@ def main() -> None:
     }  # fmt: skip
     what = "round to nearest" if a.rtn else f"LeanQuant {a.grid} with calibration"
     cmd = f"python benchmarks/memory.py --shape {a.shape}" + (f" --layers {n_layers}" if a.layers else "")
+    cmd += f" --grid {a.grid}" if a.grid != "affine" else ""
+    cmd += f" --max-shard-size {a.max_shard_size}" if a.max_shard_size != "4GiB" else ""
     cmd += " --rtn" if a.rtn else f" --nsamples {a.nsamples} --seqlen {a.seqlen} --activations {a.activations} --act-dtype {a.act_dtype}"
     act = "none (RTN)" if a.rtn else f"{a.nsamples} x {a.seqlen} x {hidden}, {a.act_dtype}"
     lines = [
@@ -270,6 +272,7 @@ def main() -> None:
     ]
     a.out.mkdir(parents=True, exist_ok=True)
     tag = f"memory-{a.shape}-{n_layers}l" + ("-rtn" if a.rtn else "")
+    tag += f"-shard{a.max_shard_size}" if a.max_shard_size != "4GiB" else ""
     (a.out / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     (a.out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

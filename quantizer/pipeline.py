@@ -15,6 +15,7 @@ timing and memory fields of ``quantize_report.json`` differ).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -558,10 +559,12 @@ def _quantize_group(
 
     def work(device: torch.device, slices: list[tuple[int, int, int]]):
         p = None if prep is None else prep.to(device)  # U copied to each device
-        return [
-            (m, a, quantize_weight(weights[m][a:b].to(device), p, s, rows=(a, weights[m].shape[0])))
-            for m, a, b in slices
-        ]
+        # the thread's current CUDA device, for anything allocated without an explicit device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return [
+                (m, a, quantize_weight(weights[m][a:b].to(device), p, s, rows=(a, len(weights[m]))))
+                for m, a, b in slices
+            ]
 
     if len(run.devices) == 1:
         done = [work(run.devices[0], plan[0])]

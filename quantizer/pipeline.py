@@ -233,7 +233,6 @@ def _load_layer(
     kept = {}
     for p, _ in layer.named_parameters():
         t = src.get_finite(f"{prefix}.{p}")
-        src.release()  # unmap: the shard's pages leave this process's resident memory
         set_module_tensor_to_device(layer, p, device, value=t, dtype=dtype)
         if f"{prefix}.{p}" in keep:
             kept[f"{prefix}.{p}"] = t
@@ -251,11 +250,7 @@ def quantize_model(
     if job.resume and job.fresh:
         raise UserError("--resume and --fresh exclude each other")
     t0 = time.time()
-    src = SourceModel(job.model)
-    try:
-        return _run(job, src, t0, observer)
-    finally:
-        src.close()
+    return _run(job, SourceModel(job.model), t0, observer)
 
 
 def _partial_hint(partial: Path) -> str:
@@ -467,7 +462,6 @@ def _layers(run: _Run) -> Summary:
             for n in layer_names
             if n not in quantized_weights
         }
-        src.release()
         writer.add(rest)
         del stored, rest
         for tensors, _ in results:
@@ -573,18 +567,14 @@ def _quantize_group(
             done = list(pool.map(work, run.devices, plan))
     prep = None  # free U before the results are packed
     seconds = (time.time() - t) / len(group)
-    parts: list[list[tuple[int, QuantizedWeight]]] = [[] for _ in group]
-    for m, a, r in (x for per_device in done for x in per_device):
-        parts[m].append((a, r))
+    # Devices take consecutive row ranges, so the slices arrive in row order.
+    parts: list[list[QuantizedWeight]] = [[] for _ in group]
+    for m, _, r in (x for per_device in done for x in per_device):
+        parts[m].append(r)
     return [
         _store_sublayer(
-            run,
-            prefix,
-            name,
-            linears[name],
-            QuantizedWeight.cat([r for _, r in sorted(parts[m], key=lambda x: x[0])], run.device),
-            seconds,
-        )  # fmt: skip
+            run, prefix, name, linears[name], QuantizedWeight.cat(parts[m], run.device), seconds
+        )
         for m, name in enumerate(group)
     ]
 
@@ -707,18 +697,17 @@ def _outer_tensors(run: _Run, start: int, acts: Activations | None) -> list[dict
             if not name.startswith(run.layers_name + ".")
             and not (run.head_name and name.startswith(run.head_name + "."))
         }
-    for name in sorted(needed - set(run.outer_names)):
-        raise UserError(f"tensor {name} is missing from {job.model}")
+    missing = sorted(needed - set(run.outer_names))
+    if missing:
+        raise UserError(f"tensor {missing[0]} is missing from {job.model}")
     for name in run.outer_names:
         if start == 0 or name in needed:
             t = src.get_finite(name)
-            src.release()
             if start == 0:
                 run.writer.add({name: t})
             if name in needed:
                 set_module_tensor_to_device(model, name, run.device, value=t, dtype=run.dtype)
             del t
-    src.release()
     if not needed:
         return [{} for _ in run.layers]
     batches = list(run.windows.split(job.batch_size))

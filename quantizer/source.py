@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -34,8 +33,6 @@ class SourceModel:
                 f"{self.path} is already quantized ({method}): give an unquantized model"
             )
         self.weight_map = self._weight_map()
-        self._files = ExitStack()
-        self._handles: dict[str, object] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
@@ -55,27 +52,26 @@ class SourceModel:
                 names.update(dict.fromkeys(h.keys(), f.name))
         return names
 
-    def _handle(self, file: str):
-        if file not in self._handles:
-            f = self.path / file
-            try:
-                self._handles[file] = self._files.enter_context(safe_open(f, "pt"))
-            except Exception as e:  # safetensors raises its own error types for corrupt files
-                raise UserError(f"cannot read weight shard {f}: {e}") from e
-        return self._handles[file]
-
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.weight_map if n.startswith(prefix)]
 
     def get(self, name: str) -> Tensor:
+        """The tensor, read from its shard, which is opened for this read and closed after it:
+        safetensors memory-maps shards, and every page read stays in this process's resident
+        memory until unmapped, so a kept handle would make reading the whole model show as
+        RSS of the model's size."""
         if name not in self.weight_map:
             raise UserError(f"tensor {name} is missing from {self.path}")
+        f = self.path / self.weight_map[name]
         try:
-            return self._handle(self.weight_map[name]).get_tensor(name)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"cannot read tensor {name} from {self.weight_map[name]}: {e}") from e
+            shard = safe_open(f, "pt")
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"cannot read weight shard {f}: {e}") from e
+        with shard:
+            try:
+                return shard.get_tensor(name)
+            except Exception as e:
+                raise UserError(f"cannot read tensor {name} from {f.name}: {e}") from e
 
     def get_finite(self, name: str) -> Tensor:
         """The tensor, refusing NaN/Inf (a corrupt or diverged checkpoint)."""
@@ -83,12 +79,3 @@ class SourceModel:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"tensor {name} contains NaN or Inf values")
         return t
-
-    def release(self) -> None:
-        """Close the open shards (they reopen on the next read). safetensors memory-maps
-        them, and every page read stays in this process's resident memory until unmapped:
-        without this, reading a whole model would show as RSS of the model's size."""
-        self._files.close()
-        self._handles.clear()
-
-    close = release

@@ -14,10 +14,10 @@ files when the run records a step (see :class:`~leanquant_serve.format.Checkpoin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from leanquant_serve.format import CheckpointWriter
@@ -56,9 +56,6 @@ class Activations:
         self._batches: list[Tensor | str] = []  # tensors, or state file names (disk)
         self.nbytes = 0  # of one layer's inputs as stored
 
-    def __len__(self) -> int:
-        return len(self._batches)
-
     def _store(self, x: Tensor, layer: int, b: int) -> Tensor | str:
         x = x.detach().to(self.store_dtype)
         if self.place == "device":
@@ -70,9 +67,8 @@ class Activations:
         return name
 
     def _load(self, item: Tensor | str) -> Tensor:
-        if isinstance(item, str):  # closed right away: no mapped file pages stay resident
-            with safe_open(self.writer.partial / item, framework="pt") as h:
-                item = h.get_tensor("x")
+        if isinstance(item, str):
+            item = self.writer.read_state_file(item)["x"]
         return item.to(self.device, self.compute_dtype)
 
     def append(self, x: Tensor) -> None:
@@ -114,6 +110,11 @@ class Activations:
         """Take the inputs of ``layer`` from the resumed run's state files ``names``."""
         self.layer, self._batches, self.nbytes = layer, [], 0
         for name in names:
-            x = self.writer.load_state_file(name)["x"]  # also checks that it is readable
-            self.nbytes += x.nbytes
-            self._batches.append(name if self.place == "disk" else self._store(x, layer, 0))
+            if self.place == "disk":  # stays in its file: only its header is read
+                shape = self.writer.state_file_shapes(name)["x"]
+                self.nbytes += math.prod(shape) * self.store_dtype.itemsize
+                self._batches.append(name)
+            else:
+                x = self.writer.load_state_file(name)["x"]
+                self.nbytes += x.nbytes
+                self._batches.append(self._store(x, layer, 0))

@@ -293,13 +293,29 @@ class CheckpointWriter:
             if f.startswith(("shard-", "pending-", STATE_PREFIX, PROGRESS_FILE)) or f == LOCK_FILE
         ]
 
-    def load_state_file(self, name: str) -> dict[str, Tensor]:
-        """The tensors of a ``state-*`` file listed in the resumed run's last step."""
+    def _listed(self, name: str) -> str:
         if name not in self._state_files:
             raise PartialRunError(f"{name}: not a state file of the resumed run")
+        return name
+
+    def read_state_file(self, name: str) -> dict[str, Tensor]:
+        """The tensors of a ``state-*`` file in the partial folder (closed after the read,
+        so that its pages leave this process's resident memory)."""
         try:
             with safe_open(self.partial / name, framework="pt") as h:
                 return {k: h.get_tensor(k) for k in h.keys()}
+        except SafetensorError as e:
+            raise PartialRunError(f"{self.partial / name}: unreadable ({e})") from None
+
+    def load_state_file(self, name: str) -> dict[str, Tensor]:
+        """The tensors of a ``state-*`` file listed in the resumed run's last step."""
+        return self.read_state_file(self._listed(name))
+
+    def state_file_shapes(self, name: str) -> dict[str, list[int]]:
+        """The tensor shapes of a listed ``state-*`` file, from its header only."""
+        try:
+            with safe_open(self.partial / self._listed(name), framework="pt") as h:
+                return {k: h.get_slice(k).get_shape() for k in h.keys()}
         except SafetensorError as e:
             raise PartialRunError(f"{self.partial / name}: unreadable ({e})") from None
 

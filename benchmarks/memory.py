@@ -40,6 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quantizer.activations import PLACES  # noqa: E402
+
 SHAPES = {  # hidden, intermediate, heads, kv heads, layers, vocab
     "llama3-8b": (4096, 14336, 32, 8, 32, 128256),  # Llama-3.1-8B
     "tiny": (128, 384, 4, 2, 3, 49152),
@@ -192,7 +194,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--grid", default="affine")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--activations", default="disk", choices=("device", "cpu", "disk"))
+    ap.add_argument("--activations", default="disk", choices=PLACES)
     ap.add_argument("--act-dtype", default="bfloat16")
     ap.add_argument("--max-shard-size", default="4GiB")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -213,12 +215,7 @@ def main() -> None:
     head_dim = hidden // heads
     layer_params = 2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim + 3 * hidden * inter
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    act_bytes = (
-        a.nsamples
-        * a.seqlen
-        * hidden
-        * torch.tensor([], dtype=getattr(torch, a.act_dtype)).element_size()
-    )
+    act_bytes = a.nsamples * a.seqlen * hidden * getattr(torch, a.act_dtype).itemsize
 
     out = full.parent / f"memory-bench-{a.shape}"  # removed afterwards unless --keep
     flags = ["--grid", a.grid, "--group-size", str(a.group_size),

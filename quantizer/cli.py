@@ -10,10 +10,12 @@ from pathlib import Path
 
 from leanquant_serve.format import SUPPORTED_BITS, FormatError
 
+from .activations import PLACES
 from .errors import UserError
 from .grids import GRID_NAMES
 
 log = logging.getLogger("leanquant")
+DTYPES = ("float32", "bfloat16", "float16")  # of layer forwards and of stored activations
 BUNDLED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, fetched offline through pip (see assets)
 
 
@@ -274,13 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPES,
         help="dtype of layer forwards (and of the calibration activations unless --act-dtype)",
     )
     q.add_argument(
         "--activations",
         default="device",
-        choices=("device", "cpu", "disk"),
+        choices=PLACES,
         help="where the calibration activations (nsamples x seqlen x hidden) live between uses: "
         "on the first device (fastest), in host RAM, or spilled to the partial output folder "
         "one batch at a time (host memory: one batch)",
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--act-dtype",
         default=None,
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPES,
         help="dtype the calibration activations are stored in (default: --dtype); bfloat16 "
         "halves them (8.6 GB for 405B at 128 x 2048)",
     )

@@ -100,10 +100,11 @@ class QuantizedWeight:
             return None if ts[0] is None else torch.cat([t.to(device) for t in ts], dim)
 
         g_idx = parts[0].g_idx  # per column: the same in every slice
+        row_loss = cat("row_loss", 0)
         return QuantizedWeight(
             cat("codes", 0), cat("Q", 0), cat("scales", 1), cat("zeros", 1), cat("lut", 0),
             None if g_idx is None else g_idx.to(device),
-            float(cat("row_loss", 0).sum()), cat("row_loss", 0), parts[0].damp, parts[0].retries,
+            float(row_loss.sum()), row_loss, parts[0].damp, parts[0].retries,
         )  # fmt: skip
 
 

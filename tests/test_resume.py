@@ -539,3 +539,23 @@ def test_row_plan_covers_every_row_once_and_balances():
             assert [a for a, _ in got] == [0] + [b for _, b in got[:-1]] and got[-1][1] == rows
         sizes = [sum(b - a for _, a, b in per) for per in plan]
         assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_device_list_really_splits_the_rows(deep_model, calib_text, tmp_path, monkeypatch):
+    """The byte-equality tests above would also pass if the list were ignored: check that a
+    two-worker run quantizes half-weights, from two threads."""
+    import threading
+
+    real, calls = pipeline.quantize_weight, []
+
+    def spy(W, prep, s, rows=None):
+        calls.append((threading.get_ident(), rows, W.shape[0]))
+        return real(W, prep, s, rows)
+
+    monkeypatch.setattr(pipeline, "quantize_weight", spy)
+    quantize_model(small_job(deep_model, tmp_path / "ckpt", calib_text, device="cpu,cpu"))
+    assert len({t for t, _, _ in calls}) == 2  # two worker threads
+    # o_proj and down_proj (64 rows, alone in their groups): rows 0-32 on one worker, 32-64 on
+    # the other (q/k/v and gate/up split between members instead)
+    halves = [(r, n) for _, r, n in calls if r is not None and r[1] == 64 and n == 32]
+    assert halves.count(((0, 64), 32)) == halves.count(((32, 64), 32)) == 2 * LAYERS

@@ -131,7 +131,7 @@ def _cmd_fetch_assets(a: argparse.Namespace) -> None:
     print(f"model: {model}\ncalibration text: {wiki.calib}\nevaluation text: {wiki.eval}")
 
 
-def _export(a: argparse.Namespace, export, target: str):
+def _export(a: argparse.Namespace, export, target: str, **kw):
     """Run ``export(checkpoint, out)`` with the CLI's refusals: an existing output without
     --overwrite, and what the target cannot hold exactly (ExportError), as one-line errors."""
     from leanquant_serve.export import ExportError
@@ -140,7 +140,7 @@ def _export(a: argparse.Namespace, export, target: str):
     if out.exists() and not a.overwrite:
         raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
     try:
-        return export(a.checkpoint, out, overwrite=a.overwrite)
+        return export(a.checkpoint, out, overwrite=a.overwrite, **kw)
     except ExportError as e:
         raise UserError(f"cannot export {a.checkpoint} {target}: {e}") from e
 
@@ -160,11 +160,15 @@ def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
 def _cmd_export_exllamav2(a: argparse.Namespace) -> None:
     from leanquant_serve.export.exllamav2 import export_exllamav2
 
-    r = _export(a, export_exllamav2, "for exllamav2")
+    r = _export(a, export_exllamav2, "for exllamav2", format=a.target_format)
     g = r.quantization_config["group_size"]
+    groups = "per channel" if g == -1 else f"group size {g}"
+    if r.format == "exl2":
+        bits = int(r.quantization_config["bits"])
+        print(f"wrote {r.out}: {r.layers} linears as EXL2 {bits}-bit for exllamav2, {groups}")
+        return
     print(
-        f"wrote {r.out}: {r.layers} linears as GPTQ 4-bit for exllamav2, "
-        f"{'per channel' if g == -1 else f'group size {g}'}"
+        f"wrote {r.out}: {r.layers} linears as GPTQ 4-bit for exllamav2, {groups}"
         f"{f', g_idx in {r.g_idx_layers}' if r.g_idx_layers else ''}; "
         f"{r.negated} of {r.grids} grids have z = 0 and are stored flipped (negated scale)"
     )
@@ -223,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         default="affine",
         choices=GRID_NAMES,
-        help="affine/nonuniform: LeanQuant's learned grids; minmax: plain GPTQ",
+        help="affine/nonuniform: LeanQuant's learned grids; exl2: LeanQuant's objective inside "
+        "exllamav2's EXL2 grid family (exact `export exllamav2` at 2/3/4/8 bits, stored as "
+        "affine); minmax: plain GPTQ",
     )
     q.add_argument(
         "--rtn", action="store_true", help="round to nearest: no calibration, no GPTQ updates"
@@ -340,9 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     xc.set_defaults(func=_cmd_export_compressed_tensors)
     xe = formats.add_parser(
         "exllamav2",
-        help="GPTQ 4-bit (v1 zeros) that exllamav2 loads exactly; layer split only, no TP",
+        help="EXL2 (from --grid exl2: 2/3/4/8-bit, tensor parallel) or GPTQ 4-bit (v1 zeros, "
+        "layer split only) that exllamav2 loads exactly",
     )
-    xe.add_argument("checkpoint", help="LeanQuant checkpoint folder (affine, 4-bit)")
+    xe.add_argument("checkpoint", help="LeanQuant checkpoint folder (affine)")
+    xe.add_argument(
+        "--format",
+        dest="target_format",
+        default="auto",
+        choices=("auto", "exl2", "gptq"),
+        help="auto (default): EXL2 for a --grid exl2 checkpoint, else GPTQ",
+    )
     xe.add_argument("out", help="output folder (written only when complete)")
     xe.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     xe.set_defaults(func=_cmd_export_exllamav2)

@@ -11,6 +11,9 @@ The learned grids minimise, per row, the loss-error-aware objective
 - ``affine``: LeanQuant_aff, a coarse-to-fine search over the clipping range
   lo = min + a·R/T, hi = max − c·R/T (R = max − min) for the affine grid with the lowest L.
 - ``nonuniform``: LeanQuant_nu, a per-row weighted k-means (Lloyd) with 2^b centroids.
+- ``exl2``: the same loss-error-aware objective minimised inside exllamav2's EXL2 grid family
+  (fixed zero 2^(b−1); per group one fp16 maximum M shared by all rows, per row one of 16
+  scales (i+1)²·M/256), so ``leanquant export exllamav2`` writes EXL2 tensors exactly.
 
 Every grid returns parameters whose values are exactly representable in fp16, so
 the values the loop rounds to are the values the checkpoint stores.
@@ -25,7 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-GRID_NAMES = ("minmax", "affine", "nonuniform")
+from leanquant_serve.export.exllamav2 import EXL2_SCALE_LEVELS, exl2_scales
+
+GRID_NAMES = ("minmax", "affine", "nonuniform", "exl2")
+# Grids whose rows must be fitted together: one parameter is shared by all rows of a group.
+ROW_COUPLED_GRIDS = ("exl2",)
 # Default shrink limit of the affine range search, as a fraction of T (LeanQuant appendix);
 # 8 bits is not in the paper: its grid is fine enough that a small range suffices.
 DEFAULT_SHRINK = {2: 0.4, 3: 0.3, 4: 0.2, 8: 0.1}
@@ -171,6 +178,53 @@ def fit_affine(
     return AffineParams(scale, zero, maxq)
 
 
+# ----------------------------------------------------------------------------- exl2
+
+# Candidate maxima M = p · max_r(max|w_r|)/(maxq/2): exllamav2's own search range for p
+# (conversion/adaptivegptq.py AdaptiveQuantizer: min_p 0.70 .. max_p 1.2), 26 steps of 0.02.
+EXL2_MULTIPLIERS = tuple(round(0.70 + 0.02 * k, 2) for k in range(26))
+
+
+def fit_exl2(
+    W: Tensor,
+    d: Tensor,
+    bits: int,
+    *,
+    multipliers: tuple[float, ...] = EXL2_MULTIPLIERS,
+    max_chunk_elems: int = 1 << 20,
+) -> AffineParams:
+    """LeanQuant's loss-error-aware grid inside exllamav2's EXL2 family, for one group.
+
+    Codes q ∈ [0, 2^b) around the fixed zero z = 2^(b−1); the group has one fp16 maximum M and
+    each row r one level i_r ∈ [0, 16), scale s_r = (i_r+1)²·M/256 in exllamav2's fp16
+    arithmetic (:func:`exl2_scales`). For every candidate M each row takes the level with the
+    lowest L_r = Σ_j d_j (w_j − q_j)² (all 16 are scored), and the M with the lowest Σ_r L_r
+    wins: exllamav2 picks levels by rounding √(max|w_r|/M) and M by an unweighted error.
+    The returned scales are the fp16 values exllamav2 computes, so the export is exact.
+    """
+    W, d = W.float(), d.float()
+    maxq = 2**bits - 1
+    zero = float(2 ** (bits - 1))
+    rows, cols = W.shape
+    base = W.abs().amax() / (maxq / 2)  # exllamav2's base scale of the group's widest row
+    M = (base * torch.tensor(multipliers, device=W.device)).clamp(2.0**-14, 65504.0)
+    ladders = exl2_scales(M.half()).float()  # (candidates, 16): the scales each M allows
+    step = max(1, max_chunk_elems // (EXL2_SCALE_LEVELS * cols))
+    best = torch.empty(len(multipliers), rows, dtype=torch.long, device=W.device)
+    total = torch.empty(len(multipliers), device=W.device)
+    for c, s in enumerate(ladders):
+        loss = torch.empty(rows, EXL2_SCALE_LEVELS, device=W.device)
+        for r in range(0, rows, step):  # chunk rows to bound the (rows, 16, cols) temporary
+            w = W[r : r + step, None, :]
+            q = (torch.clamp(torch.round(w / s[:, None]) + zero, 0, maxq) - zero) * s[:, None]
+            loss[r : r + step] = ((w - q) ** 2 * d).sum(-1)  # L_r for every level
+        lr, best[c] = loss.min(1)
+        total[c] = lr.sum()
+    c = int(total.argmin())  # first of equals: deterministic
+    scale = ladders[c][best[c]]
+    return AffineParams(scale, torch.full_like(scale, zero), maxq)
+
+
 # ----------------------------------------------------------------------------- nonuniform
 
 
@@ -277,4 +331,6 @@ def fit_grid(
         return fit_affine(W, d, bits, T=T, shrink=shrink)
     if name == "nonuniform":
         return fit_nonuniform(W, d, bits, max_iter=kmeans_iters, generator=generator)
+    if name == "exl2":
+        return fit_exl2(W, d, bits)
     raise ValueError(f"grid must be one of {', '.join(GRID_NAMES)}, got {name!r}")

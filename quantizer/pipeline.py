@@ -58,6 +58,7 @@ from .gptq import (
     prepare,
     quantize_weight,
 )
+from .grids import ROW_COUPLED_GRIDS
 from .model_walk import StopForward, find_decoder_layers, find_linears, sequential_groups
 from .source import SourceModel
 
@@ -549,7 +550,10 @@ def _quantize_group(
     except CholeskyError as e:
         raise UserError(f"{prefix}.{'/'.join(group)}: {e}; raise --damp") from e
     weights = [linears[n].weight.data for n in group]
-    plan = _row_plan([w.shape[0] for w in weights], len(run.devices))
+    # A row-coupled grid (one parameter per group shared by all rows) is fitted on whole
+    # weights: its rows stay on the first device (the Hessian still goes to the second).
+    row_devices = 1 if s.grid in ROW_COUPLED_GRIDS else len(run.devices)
+    plan = _row_plan([w.shape[0] for w in weights], row_devices)
 
     def work(device: torch.device, slices: list[tuple[int, int, int]]):
         p = None if prep is None else prep.to(device)  # U copied to each device
@@ -560,7 +564,7 @@ def _quantize_group(
                 for m, a, b in slices
             ]
 
-    if len(run.devices) == 1:
+    if len(plan) == 1:
         done = [work(run.devices[0], plan[0])]
     else:
         with ThreadPoolExecutor(len(run.devices)) as pool:

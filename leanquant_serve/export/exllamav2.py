@@ -122,6 +122,23 @@ LOADABLE_DTYPES = (torch.int32, torch.int16, torch.float16, torch.bfloat16, torc
 QUANTIZED_TOGETHER = (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj"))
 CHECKPOINT_FORMAT = "gptq"  # v1 semantics: stored zero = z - 1 (not "gptq_v2")
 
+# EXL2 (exllamav2's own format)
+EXL2_BITS = (2, 3, 4, 8)  # EXL2 also has 5 and 6, which LeanQuant checkpoints do not store
+EXL2_SCALE_LEVELS = 16  # q_scale is 4-bit (conversion/adaptivegptq.py pack: scale_bits 4)
+EXL2_GROUP_ROWS = 32  # reconstruct_kernel / the EXL2 GEMMs switch groups every 32 rows
+EXL2_MAX_GROUP_ROWS = (1 << 16) - 1  # q_group_map holds a group's remaining rows as uint16
+
+
+def exl2_scales(scale_max: Tensor) -> Tensor:
+    """The 16 scales EXL2 offers the outputs of a group with fp16 maximum ``scale_max`` (shape
+    (...,) -> (..., 16) fp16), in exllamav2's arithmetic: ``ext.py make_q_matrix`` multiplies
+    q_scale_max by 1/256 in fp16, ``cuda/quant/qdq_util.cuh dq_scale`` forms
+    fp16((qs+1)²) · that in fp16 for the 4-bit level qs. Weights are then (q − 2^(b−1))·scale,
+    one fp16 product (``reconstruct_kernel``: ``__hmul2(dq, qs_h2)``)."""
+    m = scale_max.to(torch.float16) * (1 / 256)  # fp16 tensor × scalar: rounded to fp16
+    levels = torch.arange(1, EXL2_SCALE_LEVELS + 1, device=m.device).square().to(torch.float16)
+    return m[..., None] * levels  # fp16 × fp16, correctly rounded (the exact product fits fp32)
+
 EXL2_REASON = (
     "EXL2 is not written: its codes are symmetric (fixed zero 2**(b-1)) and its per-(group, "
     "output) scale is (qs+1)**2 * q_scale_max[g] / 256 with a 4-bit qs and one fp16 maximum "
@@ -135,10 +152,11 @@ EXL2_REASON = (
 @dataclass(frozen=True)
 class ExLlamaV2ExportResult:
     out: Path
+    format: str  # "gptq" or "exl2"
     quantization_config: dict[str, Any]
     layers: int  # quantized linears written
     grids: int  # (group, output) affine grids written
-    negated: int  # of which stored flipped with a negated scale (z = 0)
+    negated: int  # of which stored flipped with a negated scale (z = 0; GPTQ only)
     g_idx_layers: int  # layers written with a g_idx (act-order with dynamic groups)
 
 
@@ -248,6 +266,144 @@ def convert_linear(
     return out, int(flip.sum())
 
 
+# ----------------------------------------------------------------------------- EXL2
+
+
+def is_exl2_grid(cfg: LeanQuantConfig) -> bool:
+    """Whether the checkpoint was quantized with ``--grid exl2`` (its quantizer metadata)."""
+    return cfg.grid == "affine" and cfg.quantizer.get("grid_fit") == "exl2"
+
+
+def exl2_levels(scales: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """(q_scale_max (G,) fp16, level (G, out) in [0, 16)) with ``exl2_scales(q_scale_max)[g,
+    level[g, n]] == scales[g, n]`` for every grid, or ExportError.
+
+    The maximum is recovered from each group's largest scale s_top: for every level i the
+    fp16 values next to s_top/(i+1)² are tried as M/256 (M = 256·m is exact in fp16 and gives m
+    back), and the first under which every scale of the group is on the ladder is taken.
+    Several may fit (e.g. when every level used is odd); each gives the same scales, hence the
+    same weights."""
+    s = scales.to(torch.float16)
+    if not (torch.isfinite(s).all() and (s > 0).all()):
+        raise ExportError(f"{name}: EXL2 scales are positive and finite; these are not")
+    top = s.float().amax(1)  # (G,)
+    levels = torch.arange(1, EXL2_SCALE_LEVELS + 1, dtype=torch.float32).square()
+    m0 = (top[:, None] / levels).to(torch.float16).view(torch.int16)  # (G, 16) fp16 bit patterns
+    found = torch.zeros(s.shape[0], dtype=torch.bool)
+    scale_max = torch.zeros(s.shape[0], dtype=torch.float16)
+    level = torch.zeros(s.shape, dtype=torch.long)
+    for i in range(EXL2_SCALE_LEVELS):
+        for ulps in (0, -1, 1, -2, 2):  # positive fp16: the bit pattern orders the values
+            m = (m0[:, i].int() + ulps).clamp(1, 0x7BFF).to(torch.int16).view(torch.float16)
+            M = m * 256  # exact: a power-of-two multiple, below fp16's maximum
+            ladder = exl2_scales(M).float()  # (G, 16)
+            idx = torch.searchsorted(ladder, s.float()).clamp_max(EXL2_SCALE_LEVELS - 1)
+            ok = (ladder.gather(1, idx) == s.float()).all(1) & ~found
+            scale_max = torch.where(ok, M, scale_max)
+            level = torch.where(ok[:, None], idx, level)
+            found |= ok
+        if found.all():
+            return scale_max, level
+    g = int((~found).nonzero()[0])
+    raise ExportError(
+        f"{name}: the scales of group {g} are not (i+1)²·M/256 for one fp16 M (EXL2 allows 16 "
+        "scales per group); quantize with --grid exl2 for an exact EXL2 export"
+    )
+
+
+def _exl2_row_order(cfg: LeanQuantConfig, in_features: int, g_idx: Tensor | None) -> Tensor:
+    """Input rows in EXL2 storage order: grouped by group, in group order (stable)."""
+    if g_idx is None:
+        return torch.arange(in_features)
+    return torch.sort(g_idx.long().cpu(), stable=True).indices
+
+
+def _exl2_check_layout(
+    cfg: LeanQuantConfig, prefix: str, out_features: int, in_features: int, g_idx: Tensor | None
+) -> None:
+    """Raise ExportError unless EXL2 holds this linear's groups as they are."""
+    if in_features % EXL2_GROUP_ROWS or out_features % OUT_MULTIPLE:
+        raise ExportError(
+            f"{prefix}: in_features={in_features}, out_features={out_features}: EXL2 packs 32 "
+            f"input rows at a time and exllamav2 pads outputs to a multiple of {OUT_MULTIPLE}, "
+            "so both must be multiples of 32"
+        )
+    if in_features > MAX_PERM_ROWS:
+        raise ExportError(
+            f"{prefix}: in_features={in_features}: EXL2's row permutation is uint16 "
+            f"(at most {MAX_PERM_ROWS} rows)"
+        )
+    groups = cfg.n_groups(in_features)
+    rows = (
+        torch.bincount(g_idx.long().cpu(), minlength=groups)
+        if g_idx is not None
+        else torch.full((groups,), in_features // groups)
+    )
+    bad = (rows % EXL2_GROUP_ROWS != 0) | (rows == 0) | (rows > EXL2_MAX_GROUP_ROWS)
+    if bad.any():
+        g = int(bad.nonzero()[0])
+        raise ExportError(
+            f"{prefix}: group {g} has {int(rows[g])} input rows; EXL2 groups hold a positive "
+            f"multiple of {EXL2_GROUP_ROWS} rows, at most {EXL2_MAX_GROUP_ROWS} "
+            "(use group size -1 or a multiple of 32)"
+        )
+
+
+def convert_linear_exl2(
+    cfg: LeanQuantConfig, tensors: Mapping[str, Tensor], prefix: str = ""
+) -> dict[str, Tensor]:
+    """One LeanQuant affine linear with EXL2-family grids as EXL2 tensors (suffix -> tensor).
+
+    ``q_weight`` int32 (in·b/32, out): the codes of the input rows in storage order (grouped by
+    group), packed 32 rows into b words per output as ``pack_tensor.cu pack_columns_kernel``
+    (code j of a 32-row chunk at bit j·b of the chunk's little-endian words, which is
+    :func:`pack_codes` along dim 0); ``q_scale`` int32 (G, out/8): the 4-bit levels, low nibble
+    first (``pack_rows_4_kernel`` stores qs − 1 for qs ∈ [1, 16], i.e. the level);
+    ``q_scale_max`` fp16 (G,); ``q_groups`` int16 (2G,): (bits, first packed row) per group;
+    ``q_invperm`` int32 (in,): storage position of each input row (``module.py`` loads
+    q_perm = argsort(q_invperm)).
+    """
+    name = prefix or "linear"
+    if cfg.grid != "affine" or cfg.bits not in EXL2_BITS:
+        raise ExportError(f"{name}: {cfg.bits}-bit {cfg.grid}: EXL2 holds affine 2/3/4/8-bit")
+    out_features, in_features = infer_linear_shape(cfg, tensors)
+    g_idx = tensors.get("g_idx")
+    if g_idx is not None and _is_sequential(cfg, g_idx):
+        g_idx = None
+    _exl2_check_layout(cfg, name, out_features, in_features, g_idx)
+    u = unpack_linear(cfg, tensors)
+    q, z, s = u["codes"], u["zeros"], u["scales"]  # (out, in), (G, out), (G, out)
+    if not (z == 1 << (cfg.bits - 1)).all():
+        raise ExportError(
+            f"{name}: zero points other than {1 << (cfg.bits - 1)}: EXL2 codes are symmetric "
+            "around 2^(bits-1); quantize with --grid exl2 for an exact EXL2 export"
+        )
+    scale_max, level = exl2_levels(s, name)
+    order = _exl2_row_order(cfg, in_features, g_idx)
+    rows = torch.bincount(_groups_of_rows(cfg, in_features, g_idx), minlength=s.shape[0])
+    starts = torch.cumsum(rows, 0) - rows  # first storage row of each group
+    q_groups = torch.stack([torch.full_like(starts, cfg.bits), starts * cfg.bits // 32], 1)
+    return {
+        "q_weight": pack_codes(q.t()[order.to(q.device)], cfg.bits, dim=0),
+        "q_scale": pack_codes(level.to(torch.int32), 4, dim=1),
+        "q_scale_max": scale_max.contiguous(),
+        "q_groups": q_groups.flatten().to(torch.int16),
+        "q_invperm": torch.argsort(order).to(torch.int32),
+    }
+
+
+def exl2_quantization_config(cfg: LeanQuantConfig, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json["quantization_config"]`` of an EXL2 export (the keys exllamav2's converter
+    writes, ``conversion/compile.py``; exllamav2 itself reads none of them)."""
+    return {
+        "quant_method": "exl2",
+        "bits": float(cfg.bits),
+        "head_bits": 16,  # lm_head stays unquantized
+        "group_size": cfg.group_size,
+        "meta": dict(meta),
+    }
+
+
 def gptq_quantization_config(
     group_size: int, desc_act: bool, static_groups: bool, meta: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -281,18 +437,32 @@ def _check_together(quantized: set[str], present: set[str]) -> None:
                 )
 
 
-def _plan(src: Checkpoint, prefixes: list[str]) -> dict[str, bool]:
-    """Check every layer (headers and g_idx only); prefix -> whether its g_idx is written."""
+EXPORT_FORMATS = ("auto", "gptq", "exl2")
+
+
+def choose_format(cfg: LeanQuantConfig, format: str) -> str:
+    """"auto": EXL2 for a checkpoint quantized with ``--grid exl2``, GPTQ otherwise."""
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    if format != "auto":
+        return format
+    return "exl2" if is_exl2_grid(cfg) else "gptq"
+
+
+def _plan(src: Checkpoint, prefixes: list[str], format: str) -> dict[str, bool]:
+    """Check every layer (headers and g_idx only); prefix -> whether its g_idx is written
+    (GPTQ) or its rows are permuted (EXL2)."""
     cfg = src.qcfg
     if cfg.grid != "affine":
         raise ExportError(
             f"grid {cfg.grid!r} stores a lookup table per row; exllamav2 loads affine GPTQ "
-            "(or its own EXL2) tensors only"
+            "and EXL2 tensors only"
         )
-    if cfg.bits != BITS:
+    if format == "gptq" and cfg.bits != BITS:
         raise ExportError(
             f"{cfg.bits}-bit: exllamav2's GPTQ path reads 4-bit codes only "
-            "(make_q_matrix: height = 8 * qweight rows, qzeros holds 8 zeros per word)"
+            "(make_q_matrix: height = 8 * qweight rows, qzeros holds 8 zeros per word); "
+            "EXL2 (--format exl2, from a checkpoint quantized with --grid exl2) holds 2/3/4/8 bits"
         )
     names = src.tensor_names()
     for name in names:
@@ -311,7 +481,8 @@ def _plan(src: Checkpoint, prefixes: list[str]) -> dict[str, bool]:
         g_idx = src.get(f"{prefix}.g_idx") if "g_idx" in t else None
         if g_idx is not None and _is_sequential(cfg, g_idx):
             g_idx = None
-        _check_layout(cfg, prefix, out_features, in_features, g_idx)
+        check = _exl2_check_layout if format == "exl2" else _check_layout
+        check(cfg, prefix, out_features, in_features, g_idx)
         with_g_idx[prefix] = g_idx is not None
     return with_g_idx
 
@@ -325,11 +496,13 @@ def _fp16_bias(name: str, t: Tensor) -> Tensor:
 
 
 def export_exllamav2(
-    src_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False
+    src_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False, format: str = "auto"
 ) -> ExLlamaV2ExportResult:
-    """Write LeanQuant checkpoint ``src_dir`` to ``out_dir`` as a GPTQ (v1) checkpoint that
-    exllamav2 0.3.2 loads with every weight equal to the reference dequantizer's; layer by
-    layer, atomically (nothing is left behind on failure).
+    """Write LeanQuant checkpoint ``src_dir`` to ``out_dir`` as a checkpoint that exllamav2
+    0.3.2 loads with every weight equal to the reference dequantizer's; layer by layer,
+    atomically (nothing is left behind on failure). ``format``: "gptq" (GPTQ v1, 4-bit
+    affine), "exl2" (EXL2, 2/3/4/8-bit grids of the EXL2 family: ``--grid exl2``), or "auto"
+    (EXL2 for ``--grid exl2`` checkpoints, else GPTQ).
 
     Raises :class:`ExportError` for what exllamav2 cannot hold exactly (see the module
     docstring), ``FormatError`` for a broken source or an existing ``out_dir`` without
@@ -337,7 +510,8 @@ def export_exllamav2(
     """
     src, out, prefixes = open_source(src_dir, out_dir)
     cfg = src.qcfg
-    with_g_idx = _plan(src, prefixes)
+    format = choose_format(cfg, format)
+    with_g_idx = _plan(src, prefixes, format)
 
     stored = {f"{p}.{s}" for p in prefixes for s in QUANT_SUFFIXES}
     biases = {f"{p}.bias" for p in prefixes}
@@ -351,29 +525,39 @@ def export_exllamav2(
                 writer.add({name: src.get(name)})
             elif name.endswith(".qweight"):
                 prefix = name.removesuffix(".qweight")
-                tensors, flipped = convert_linear(cfg, src.linear_tensors(prefix), prefix)
+                linear = src.linear_tensors(prefix)
+                if format == "exl2":
+                    tensors, flipped = convert_linear_exl2(cfg, linear, prefix), 0
+                    grids += tensors["q_scale"].numel() * 8
+                else:
+                    tensors, flipped = convert_linear(cfg, linear, prefix)
+                    grids += tensors["scales"].numel()
                 writer.add({f"{prefix}.{k}": v for k, v in tensors.items()})
-                grids += tensors["scales"].numel()
                 negated += flipped
         meta = {
             "exporter": "leanquant-serve export exllamav2",
-            "target": "exllamav2 0.3.2 GPTQ path",
-            "negated_scale_grids": negated,
+            "target": f"exllamav2 0.3.2 {format.upper()} path",
             "grids": grids,
             "source_quantization_config": cfg.to_dict(),
         }
-        desc_act = any(with_g_idx.values())
-        qconfig = gptq_quantization_config(cfg.group_size, desc_act, cfg.static_groups, meta)
+        if format == "exl2":
+            qconfig = exl2_quantization_config(cfg, meta)
+        else:
+            meta["negated_scale_grids"] = negated
+            desc_act = any(with_g_idx.values())
+            qconfig = gptq_quantization_config(cfg.group_size, desc_act, cfg.static_groups, meta)
         writer.finalize(hf_config, _ConfigForWriter(qconfig), copy_from=src.path)
     log.info(
-        "exported %d quantized linears to %s (GPTQ for exllamav2; %d of %d grids negated)",
+        "exported %d quantized linears to %s (%s for exllamav2; %d of %d grids negated)",
         len(prefixes),
         out,
+        format.upper(),
         negated,
         grids,
     )
     return ExLlamaV2ExportResult(
         out=out,
+        format=format,
         quantization_config=qconfig,
         layers=len(prefixes),
         grids=grids,

@@ -264,3 +264,77 @@ def test_exl2_grid_keeps_rows_together_on_a_device_list(tiny_model, calib_text, 
         outs.append(read_safetensors(out))
     assert outs[0].keys() == outs[1].keys()
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+# ----------------------------------------------------------------------------- runtime helper
+
+
+def test_load_exllamav2_tensor_parallel_exports_exl2_and_calls_load_tp(
+    exl2_checkpoint, monkeypatch, tmp_path
+):
+    """Only the call sequence (exllamav2's examples/inference_tp.py) with a stand-in module: a
+    --grid exl2 checkpoint is exported as EXL2, loaded with load_tp and an ExLlamaV2Cache_TP."""
+    import json
+    import sys
+    import types
+
+    from leanquant_serve.exllamav2 import load_exllamav2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Exception, match="needs a CUDA GPU"):  # checked after the TP check
+        load_exllamav2(exl2_checkpoint("w4g32"), tensor_parallel=True, workdir=tmp_path)
+    assert not any(tmp_path.iterdir())  # the temp export is removed on failure
+
+    calls = []
+
+    class Config:
+        no_flash_attn = False
+
+        def __init__(self, d):
+            calls.append(("config", d))
+
+        def arch_compat_overrides(self):
+            pass
+
+    class Model:
+        loaded = True
+
+        def __init__(self, config):
+            self.config = config
+
+        def load_tp(self, gpu_split, progress=False, expect_cache_tokens=0, expect_cache_base=None):
+            calls.append(("load_tp", gpu_split, expect_cache_tokens, expect_cache_base))
+
+        def unload(self):
+            calls.append(("unload",))
+
+    class CacheTP:
+        def __init__(self, model, base, max_seq_len=-1):
+            calls.append(("cache_tp", base, max_seq_len))
+
+    exl = types.ModuleType("exllamav2")
+    exl.__version__ = "0.3.2"
+    exl.ExLlamaV2Config, exl.ExLlamaV2, exl.ExLlamaV2Cache_TP = Config, Model, CacheTP
+    exl.ExLlamaV2Cache = object
+    exl.ExLlamaV2Tokenizer = lambda config: "tokenizer"
+    gen = types.ModuleType("exllamav2.generator")
+    gen.ExLlamaV2DynamicGenerator = lambda **kw: "generator"
+    attn = types.ModuleType("exllamav2.attn")
+    attn.has_flash_attn_with_paged = True
+    exl.generator, exl.attn = gen, attn
+    for name, mod in (("exllamav2", exl), ("exllamav2.generator", gen), ("exllamav2.attn", attn)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    s = load_exllamav2(
+        exl2_checkpoint("w4g32"), 256, tensor_parallel=True, gpu_split=[20, 20], workdir=tmp_path
+    )
+    folder = Path(calls[0][1])
+    assert (
+        json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "exl2"
+    )
+    assert any(k.endswith(".q_scale_max") for k in read_safetensors(folder))
+    assert calls[1:] == [("load_tp", [20, 20], 256, object), ("cache_tp", object, 256)]
+    s.close()
+    assert calls[-1] == ("unload",) and not folder.parent.exists()

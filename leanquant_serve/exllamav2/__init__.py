@@ -5,11 +5,13 @@ project's machines have no GPU). It is written against exllamav2 v0.3.2's API as
 source (``examples/inference.py``, ``config.py ExLlamaV2Config``, ``model.py ExLlamaV2.load /
 load_autosplit``, ``cache.py ExLlamaV2Cache*``, ``generator/dynamic.py
 ExLlamaV2DynamicGenerator``, ``attn.py has_flash_attn_with_paged``). The weights it serves are
-checked on the CPU instead: ``tests/test_export_exllamav2.py`` re-implements exllamav2's GPTQ
-dequantization and compares it with the reference dequantizer.
+checked on the CPU instead: ``tests/test_export_exllamav2.py`` and ``tests/test_export_exl2.py``
+re-implement exllamav2's GPTQ and EXL2 dequantization and compare them with the reference
+dequantizer, bit for bit.
 
-Layer split across GPUs works (``gpu_split`` or auto split); tensor parallelism does not, see
-:data:`leanquant_serve.export.exllamav2.EXL2_REASON`.
+Layer split across GPUs works for both formats (``gpu_split`` or auto split); tensor
+parallelism (``load_tp``, as ``examples/inference_tp.py``) needs EXL2 tensors, i.e. a
+checkpoint quantized with ``--grid exl2``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..export.exllamav2 import EXL2_REASON, export_exllamav2
+from ..export.exllamav2 import choose_format, export_exllamav2
+from ..format import LeanQuantConfig
 
 __all__ = ["ExLlamaV2Session", "ExLlamaV2Unavailable", "load_exllamav2"]
 
@@ -36,7 +39,7 @@ CACHE_CLASSES = {
 
 class ExLlamaV2Unavailable(RuntimeError):
     """exllamav2 cannot run here (no CUDA, not installed, or its extension failed to build),
-    or the request needs something it cannot do with GPTQ tensors."""
+    or the request needs something it cannot do with these tensors (TP with GPTQ)."""
 
 
 @dataclass
@@ -48,7 +51,7 @@ class ExLlamaV2Session:
     tokenizer: Any  # exllamav2.ExLlamaV2Tokenizer
     generator: Any  # exllamav2.generator.ExLlamaV2DynamicGenerator
     config: Any  # exllamav2.ExLlamaV2Config
-    path: Path  # the GPTQ folder exllamav2 read
+    path: Path  # the GPTQ or EXL2 folder exllamav2 read
     _tempdir: Path | None = field(default=None, repr=False)
 
     def generate(self, prompt: str | list[str], max_new_tokens: int = 128, **kw: Any) -> Any:
@@ -98,27 +101,41 @@ def _import_exllamav2() -> tuple[Any, Any]:
     return exllamav2, generator
 
 
-def _gptq_folder(path: Path, workdir: Path | str | None) -> tuple[Path, Path | None]:
-    """``path`` if it is already a GPTQ folder, else a temp export of the LeanQuant checkpoint."""
+def _exllamav2_folder(
+    path: Path, workdir: Path | str | None, tensor_parallel: bool
+) -> tuple[Path, Path | None]:
+    """``path`` if it is already an export (GPTQ or EXL2), else a temp export of the LeanQuant
+    checkpoint (EXL2 for ``--grid exl2`` checkpoints, GPTQ otherwise)."""
     config = path / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config}: missing")
     qc = json.loads(config.read_text()).get("quantization_config") or {}
     method = qc.get("quant_method")
-    if method == "gptq":
-        return path, None
-    if method != "leanquant":
+    if method == "leanquant":
+        method = choose_format(LeanQuantConfig.from_dict(qc), "auto")
+        export = True
+    elif method in ("gptq", "exl2"):
+        export = False
+    else:
         raise ExLlamaV2Unavailable(
             f"{path}: quant_method {method!r}; expected a LeanQuant checkpoint or its "
             "`leanquant export exllamav2` output"
         )
+    if tensor_parallel and method != "exl2":
+        raise ExLlamaV2Unavailable(
+            f"{path}: tensor parallelism needs EXL2 tensors (linear.py tp_split; "
+            "ext_qmatrix.cpp make_q_matrix_split: 'Tensor split not implemented for GPTQ "
+            "matrices'); quantize with --grid exl2, or use a layer split (gpu_split)"
+        )
+    if not export:
+        return path, None
     tmp = Path(tempfile.mkdtemp(prefix="leanquant-exl2-", dir=workdir))
     try:
-        export_exllamav2(path, tmp / "gptq")
+        export_exllamav2(path, tmp / method, format=method)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return tmp / "gptq", tmp
+    return tmp / method, tmp
 
 
 def load_exllamav2(
@@ -142,15 +159,19 @@ def load_exllamav2(
     ``load_autosplit`` fills the visible GPUs in turn. ``cache_bits``: 16 (fp16 cache), 8, 6
     or 4 (quantized caches). ``paged``: None uses paged attention when flash-attn >= 2.5.7 is
     present (batching), else the unpaged fallback (one sequence at a time). Other keywords go
-    to ``ExLlamaV2DynamicGenerator``. ``tensor_parallel=True`` raises: GPTQ tensors cannot be
-    split by exllamav2 (see ``EXL2_REASON``).
+    to ``ExLlamaV2DynamicGenerator``. ``tensor_parallel=True`` splits every layer over the GPUs
+    (``load_tp``; ``gpu_split`` then caps each GPU) and needs EXL2 tensors: a ``--grid exl2``
+    checkpoint or its export; anything else raises before exllamav2 is imported.
     """
-    if tensor_parallel:
-        raise ExLlamaV2Unavailable(f"tensor parallelism needs EXL2 tensors. {EXL2_REASON}")
     if cache_bits not in CACHE_CLASSES:
         raise ValueError(f"cache_bits: {cache_bits} is not one of {sorted(CACHE_CLASSES)}")
-    exl, gen = _import_exllamav2()
-    folder, tmp = _gptq_folder(Path(path), workdir)
+    folder, tmp = _exllamav2_folder(Path(path), workdir, tensor_parallel)
+    try:
+        exl, gen = _import_exllamav2()
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     model = None
     try:
         config = exl.ExLlamaV2Config(str(folder))
@@ -158,7 +179,15 @@ def load_exllamav2(
         config.arch_compat_overrides()
         model = exl.ExLlamaV2(config)
         cache_cls = getattr(exl, CACHE_CLASSES[cache_bits])
-        if gpu_split is None:
+        if tensor_parallel:  # examples/inference_tp.py
+            model.load_tp(
+                gpu_split,
+                progress=progress,
+                expect_cache_tokens=max_seq_len,
+                expect_cache_base=cache_cls,
+            )
+            cache = exl.ExLlamaV2Cache_TP(model, base=cache_cls, max_seq_len=max_seq_len)
+        elif gpu_split is None:
             cache = cache_cls(model, max_seq_len=max_seq_len, lazy=True)
             model.load_autosplit(cache, progress=progress)
         else:

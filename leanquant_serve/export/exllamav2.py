@@ -1,4 +1,4 @@
-"""Export a LeanQuant checkpoint as a GPTQ checkpoint that exllamav2 (v0.3.2) loads exactly.
+"""Export a LeanQuant checkpoint as a GPTQ or EXL2 checkpoint that exllamav2 (v0.3.2) loads exactly.
 
 Checked against exllamav2's source at tag v0.3.2 (``6a2d8311``); nothing here imports it (it
 builds CUDA code at import). W is (out, in); a LeanQuant affine layer stores ``qweight``
@@ -54,27 +54,25 @@ value (fp32: also exact, since (q - z)·s of an fp16 s fits in fp32), and the GE
 output equals what it would give for a representable z = 0. The one visible difference: code
 q = 0 in a flipped grid dequantizes to -0.0 where the reference has +0.0 (equal as values).
 
-Not exportable (:class:`ExportError`): nonuniform grids, 2/3/8-bit, group sizes other than -1
-and powers of two ≥ 32 (when a layer has more than one group), in or out features not multiples
-of 32, a g_idx exllamav2 would regroup differently, attention/MLP blocks quantized in part,
-tensor dtypes exllamav2's loader does not know.
+Not exportable as GPTQ (:class:`ExportError`): nonuniform grids, 2/3/8-bit, group sizes other
+than -1 and powers of two ≥ 32 (when a layer has more than one group), in or out features not
+multiples of 32, a g_idx exllamav2 would regroup differently, attention/MLP blocks quantized in
+part, tensor dtypes exllamav2's loader does not know.
 
 EXL2 (exllamav2's own format, and the only one ``ExLlamaV2.load_tp`` splits across GPUs:
 ``linear.py ExLlamaV2Linear.tp_split`` asserts EXL2 tensors and ``ext_qmatrix.cpp
-make_q_matrix_split`` says "Tensor split not implemented for GPTQ matrices") is not written: see
-:data:`EXL2_REASON`. What a mapping would cost, measured once with a throwaway script that is
-not in this repository (so no command here reproduces these two figures), on
-``out/smollm2-leanquant-w4g64``
-(SmolLM2-135M, LeanQuant affine 4-bit, g64; squared weight error summed over all 210 linears,
-relative to that checkpoint's own ‖W - Q‖²): keeping every q - z exactly in 5-bit EXL2 codes
-and only moving each scale to the nearest EXL2 level (max = the group's largest scale) adds
-29 % (‖W - Q̂‖² = 1.29×) at 5 bits per weight; re-rounding to 4-bit EXL2 (best of the 16
-levels per output) adds 56 % (1.56×). A quantizer option that learns inside EXL2's family would
-fit, per group, one fp16 maximum shared by all outputs and per output a 4-bit level index
-(scale (qs+1)²·max/256) with the fixed zero 2**(b-1), search LeanQuant's loss-aware range over
-those 16 admissible scales instead of free (s, z), and write q_weight / q_invperm / q_scale /
-q_scale_max / q_groups (rows permuted, stored in bit-width order) as exllamav2's
-``conversion`` code does.
+make_q_matrix_split`` says "Tensor split not implemented for GPTQ matrices"). Its grid family:
+codes q ∈ [0, 2^b) with the fixed zero 2^(b-1), one fp16 maximum M per group shared by all
+outputs, and per (group, output) a 4-bit level i with scale fp16(fp16((i+1)²)·fp16(M/256))
+(:func:`exl2_scales`). A free LeanQuant affine grid is not in it, so ``--grid exl2`` fits
+LeanQuant's loss-error-aware objective inside it (``quantizer/grids.py fit_exl2``) and stores the
+result as an ordinary affine checkpoint (z = 2^(b-1), s on the group's ladder) that every other
+loader reads unchanged. :func:`convert_linear_exl2` recovers M and the levels from the stored
+scales (:func:`exl2_levels`) and writes ``q_weight`` / ``q_scale`` / ``q_scale_max`` /
+``q_groups`` / ``q_invperm`` as ``conversion/adaptivegptq.py AdaptiveGPTQ.pack`` does, for 2, 3,
+4 and 8 bits, with act-order rows permuted as EXL2 does it natively. Not exportable as EXL2:
+grids outside the family (refused, not approximated), groups that are not multiples of 32
+rows, in or out features not multiples of 32, more than 65536 input rows (uint16 permutation).
 """
 
 from __future__ import annotations
@@ -102,7 +100,6 @@ from . import ExportError, open_source
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EXL2_REASON",
     "ExLlamaV2ExportResult",
     "ExportError",
     "convert_linear",
@@ -138,15 +135,6 @@ def exl2_scales(scale_max: Tensor) -> Tensor:
     m = scale_max.to(torch.float16) * (1 / 256)  # fp16 tensor × scalar: rounded to fp16
     levels = torch.arange(1, EXL2_SCALE_LEVELS + 1, device=m.device).square().to(torch.float16)
     return m[..., None] * levels  # fp16 × fp16, correctly rounded (the exact product fits fp32)
-
-EXL2_REASON = (
-    "EXL2 is not written: its codes are symmetric (fixed zero 2**(b-1)) and its per-(group, "
-    "output) scale is (qs+1)**2 * q_scale_max[g] / 256 with a 4-bit qs and one fp16 maximum "
-    "per group shared by all outputs (conversion/adaptivegptq.py, cuda/quant/qdq_util.cuh "
-    "dq_scale), so a LeanQuant affine grid (free fp16 scale and zero per group and output) maps "
-    "onto it only approximately; exllamav2's tensor parallelism (load_tp) needs EXL2, GPTQ "
-    "tensors can only be split by layers across GPUs (model.load(gpu_split) / load_autosplit)"
-)
 
 
 @dataclass(frozen=True)
@@ -441,7 +429,7 @@ EXPORT_FORMATS = ("auto", "gptq", "exl2")
 
 
 def choose_format(cfg: LeanQuantConfig, format: str) -> str:
-    """"auto": EXL2 for a checkpoint quantized with ``--grid exl2``, GPTQ otherwise."""
+    """Resolve "auto": EXL2 for a checkpoint quantized with ``--grid exl2``, GPTQ otherwise."""
     if format not in EXPORT_FORMATS:
         raise ExportError(f"format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     if format != "auto":

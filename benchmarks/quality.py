@@ -37,6 +37,7 @@ METHODS = {  # name: quantize flags (nonuniform is one table per row whatever th
     "gptq": ["--grid", "minmax"],
     "leanquant-aff": ["--grid", "affine"],
     "leanquant-nu": ["--grid", "nonuniform"],
+    "leanquant-exl2": ["--grid", "exl2"],  # inside EXL2's grid family: exact EXL2 export
 }
 
 
@@ -252,20 +253,22 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     if "gptq" in methods:  # the targets: LeanQuant vs GPTQ in the same run
         lines += [
             "",
-            "| setting | LeanQuant (best grid) / GPTQ perplexity | LeanQuant-aff / GPTQ "
-            "time | LeanQuant-nu / GPTQ time |",
-            "|---|---|---|---|",
+            "| setting | LeanQuant (best of aff, nu) / GPTQ perplexity | LeanQuant-exl2 / GPTQ "
+            "perplexity | LeanQuant-aff / GPTQ time | LeanQuant-nu / GPTQ time |",
+            "|---|---|---|---|---|",
         ]
         for s in settings:
             g, aff, nu = row(s, "gptq"), row(s, "leanquant-aff"), row(s, "leanquant-nu")
+            exl2 = row(s, "leanquant-exl2")
             lq = [r for r in (aff, nu) if r is not None]
             if g is None or not lq:
                 continue
             best = min(lq, key=lambda r: r["perplexity"])
             t = [f"{r['seconds'] / g['seconds']:.2f}×" if r else "-" for r in (aff, nu)]
+            e = f"{exl2['perplexity'] / g['perplexity']:.3f}" if exl2 else "-"
             lines.append(
                 f"| {s} | {best['perplexity'] / g['perplexity']:.3f} ({best['method']}) "
-                f"| {t[0]} | {t[1]} |"
+                f"| {e} | {t[0]} | {t[1]} |"
             )
     lines += [
         "",

@@ -163,6 +163,17 @@ def test_exl2_export_of_exl2_grids_is_exact(bits, group_size, in_features, g_idx
     assert torch.equal(W.t().view(torch.int16), ref.view(torch.int16))  # bit for bit
 
 
+@pytest.mark.parametrize("levels", [range(0, 7), range(2, 16, 2), range(5, 6)])
+def test_exl2_levels_recovers_groups_whose_top_level_is_not_15(levels):
+    """Any (M, level) reproducing every scale is as good as the original one."""
+    gen = torch.Generator().manual_seed(len(levels))
+    M = (torch.rand(6, generator=gen) * 0.3 + 2.0**-14).half()
+    pick = torch.tensor(list(levels))[torch.randint(0, len(levels), (6, 40), generator=gen)]
+    scales = exl2_scales(M).gather(1, pick)
+    M2, level = exl2_levels(scales, "layer")
+    assert torch.equal(exl2_scales(M2).gather(1, level), scales)
+
+
 def test_exl2_export_refuses_grids_outside_the_family():
     cfg, t = synthetic_exl2_linear(4, 32, 128, 64, g_idx=False, seed=0)
     scales = t["scales"].clone()

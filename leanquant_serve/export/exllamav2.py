@@ -266,8 +266,8 @@ def exl2_levels(scales: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """(q_scale_max (G,) fp16, level (G, out) in [0, 16)) with ``exl2_scales(q_scale_max)[g,
     level[g, n]] == scales[g, n]`` for every grid, or ExportError.
 
-    The maximum is recovered from each group's largest scale s_top: for every level i the
-    fp16 values next to s_top/(i+1)² are tried as M/256 (M = 256·m is exact in fp16 and gives m
+    The maximum is recovered from each group's largest scale s_top: for every level i (15
+    first) the fp16 values next to s_top/(i+1)² are tried as M/256 (M = 256·m is exact in fp16 and gives m
     back), and the first under which every scale of the group is on the ladder is taken.
     Several may fit (e.g. when every level used is odd); each gives the same scales, hence the
     same weights."""
@@ -280,7 +280,7 @@ def exl2_levels(scales: Tensor, name: str) -> tuple[Tensor, Tensor]:
     found = torch.zeros(s.shape[0], dtype=torch.bool)
     scale_max = torch.zeros(s.shape[0], dtype=torch.float16)
     level = torch.zeros(s.shape, dtype=torch.long)
-    for i in range(EXL2_SCALE_LEVELS):
+    for i in reversed(range(EXL2_SCALE_LEVELS)):  # the largest scale is usually level 15
         for ulps in (0, -1, 1, -2, 2):  # positive fp16: the bit pattern orders the values
             m = (m0[:, i].int() + ulps).clamp(1, 0x7BFF).to(torch.int16).view(torch.float16)
             M = m * 256  # exact: a power-of-two multiple, below fp16's maximum

@@ -270,8 +270,35 @@ def fit_nonuniform(
     tol: float = 1e-4,
     init: str | None = None,
     generator: torch.Generator | RowRandom | None = None,
+    max_chunk_elems: int = 1 << 24,
 ) -> LUTParams:
     """LeanQuant_nu: per-row weighted k-means of the row's weights with weights d, 2^b centroids.
+
+    Rows are fitted in chunks of at most ``max_chunk_elems`` weights, which bounds the loop's
+    temporaries (int64 assignments, per-cluster sums) at any weight size; rows are independent
+    and every chunk replays the same random stream, so the result does not depend on it.
+    """
+    rng = generator if isinstance(generator, RowRandom) else RowRandom(generator)
+    rows, cols = W.shape
+    step = max(1, max_chunk_elems // max(cols, 1))
+    if step >= rows:
+        return _fit_nonuniform_rows(W, d, bits, max_iter, tol, init, rng)
+    gen = rng.generator
+    start = gen.get_state() if gen is not None else None
+    luts = []
+    for r in range(0, rows, step):
+        if gen is not None:
+            gen.set_state(start)  # each chunk draws what the whole weight would have drawn
+        total = rng.total if rng.total is not None else rows
+        part = RowRandom(gen, rng.first + r, total)
+        luts.append(_fit_nonuniform_rows(W[r : r + step], d, bits, max_iter, tol, init, part).lut)
+    return LUTParams(torch.cat(luts))
+
+
+def _fit_nonuniform_rows(
+    W: Tensor, d: Tensor, bits: int, max_iter: int, tol: float, init: str | None, rng: RowRandom
+) -> LUTParams:
+    """:func:`fit_nonuniform` on one chunk of rows.
 
     Batched Lloyd iterations over all rows; 1-D assignment is a searchsorted against the
     midpoints of the sorted centroids. Init as the reference: linspace(min, max) for b ≤ 3,
@@ -280,7 +307,6 @@ def fit_nonuniform(
     tol · Var(row); at most ``max_iter`` iterations. A row's result therefore does not depend
     on the other rows fitted with it.
     """
-    rng = generator if isinstance(generator, RowRandom) else RowRandom(generator)
     W, d = W.float(), d.float()
     k = 2**bits
     init = init or ("linspace" if bits <= 3 else "kmeans++")

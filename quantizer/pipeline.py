@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import re
 import resource
 import time
@@ -251,7 +252,34 @@ def quantize_model(
     if job.resume and job.fresh:
         raise UserError("--resume and --fresh exclude each other")
     t0 = time.time()
-    return _run(job, SourceModel(job.model), t0, observer)
+    try:
+        cuda = any(d.type == "cuda" for d in job.devices)
+    except RuntimeError:  # a bad --device: _run says so
+        cuda = False
+    with deterministic_algorithms(cuda):
+        return _run(job, SourceModel(job.model), t0, observer)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch's deterministic implementations while ``enabled`` (runs on CUDA GPUs), so the same
+    inputs and seed give the same bytes there too: CUDA's float ``scatter_add_`` (the
+    nonuniform fit's cluster sums) is nondeterministic otherwise. ``warn_only``: an op without a
+    deterministic CUDA implementation warns instead of failing the run. cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when its handle is created (at the run's first matmul)."""
+    if not enabled:
+        yield
+        return
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _partial_hint(partial: Path) -> str:

@@ -82,6 +82,19 @@ def test_weighted_kmeans_follows_the_weights():
     assert lut[0, 0].item() == pytest.approx(0.48, abs=1e-2)  # mean of the other five
 
 
+@pytest.mark.parametrize("bits", [2, 4])  # linspace and k-means++ (random) initialisation
+def test_nonuniform_row_chunks_give_the_same_tables(bits):
+    """Fitting in row chunks (bounded memory) changes nothing, random draws included, and
+    leaves the generator where one pass over the whole weight leaves it."""
+    gen = torch.Generator().manual_seed(bits)
+    W, d = torch.randn(37, 24, generator=gen), torch.rand(24, generator=gen) + 0.1
+    g_whole, g_chunked = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    whole = fit_nonuniform(W, d, bits, generator=g_whole)
+    chunked = fit_nonuniform(W, d, bits, generator=g_chunked, max_chunk_elems=24 * 5)
+    assert torch.equal(whole.lut, chunked.lut)
+    assert torch.equal(g_whole.get_state(), g_chunked.get_state())
+
+
 def test_real_smollm2_layer_learned_grids_beat_minmax(smollm2_layer):
     """On a real SmolLM2 weight with a real Hessian's U_ii^-4 importance, both learned grids win."""
     W, d = smollm2_layer

@@ -559,3 +559,21 @@ def test_a_device_list_really_splits_the_rows(deep_model, calib_text, tmp_path, 
     # the other (q/k/v and gate/up split between members instead)
     halves = [(r, n) for _, r, n in calls if r is not None and r[1] == 64 and n == 32]
     assert halves.count(((0, 64), 32)) == halves.count(((32, 64), 32)) == 2 * LAYERS
+
+
+def test_cuda_runs_use_torchs_deterministic_algorithms(monkeypatch):
+    """On CUDA (where float scatter_add_, used by the nonuniform fit, is nondeterministic) a run
+    switches torch's deterministic implementations on, warn-only, and restores the setting;
+    CPU runs, already deterministic, leave it alone."""
+    from quantizer.pipeline import deterministic_algorithms
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()

@@ -49,9 +49,9 @@ vLLM's memory snapshot, so they are *outside* the budget: vLLM refuses to start 
 free memory at startup covers the budget, so ``(1 − utilization) · gpu_mem`` must hold them
 (assumed 1 GiB; a warning says when it does not).
 
-**exllamav2** (``--engine exllamav2``) loads GPTQ tensors (4-bit affine, written by
-``leanquant export exllamav2``) with a layer split over the GPUs, not tensor parallelism (its
-TP needs EXL2 tensors). Modelled as its ``load_autosplit`` does: modules fill GPU 0, then GPU
+**exllamav2** (``--engine exllamav2``): the layer split of the GPTQ tensors (4-bit affine)
+``leanquant export exllamav2`` writes. Not modelled: EXL2 exports of ``--grid exl2``
+checkpoints and exllamav2's tensor parallelism (``load_tp``), which needs them. Modelled as its ``load_autosplit`` does: modules fill GPU 0, then GPU
 1, ... in order, each decoder layer with its weights and its share of the KV cache;
 ``lm_head`` and the final norm go after the last layer; the token embedding stays in host
 RAM. Budget per GPU = ``gpu_mem − reserve`` (exllamav2 has no utilization setting): the
@@ -755,13 +755,13 @@ def _plan_exllamav2(
 ) -> Plan:
     if inp.tp not in (None, 1):
         raise PlanError(
-            "--engine exllamav2 splits layers over GPUs (gpu_split): its tensor parallelism "
-            "needs EXL2 tensors, not the GPTQ tensors a LeanQuant checkpoint exports to; "
-            "leave --tp out"
+            "--engine exllamav2 models the layer split (gpu_split) of GPTQ exports; "
+            "exllamav2's tensor parallelism (EXL2 exports of --grid exl2 checkpoints) is not "
+            "modelled; leave --tp out"
         )
     if cfg is None or cfg.bits != 4 or cfg.grid != "affine":
         raise PlanError(
-            "--engine exllamav2 loads GPTQ tensors at 4 bits with an affine grid only "
+            "--engine exllamav2 models GPTQ exports: 4 bits with an affine grid only "
             f"(got {'16-bit' if cfg is None else f'{cfg.bits}-bit {cfg.grid}'})"
         )
     g = cfg.group_size

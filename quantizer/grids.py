@@ -199,8 +199,9 @@ def fit_exl2(
     each row r one level i_r ∈ [0, 16), scale s_r = (i_r+1)²·M/256 in exllamav2's fp16
     arithmetic (:func:`exl2_scales`). For every candidate M each row takes the level with the
     lowest L_r = Σ_j d_j (w_j − q_j)² (all 16 are scored), and the M with the lowest Σ_r L_r
-    wins: exllamav2 picks levels by rounding √(max|w_r|/M) and M by an unweighted error.
-    The returned scales are the fp16 values exllamav2 computes, so the export is exact.
+    wins. (exllamav2's converter instead rounds 16·√(max|w_r|/M) for the level and scores M by
+    an unweighted error.) The scales returned are the fp16 values exllamav2 computes, so the
+    export is exact.
     """
     W, d = W.float(), d.float()
     maxq = 2**bits - 1

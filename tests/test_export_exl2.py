@@ -243,6 +243,20 @@ def test_exl2_export_of_a_quantized_tiny_model_is_exact(kind, exl2_checkpoint, t
         assert torch.equal(W.t().view(torch.int16), ref.view(torch.int16)), p
 
 
+def test_exl2_export_of_a_free_affine_checkpoint_fails_leaving_nothing(
+    tiny_model, calib_text, tmp_path
+):
+    src = tmp_path / "affine"
+    s = GPTQSettings(bits=4, group_size=32, grid="affine", blocksize=32)
+    quantize_model(
+        QuantizeJob(model=tiny_model("llama"), out=src, settings=s, calib=str(calib_text),
+                    nsamples=8, seqlen=48)
+    )  # fmt: skip
+    with pytest.raises(ExportError, match="quantize with --grid exl2"):
+        export_exllamav2(src, tmp_path / "out", format="exl2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["affine"]  # no output, no temp folder
+
+
 def test_a_4bit_exl2_checkpoint_also_exports_as_gptq(exl2_checkpoint, tmp_path):
     r = export_exllamav2(exl2_checkpoint("w4g32"), tmp_path / "gptq", format="gptq")
     assert r.format == "gptq" and r.negated == 0  # z = 8 is always representable

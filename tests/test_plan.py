@@ -251,7 +251,7 @@ def write_config(tmp_path: Path, **over) -> Path:
         (dict(model="llama-3.1-8b", group_size=100), "not a multiple of group_size=100"),
         (dict(model="llama-3.1-8b", kv_dtype="q4"), "--kv-dtype 'q4'"),
         (dict(model="llama-3.1-8b", gpu_memory_utilization=1.5), "must be in (0, 1]"),
-        (dict(model="llama-3.1-405b", engine="exllamav2", gpus=8, tp=8), "EXL2 tensors"),
+        (dict(model="llama-3.1-405b", engine="exllamav2", gpus=8, tp=8), "EXL2 exports"),
         (
             dict(model="llama-3.1-405b", engine="exllamav2", bits=3),
             "4 bits with an affine grid only",

@@ -286,11 +286,11 @@ def fit_nonuniform(
         return _fit_nonuniform_rows(W, d, bits, max_iter, tol, init, rng)
     gen = rng.generator
     start = gen.get_state() if gen is not None else None
+    total = rng.total if rng.total is not None else rows
     luts = []
     for r in range(0, rows, step):
         if gen is not None:
             gen.set_state(start)  # each chunk draws what the whole weight would have drawn
-        total = rng.total if rng.total is not None else rows
         part = RowRandom(gen, rng.first + r, total)
         luts.append(_fit_nonuniform_rows(W[r : r + step], d, bits, max_iter, tol, init, part).lut)
     return LUTParams(torch.cat(luts))

@@ -111,31 +111,29 @@ def _exllamav2_folder(
         raise FileNotFoundError(f"{config}: missing")
     qc = json.loads(config.read_text()).get("quantization_config") or {}
     method = qc.get("quant_method")
-    if method == "leanquant":
-        method = choose_format(LeanQuantConfig.from_dict(qc), "auto")
-        export = True
-    elif method in ("gptq", "exl2"):
-        export = False
-    else:
+    if method not in ("leanquant", "gptq", "exl2"):
         raise ExLlamaV2Unavailable(
             f"{path}: quant_method {method!r}; expected a LeanQuant checkpoint or its "
             "`leanquant export exllamav2` output"
         )
-    if tensor_parallel and method != "exl2":
+    target = (
+        choose_format(LeanQuantConfig.from_dict(qc), "auto") if method == "leanquant" else method
+    )
+    if tensor_parallel and target != "exl2":
         raise ExLlamaV2Unavailable(
             f"{path}: tensor parallelism needs EXL2 tensors (linear.py tp_split; "
             "ext_qmatrix.cpp make_q_matrix_split: 'Tensor split not implemented for GPTQ "
             "matrices'); quantize with --grid exl2, or use a layer split (gpu_split)"
         )
-    if not export:
+    if method != "leanquant":
         return path, None
     tmp = Path(tempfile.mkdtemp(prefix="leanquant-exl2-", dir=workdir))
     try:
-        export_exllamav2(path, tmp / method, format=method)
+        export_exllamav2(path, tmp / target, format=target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return tmp / method, tmp
+    return tmp / target, tmp
 
 
 def load_exllamav2(
@@ -166,14 +164,9 @@ def load_exllamav2(
     if cache_bits not in CACHE_CLASSES:
         raise ValueError(f"cache_bits: {cache_bits} is not one of {sorted(CACHE_CLASSES)}")
     folder, tmp = _exllamav2_folder(Path(path), workdir, tensor_parallel)
-    try:
-        exl, gen = _import_exllamav2()
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     model = None
     try:
+        exl, gen = _import_exllamav2()
         config = exl.ExLlamaV2Config(str(folder))
         config.max_seq_len = max_seq_len
         config.arch_compat_overrides()

@@ -78,7 +78,7 @@ rows, in or out features not multiples of 32, more than 65536 input rows (uint16
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,9 +176,31 @@ def _groups_of_rows(cfg: LeanQuantConfig, in_features: int, g_idx: Tensor | None
     return torch.arange(in_features) // cfg.group_size
 
 
+LayoutCheck = Callable[[LeanQuantConfig, str, int, int, "Tensor | None"], None]
+
+
+def _rows_per_group(cfg: LeanQuantConfig, in_features: int, g_idx: Tensor | None) -> Tensor:
+    """How many input rows each group holds."""
+    groups = _groups_of_rows(cfg, in_features, g_idx).cpu()
+    return torch.bincount(groups, minlength=cfg.n_groups(in_features))
+
+
 def _is_sequential(cfg: LeanQuantConfig, g_idx: Tensor) -> bool:
     """Whether ``g_idx`` is the plain i // group_size (then it is not written)."""
     return torch.equal(g_idx.long().cpu(), torch.arange(g_idx.numel()) // cfg.group_size)
+
+
+def _checked_g_idx(
+    cfg: LeanQuantConfig, tensors: Mapping[str, Tensor], name: str, check: LayoutCheck
+) -> Tensor | None:
+    """The linear's g_idx (None when it is the plain i // group_size), after ``check`` of its
+    layout for the target format. ``tensors`` may be meta tensors except ``g_idx``."""
+    out_features, in_features = infer_linear_shape(cfg, tensors)
+    g_idx = tensors.get("g_idx")
+    if g_idx is not None and _is_sequential(cfg, g_idx):
+        g_idx = None
+    check(cfg, name, out_features, in_features, g_idx)
+    return g_idx
 
 
 def _check_layout(
@@ -206,7 +228,7 @@ def _check_layout(
             f"{prefix}: in_features={in_features} with g_idx: exllamav2 builds its act-order "
             "permutation in uint16 (at most 65536 rows, groups under 32768 rows)"
         )
-    counts = torch.bincount(g_idx.long().cpu(), minlength=groups)
+    counts = _rows_per_group(cfg, in_features, g_idx)
     expected = torch.full((groups,), p, dtype=counts.dtype)
     expected[-1] = in_features - p * (groups - 1)
     if not torch.equal(counts, expected):
@@ -231,15 +253,11 @@ def convert_linear(
         raise ExportError(f"{name}: grid {cfg.grid!r} is not affine")
     if cfg.bits != BITS:
         raise ExportError(f"{name}: {cfg.bits}-bit; exllamav2 reads 4-bit GPTQ codes only")
-    out_features, in_features = infer_linear_shape(cfg, tensors)
-    g_idx = tensors.get("g_idx")
-    if g_idx is not None and _is_sequential(cfg, g_idx):
-        g_idx = None
-    _check_layout(cfg, name, out_features, in_features, g_idx)
+    g_idx = _checked_g_idx(cfg, tensors, name, _check_layout)
     u = unpack_linear(cfg, tensors)
     q, z, s = u["codes"], u["zeros"], u["scales"]  # (out, in), (G, out), (G, out)
     flip = z == 0  # (G, out)
-    rows = _groups_of_rows(cfg, in_features, u.get("g_idx")).to(q.device)
+    rows = _groups_of_rows(cfg, q.shape[1], u.get("g_idx")).to(q.device)
     flip_q = flip.t()[:, rows]  # (out, in): this code's grid is flipped
     q = torch.where(flip_q, MAXQ - q, q)
     z = torch.where(flip, MAXQ, z)
@@ -267,14 +285,16 @@ def exl2_levels(scales: Tensor, name: str) -> tuple[Tensor, Tensor]:
     level[g, n]] == scales[g, n]`` for every grid, or ExportError.
 
     The maximum is recovered from each group's largest scale s_top: for every level i (15
-    first) the fp16 values next to s_top/(i+1)² are tried as M/256 (M = 256·m is exact in fp16 and gives m
-    back), and the first under which every scale of the group is on the ladder is taken.
+    first) the fp16 values next to s_top/(i+1)² are tried as M/256 (M = 256·m is exact in
+    fp16 and gives m back), and the first under which every scale of the group is on the
+    ladder is taken.
     Several may fit (e.g. when every level used is odd); each gives the same scales, hence the
     same weights."""
     s = scales.to(torch.float16)
     if not (torch.isfinite(s).all() and (s > 0).all()):
         raise ExportError(f"{name}: EXL2 scales are positive and finite; these are not")
-    top = s.float().amax(1)  # (G,)
+    s = s.float()  # fp16 values, compared exactly
+    top = s.amax(1)  # (G,)
     levels = torch.arange(1, EXL2_SCALE_LEVELS + 1, dtype=torch.float32).square()
     m0 = (top[:, None] / levels).to(torch.float16).view(torch.int16)  # (G, 16) fp16 bit patterns
     found = torch.zeros(s.shape[0], dtype=torch.bool)
@@ -285,8 +305,8 @@ def exl2_levels(scales: Tensor, name: str) -> tuple[Tensor, Tensor]:
             m = (m0[:, i].int() + ulps).clamp(1, 0x7BFF).to(torch.int16).view(torch.float16)
             M = m * 256  # exact: a power-of-two multiple, below fp16's maximum
             ladder = exl2_scales(M).float()  # (G, 16)
-            idx = torch.searchsorted(ladder, s.float()).clamp_max(EXL2_SCALE_LEVELS - 1)
-            ok = (ladder.gather(1, idx) == s.float()).all(1) & ~found
+            idx = torch.searchsorted(ladder, s).clamp_max(EXL2_SCALE_LEVELS - 1)
+            ok = (ladder.gather(1, idx) == s).all(1) & ~found
             scale_max = torch.where(ok, M, scale_max)
             level = torch.where(ok[:, None], idx, level)
             found |= ok
@@ -297,13 +317,6 @@ def exl2_levels(scales: Tensor, name: str) -> tuple[Tensor, Tensor]:
         f"{name}: the scales of group {g} are not (i+1)²·M/256 for one fp16 M (EXL2 allows 16 "
         "scales per group); quantize with --grid exl2 for an exact EXL2 export"
     )
-
-
-def _exl2_row_order(cfg: LeanQuantConfig, in_features: int, g_idx: Tensor | None) -> Tensor:
-    """Input rows in EXL2 storage order: grouped by group, in group order (stable)."""
-    if g_idx is None:
-        return torch.arange(in_features)
-    return torch.sort(g_idx.long().cpu(), stable=True).indices
 
 
 def _exl2_check_layout(
@@ -321,12 +334,7 @@ def _exl2_check_layout(
             f"{prefix}: in_features={in_features}: EXL2's row permutation is uint16 "
             f"(at most {MAX_PERM_ROWS} rows)"
         )
-    groups = cfg.n_groups(in_features)
-    rows = (
-        torch.bincount(g_idx.long().cpu(), minlength=groups)
-        if g_idx is not None
-        else torch.full((groups,), in_features // groups)
-    )
+    rows = _rows_per_group(cfg, in_features, g_idx)
     bad = (rows % EXL2_GROUP_ROWS != 0) | (rows == 0) | (rows > EXL2_MAX_GROUP_ROWS)
     if bad.any():
         g = int(bad.nonzero()[0])
@@ -354,11 +362,7 @@ def convert_linear_exl2(
     name = prefix or "linear"
     if cfg.grid != "affine" or cfg.bits not in EXL2_BITS:
         raise ExportError(f"{name}: {cfg.bits}-bit {cfg.grid}: EXL2 holds affine 2/3/4/8-bit")
-    out_features, in_features = infer_linear_shape(cfg, tensors)
-    g_idx = tensors.get("g_idx")
-    if g_idx is not None and _is_sequential(cfg, g_idx):
-        g_idx = None
-    _exl2_check_layout(cfg, name, out_features, in_features, g_idx)
+    g_idx = _checked_g_idx(cfg, tensors, name, _exl2_check_layout)
     u = unpack_linear(cfg, tensors)
     q, z, s = u["codes"], u["zeros"], u["scales"]  # (out, in), (G, out), (G, out)
     if not (z == 1 << (cfg.bits - 1)).all():
@@ -367,8 +371,10 @@ def convert_linear_exl2(
             "around 2^(bits-1); quantize with --grid exl2 for an exact EXL2 export"
         )
     scale_max, level = exl2_levels(s, name)
-    order = _exl2_row_order(cfg, in_features, g_idx)
-    rows = torch.bincount(_groups_of_rows(cfg, in_features, g_idx), minlength=s.shape[0])
+    in_features = q.shape[1]
+    # storage order: input rows grouped by group, groups in order (identity without g_idx)
+    order = torch.sort(_groups_of_rows(cfg, in_features, g_idx).cpu(), stable=True).indices
+    rows = _rows_per_group(cfg, in_features, g_idx)
     starts = torch.cumsum(rows, 0) - rows  # first storage row of each group
     q_groups = torch.stack([torch.full_like(starts, cfg.bits), starts * cfg.bits // 32], 1)
     return {
@@ -462,16 +468,13 @@ def _plan(src: Checkpoint, prefixes: list[str], format: str) -> dict[str, bool]:
             )
     present = {n.rpartition(".")[0] for n in names if n.endswith((".weight", ".qweight"))}
     _check_together(set(prefixes), present)
+    check = _exl2_check_layout if format == "exl2" else _check_layout
     with_g_idx = {}
     for prefix in prefixes:
         t = src.linear_tensors(prefix, meta=True)
-        out_features, in_features = infer_linear_shape(cfg, t)
-        g_idx = src.get(f"{prefix}.g_idx") if "g_idx" in t else None
-        if g_idx is not None and _is_sequential(cfg, g_idx):
-            g_idx = None
-        check = _exl2_check_layout if format == "exl2" else _check_layout
-        check(cfg, prefix, out_features, in_features, g_idx)
-        with_g_idx[prefix] = g_idx is not None
+        if "g_idx" in t:
+            t["g_idx"] = src.get(f"{prefix}.g_idx")
+        with_g_idx[prefix] = _checked_g_idx(cfg, t, prefix, check) is not None
     return with_g_idx
 
 

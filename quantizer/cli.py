@@ -42,6 +42,12 @@ def _size(text: str) -> int:
     return n
 
 
+def _given(a: argparse.Namespace, *names: str) -> dict:
+    """The flags among ``names`` that the command line set: the others are left to the job
+    dataclass, whose field defaults are the only defaults (argparse's are None)."""
+    return {n: getattr(a, n) for n in names if getattr(a, n) is not None}
+
+
 def _cmd_quantize(a: argparse.Namespace) -> None:
     from .gptq import GPTQSettings
     from .pipeline import QuantizeJob, parse_skip, quantize_model
@@ -72,9 +78,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         settings=settings,
         rtn=a.rtn,
         calib=a.calib,
-        nsamples=a.nsamples,
-        seqlen=a.seqlen,
-        batch_size=a.batch_size,
+        **_given(a, "nsamples", "seqlen", "batch_size", "bos"),
         device=a.device,
         dtype=a.dtype,
         activations=a.activations,
@@ -113,14 +117,19 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from .evaluate import evaluate
+    from .evaluate import EvalJob, evaluate
 
-    r = evaluate(_model_path(a.model), a.data, a.seqlen, a.max_windows, a.batch_size, a.device)
+    job = EvalJob(
+        _model_path(a.model),
+        **_given(a, "data", "seqlen", "max_windows", "batch_size", "device", "bos"),
+    )
+    r = evaluate(job)
+    bos = "" if r["bos_token_id"] is None else ", each beginning with BOS"
     print(
         json.dumps(r)
         if a.json
-        else f"{r['model']}: perplexity {r['perplexity']:.3f} "
-        f"on {r['tokens']} tokens ({r['windows']} windows of {r['seqlen']}) of {r['data']}"
+        else f"{r['model']}: perplexity {r['perplexity']:.3f} on {r['tokens']} tokens "
+        f"({r['windows']} windows of {r['seqlen']}{bos}) of {r['data']}"
     )
 
 
@@ -204,6 +213,17 @@ def _cmd_plan(a: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _bos_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-bos",
+        dest="bos",
+        action="store_false",
+        default=None,
+        help="do not begin each window with the tokenizer's BOS token (by default windows "
+        "begin with it when the tokenizer adds one to a text, as lm-eval's add_bos_token)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanquant", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -251,9 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="calibration text: a .txt/.jsonl file or folder, wiki-sample, wikitext2 or c4",
     )
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=2048)
-    q.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
+    q.add_argument("--nsamples", type=int, help="calibration windows")
+    q.add_argument("--seqlen", type=int, help="tokens per window, BOS included")
+    q.add_argument("--batch-size", type=int, help="calibration windows per forward")
+    _bos_flag(q)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--damp", type=float, default=0.01, help="λ of H += λ·mean(diag H)·I")
     q.add_argument("--exponent", type=float, default=4.0, help="p of LeanQuant's U_ii^-p weights")
@@ -326,11 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model or LeanQuant checkpoint")
     e.add_argument("model", help=f"model or checkpoint folder, or {BUNDLED_MODEL!r}")
-    e.add_argument("--data", default="wiki-sample", help="text source (its evaluation split)")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=1)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--data", help="text source (its evaluation split)")
+    e.add_argument("--seqlen", type=int, help="tokens per window, BOS included")
+    e.add_argument("--max-windows", type=int, help="at most this many windows")
+    e.add_argument("--batch-size", type=int, help="windows per forward")
+    e.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    _bos_flag(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
 

@@ -4,12 +4,18 @@ A text source is a local file (.txt, .jsonl/.json with a "text" field), a folder
 such files (read through ``datasets``' local loaders), ``wiki-sample`` (the bundled
 offline Wikipedia sample, see ``assets``), or a hub dataset name (``wikitext2``, ``c4``),
 which needs network access to the Hugging Face hub.
+
+Windows begin with the tokenizer's BOS token when the tokenizer adds one to a text (decided
+from its output, as lm-eval's ``add_bos_token`` does for the models that need it, e.g. the
+Gemma family), unless ``bos=False`` (``--no-bos``): a window is then [BOS] + seqlen − 1 text
+tokens, so its length stays ``seqlen``.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +51,8 @@ def load_text(source: str, split: str = "calib") -> str:
         from .assets import wiki_splits
 
         splits = wiki_splits()
-        return (splits.calib if split == "calib" else splits.eval).read_text(encoding="utf-8")
+        path = splits.calib if split == "calib" else splits.eval
+        return _nonempty(path.read_text(encoding="utf-8"), source)
     if source in HUB_DATASETS:
         path, name, files, calib_split, eval_split, limit = HUB_DATASETS[source]
         which = calib_split if split == "calib" else eval_split
@@ -54,7 +61,7 @@ def load_text(source: str, split: str = "calib") -> str:
         )
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        return "\n\n".join(t for t in ds["text"] if t)
+        return _nonempty("\n\n".join(t for t in ds["text"] if t), source)
     p = Path(source)
     if not p.exists():
         raise UserError(
@@ -68,40 +75,150 @@ def load_text(source: str, split: str = "calib") -> str:
     if len(kinds) > 1:
         raise UserError(f"{source} mixes text and JSON files: point at one kind")
     kind = kinds.pop()
-    ds = datasets.load_dataset(
-        kind,
-        data_files=[str(f) for f in files],
-        split="train",
-        **({"sample_by": "paragraph"} if kind == "text" else {}),
-    )
+    files = [f for f in files if f.stat().st_size]  # datasets cannot read an empty file
+    if not files:
+        raise _no_text(source)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors are ours, once
+    try:
+        ds = datasets.load_dataset(
+            kind,
+            data_files=[str(f) for f in files],
+            split="train",
+            **({"sample_by": "paragraph"} if kind == "text" else {}),
+        )
+    except datasets.exceptions.DatasetGenerationError as e:  # e.g. a malformed JSON line
+        raise UserError(f"cannot read {source}: {_first_line(e.__cause__ or e)}") from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if "text" not in ds.column_names:
         raise UserError(f"{source}: JSON records need a 'text' field (found {ds.column_names})")
-    return "\n\n".join(t for t in ds["text"] if t)
+    return _nonempty("\n\n".join(t for t in ds["text"] if t), source)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _no_text(source: str) -> UserError:
+    return UserError(f"text source {source} holds no text (empty): point at a file with text")
+
+
+def _nonempty(text: str, source: str) -> str:
+    """The one rule for calibration and evaluation text: there is some."""
+    if not text.strip():
+        raise _no_text(source)
+    return text
+
+
+def load_tokenizer(model: Path, purpose: str):
+    """The tokenizer saved in the folder ``model``; ``purpose`` ("calibration" or
+    "evaluation") says in the error what needs it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        hint = "; --rtn quantizes without one" if purpose == "calibration" else ""
+        raise UserError(
+            f"no usable tokenizer in {model} ({_first_line(e)}): a tokenizer is needed to "
+            f"tokenize the {purpose} text{hint}"
+        ) from e
+
+
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id ``tokenizer`` puts before a text, or None if it adds none. Read off what it
+    does to a text (a tokenizer may name a BOS token and not add it, like SmolLM2's)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos if bos is not None and ids[:1] == [bos] else None
 
 
 def tokenize(tokenizer, text: str) -> Tensor:
-    """The whole text as one 1-D tensor of token ids."""
+    """The whole text as one 1-D tensor of token ids (no special tokens)."""
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def random_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at random offsets (the GPTQ/LeanQuant recipe)."""
-    if tokens.numel() <= seqlen:
+def text_tokens(
+    model: Path, source: str, split: str, *, bos: bool, vocab_size: int
+) -> tuple[Tensor, int | None]:
+    """The ``split`` ("calib"/"eval") text of ``source`` tokenized by ``model``'s tokenizer, and
+    the id windows begin with: its BOS if ``bos`` and the tokenizer adds one, else None.
+    Refuses ids the model's embedding (``vocab_size`` rows) cannot look up."""
+    tokenizer = load_tokenizer(model, "calibration" if split == "calib" else "evaluation")
+    tokens = tokenize(tokenizer, load_text(source, split))
+    bos_id = bos_token_id(tokenizer) if bos else None
+    check_token_ids(tokens, bos_id, vocab_size, model)
+    return tokens, bos_id
+
+
+def check_token_ids(tokens: Tensor, bos: int | None, vocab_size: int, model: Path) -> None:
+    """Every id (text tokens and BOS) is below the model's ``vocab_size``."""
+    top = max(int(tokens.max()) if tokens.numel() else -1, -1 if bos is None else bos)
+    if top >= vocab_size:
+        raise UserError(
+            f"the tokenizer in {model} produces token id {top} but the model's vocab_size is "
+            f"{vocab_size}: the tokenizer does not belong to this model"
+        )
+
+
+def check_seqlen(seqlen: int, config: Any, model: Path) -> None:
+    """A window fits the model's positions: ``seqlen`` ≤ ``max_position_embeddings`` (of the
+    text config). A config without the field is not checked."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise UserError(
+            f"--seqlen {seqlen} is longer than the max_position_embeddings {limit} of {model}"
+        )
+
+
+def model_vocab_size(config: Any) -> int:
+    """Rows of the model's input embedding, as its (text) config says."""
+    return config.get_text_config().vocab_size
+
+
+def _text_per_window(seqlen: int, bos: int | None) -> int:
+    """Text tokens in a window of ``seqlen``: all but the BOS, if any; at least one."""
+    n = seqlen - (bos is not None)
+    if n < 1:
+        raise UserError(f"--seqlen {seqlen} leaves no room for text after the BOS token")
+    return n
+
+
+def _bos_windows(text: Tensor, bos: int | None) -> Tensor:
+    """(n, L) text windows, with a BOS column in front if ``bos`` is not None."""
+    if bos is None:
+        return text
+    return torch.cat([torch.full((text.shape[0], 1), bos, dtype=text.dtype), text], dim=1)
+
+
+def random_windows(
+    tokens: Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None
+) -> Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random offsets (the GPTQ/LeanQuant recipe);
+    with ``bos``, each is [bos] + seqlen − 1 text tokens (the window length stays seqlen)."""
+    n = _text_per_window(seqlen, bos)
+    if tokens.numel() <= n:
         raise UserError(
             f"calibration text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}"
         )
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, tokens.numel() - n, (nsamples,), generator=g)
+    return _bos_windows(torch.stack([tokens[s : s + n] for s in starts.tolist()]), bos)
 
 
-def consecutive_windows(tokens: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens from the start (perplexity evaluation)."""
-    n = tokens.numel() // seqlen
+def consecutive_windows(
+    tokens: Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None
+) -> Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start (perplexity evaluation);
+    with ``bos``, each is [bos] + the next seqlen − 1 text tokens (the window length stays
+    seqlen, and every text token of a window is scored, its first one given only BOS)."""
+    n = _text_per_window(seqlen, bos)
+    count = tokens.numel() // n
     if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
+        count = min(count, max_windows)
+    if count == 0:
         raise UserError(
             f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}"
         )
-    return tokens[: n * seqlen].view(n, seqlen)
+    return _bos_windows(tokens[: count * n].view(count, n), bos)

@@ -4,17 +4,42 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from leanquant_serve.format import load_reference_model
 
-from .data import consecutive_windows, load_text, tokenize
-from .errors import UserError
+from .data import check_seqlen, consecutive_windows, model_vocab_size, text_tokens
+from .errors import UserError, check_counts
+from .source import load_config
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One perplexity evaluation (the CLI's ``eval`` builds it from its flags)."""
+
+    model: Path  # model or LeanQuant checkpoint folder
+    data: str = "wiki-sample"  # text source (its evaluation split), see data.load_text
+    seqlen: int = 2048  # tokens per window, BOS included
+    max_windows: int | None = None  # None: as many as the text holds
+    batch_size: int = 1
+    device: str = "cpu"
+    # begin each window with the tokenizer's BOS token if the tokenizer adds one to a text
+    # (as lm-eval's add_bos_token; see data.py); False: text tokens only (--no-bos)
+    bos: bool = True
+
+    def __post_init__(self) -> None:
+        """Settings that no model can make right, refused before anything is read."""
+        check_counts(seqlen=self.seqlen, batch_size=self.batch_size)
+        if self.max_windows is not None:
+            check_counts(max_windows=self.max_windows)
+        if self.seqlen < 2:
+            raise UserError(f"--seqlen must be at least 2 to score a token, got {self.seqlen}")
 
 
 def is_leanquant_checkpoint(path: Path) -> bool:
@@ -28,8 +53,7 @@ def is_leanquant_checkpoint(path: Path) -> bool:
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """A dense model: LeanQuant checkpoints are dequantized by the reference dequantizer."""
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a model folder (no config.json)")
+    load_config(path)  # a readable config.json, or a one-line error
     if is_leanquant_checkpoint(path):
         return load_reference_model(path, dtype=dtype, device=device).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -52,24 +76,24 @@ def perplexity(
     return math.exp(nll / count)
 
 
-def evaluate(
-    path: Path,
-    data: str,
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    batch_size: int = 1,
-    device: str = "cpu",
-) -> dict:
-    """Perplexity of the model in ``path`` on the "eval" split of text source ``data``."""
-    model = load_model(path, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = consecutive_windows(tokenize(tokenizer, load_text(data, "eval")), seqlen, max_windows)
-    ppl = perplexity(model, windows, batch_size, device)
+def evaluate(job: EvalJob) -> dict:
+    """Perplexity of the model in ``job.model`` on the "eval" split of text source
+    ``job.data``. The model, seqlen, text and tokenizer are checked before the weights load."""
+    path = Path(job.model)
+    config = load_config(path)
+    check_seqlen(job.seqlen, config, path)
+    tokens, bos = text_tokens(
+        path, job.data, "eval", bos=job.bos, vocab_size=model_vocab_size(config)
+    )
+    windows = consecutive_windows(tokens, job.seqlen, job.max_windows, bos)
+    model = load_model(path, device=job.device)
+    ppl = perplexity(model, windows, job.batch_size, job.device)
     return {
         "model": str(path),
-        "data": data,
-        "seqlen": seqlen,
+        "data": job.data,
+        "seqlen": job.seqlen,
         "windows": windows.shape[0],
         "tokens": windows.numel(),
+        "bos_token_id": bos,  # what every window begins with (None: text only)
         "perplexity": ppl,
     }

@@ -79,3 +79,15 @@ class SourceModel:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"tensor {name} contains NaN or Inf values")
         return t
+
+
+def load_config(path: Path):
+    """The transformers config of the model or checkpoint folder ``path``."""
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"cannot read the model config in {path}: {e}") from e

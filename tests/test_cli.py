@@ -150,3 +150,160 @@ def test_quantize_then_eval(capsys, tiny_model, calib_text, tmp_path):
     assert math.isfinite(quantized) and 1 < quantized
     # A random tiny model is close to uniform over its vocabulary; 4 bits keep it there.
     assert abs(math.log(quantized / original)) < 0.1, (quantized, original)
+
+
+# Bad input refused up front, in the library (the CLI only reports it): each test runs the
+# CLI and, where there is one, the Python API.
+
+
+@pytest.mark.parametrize(
+    "name,content",
+    [("empty.txt", ""), ("blank.txt", "\n \n\n"), ("records.jsonl", '{"text": ""}\n')],
+)
+def test_text_without_text(capsys, tiny_model, tmp_path, name, content):
+    text, model = tmp_path / name, tiny_model("llama")
+    text.write_text(content)
+    msg = user_error(capsys, quantize(model, tmp_path / "out", "--calib", str(text), *FAST))
+    assert f"text source {text} holds no text" in msg
+    msg = user_error(capsys, ["eval", str(model), "--data", str(text), "--seqlen", "32"])
+    assert f"text source {text} holds no text" in msg
+    assert sorted(tmp_path.iterdir()) == [text]
+
+
+def test_unreadable_text(capsys, tiny_model, tmp_path):
+    text = tmp_path / "bad.jsonl"
+    text.write_text('{"text": "the of and"\n')
+    msg = user_error(
+        capsys, quantize(tiny_model("llama"), tmp_path / "out", "--calib", str(text), *FAST)
+    )
+    assert f"cannot read {text}" in msg
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--nsamples", "0"),
+        ("--nsamples", "-4"),
+        ("--seqlen", "0"),
+        ("--seqlen", "-32"),
+        ("--batch-size", "0"),
+        ("--T", "0"),
+    ],
+)
+def test_quantize_counts_must_be_positive(capsys, tiny_model, calib_text, tmp_path, flag, value):
+    argv = quantize(tiny_model("llama"), tmp_path / "out", "--calib", str(calib_text), *FAST)
+    msg = user_error(capsys, [*argv, flag, value])
+    assert f"{flag} must be a positive integer, got {value}" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "flag,value,expected",
+    [
+        ("--seqlen", "0", "--seqlen must be a positive integer, got 0"),
+        ("--seqlen", "1", "--seqlen must be at least 2 to score a token, got 1"),
+        ("--batch-size", "0", "--batch-size must be a positive integer, got 0"),
+        ("--max-windows", "0", "--max-windows must be a positive integer, got 0"),
+        ("--max-windows", "-1", "--max-windows must be a positive integer, got -1"),
+    ],
+)
+def test_eval_counts_must_be_positive(capsys, tiny_model, calib_text, flag, value, expected):
+    argv = ["eval", str(tiny_model("llama")), "--data", str(calib_text), "--seqlen", "32"]
+    assert expected in user_error(capsys, [*argv, flag, value])
+
+
+def test_counts_are_checked_by_the_library(tmp_path):
+    from quantizer.errors import UserError
+    from quantizer.evaluate import EvalJob
+    from quantizer.gptq import GPTQSettings
+    from quantizer.pipeline import QuantizeJob
+
+    settings = GPTQSettings(bits=4)
+    for field in ("nsamples", "seqlen", "batch_size", "max_shard_bytes"):
+        with pytest.raises(UserError, match="must be a positive integer, got 0"):
+            QuantizeJob(tmp_path, tmp_path / "out", settings, **{field: 0})
+    for field in ("seqlen", "batch_size", "max_windows"):
+        with pytest.raises(UserError, match="must be a positive integer, got 0"):
+            EvalJob(tmp_path, **{field: 0})
+    with pytest.raises(UserError, match="--nsamples must be a positive integer, got 2.5"):
+        QuantizeJob(tmp_path, tmp_path / "out", settings, nsamples=2.5)
+    with pytest.raises(ValueError, match="--T must be a positive integer, got 0"):
+        GPTQSettings(bits=4, T=0)
+
+
+@pytest.mark.parametrize(
+    "flag,value,expected",
+    [
+        ("--damp", "0", "--damp must be a positive finite number, got 0.0"),
+        ("--damp", "-0.01", "--damp must be a positive finite number, got -0.01"),
+        ("--damp", "nan", "--damp must be a positive finite number, got nan"),
+        ("--damp", "inf", "--damp must be a positive finite number, got inf"),
+        ("--shrink", "0.5", "--shrink must be at least 0 and below 0.5, got 0.5"),
+        ("--shrink", "-0.1", "--shrink must be at least 0 and below 0.5, got -0.1"),
+        ("--exponent", "nan", "--exponent must be a finite number, got nan"),
+    ],
+)
+def test_gptq_settings_are_validated_up_front(capsys, tiny_model, tmp_path, flag, value, expected):
+    from quantizer.gptq import GPTQSettings
+
+    model = tiny_model("llama")
+    assert expected in user_error(capsys, quantize(model, tmp_path / "out", "--rtn", flag, value))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=expected.replace("--", "")):
+        GPTQSettings(bits=4, **{flag.removeprefix("--"): float(value)})
+
+
+def _without_tokenizer(model: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in model.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+def test_model_without_tokenizer(capsys, tiny_model, calib_text, tmp_path):
+    model = _without_tokenizer(tiny_model("llama"), tmp_path / "model")
+    msg = user_error(capsys, quantize(model, tmp_path / "out", "--calib", str(calib_text), *FAST))
+    assert f"no usable tokenizer in {model}" in msg and "calibration" in msg and "--rtn" in msg
+    assert not (tmp_path / "out").exists()
+    msg = user_error(capsys, ["eval", str(model), "--data", str(calib_text), "--seqlen", "32"])
+    assert f"no usable tokenizer in {model}" in msg and "evaluation" in msg
+    # Round to nearest needs no tokenizer.
+    assert main(quantize(model, tmp_path / "out", "--rtn", "--group-size", "32")) == 0
+
+
+def test_tokenizer_ids_beyond_the_vocabulary(capsys, tokenizer, calib_text, tmp_path):
+    """The model's embedding has fewer rows than the tokenizer has ids."""
+    from conftest import ARCHITECTURES
+    from transformers import AutoModelForCausalLM
+
+    from quantizer.data import load_text, tokenize
+
+    model, vocab = tmp_path / "model", 200
+    AutoModelForCausalLM.from_config(ARCHITECTURES["llama"](vocab)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    top = int(tokenize(tokenizer, load_text(str(calib_text))).max())
+    assert top >= vocab
+    expected = f"produces token id {top} but the model's vocab_size is {vocab}"
+    msg = user_error(capsys, quantize(model, tmp_path / "out", "--calib", str(calib_text), *FAST))
+    assert expected in msg
+    msg = user_error(capsys, ["eval", str(model), "--data", str(calib_text), "--seqlen", "32"])
+    assert expected in msg
+
+
+def test_seqlen_beyond_the_model_positions(capsys, tiny_model, calib_text, tmp_path):
+    model = tiny_model("llama")  # max_position_embeddings 256
+    argv = quantize(model, tmp_path / "out", "--calib", str(calib_text), *FAST, "--seqlen", "257")
+    msg = user_error(capsys, argv)
+    assert "--seqlen 257" in msg and "max_position_embeddings 256" in msg
+    msg = user_error(capsys, ["eval", str(model), "--data", str(calib_text), "--seqlen", "300"])
+    assert "--seqlen 300" in msg and "max_position_embeddings 256" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seqlen_unchecked_without_max_positions(tmp_path):
+    from transformers import PretrainedConfig
+
+    from quantizer.data import check_seqlen
+
+    check_seqlen(10**6, PretrainedConfig(), tmp_path)  # no field: nothing to refuse

@@ -127,7 +127,7 @@ def choose_kernel(c: MPLinearLayerConfig) -> tuple[type | None, str | None]:
     try:
         kernel = choose_mp_linear_kernel(c)
     except ValueError as e:
-        return None, str(e).splitlines()[0]
+        return None, " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     reason = kernel_cannot_run(kernel, c)
     return (None, reason) if reason else (kernel, None)
 

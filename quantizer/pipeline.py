@@ -36,7 +36,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from leanquant_serve.format import (
     CheckpointWriter,
@@ -49,8 +49,8 @@ from leanquant_serve.format import (
 from leanquant_serve.format.checkpoint import PartialRunError, PartialRunLocked
 
 from .activations import PLACES, Activations
-from .data import load_text, random_windows, tokenize
-from .errors import UserError
+from .data import check_seqlen, model_vocab_size, random_windows, text_tokens
+from .errors import UserError, check_counts
 from .gptq import (
     CholeskyError,
     GPTQSettings,
@@ -59,9 +59,9 @@ from .gptq import (
     prepare,
     quantize_weight,
 )
-from .grids import ROW_COUPLED_GRIDS
+from .grids import FP16_MAX, ROW_COUPLED_GRIDS, FP16RangeError
 from .model_walk import StopForward, find_decoder_layers, find_linears, sequential_groups
-from .source import SourceModel
+from .source import SourceModel, load_config
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,11 @@ class QuantizeJob:
     rtn: bool = False  # round-to-nearest: no calibration, no error feedback
     calib: str | None = None  # text source, see data.load_text
     nsamples: int = 128
-    seqlen: int = 2048
+    seqlen: int = 2048  # tokens per calibration window, BOS included
     batch_size: int = 1
+    # begin each calibration window with the tokenizer's BOS token if the tokenizer adds one
+    # to a text (see data.py); False: text tokens only (--no-bos)
+    bos: bool = True
     # compute device, or a comma-separated list (cuda:0,cuda:1): the first runs the layer
     # forwards and holds the activations; every one takes rows of each group's GPTQ work,
     # and the second accumulates and factors the Hessians
@@ -95,6 +98,15 @@ class QuantizeJob:
     resume: bool = False  # continue it after its last finished layer (or start if none)
     fresh: bool = False  # discard it and start over
 
+    def __post_init__(self) -> None:
+        """Settings that no model can make right, refused before anything is read."""
+        check_counts(
+            nsamples=self.nsamples,
+            seqlen=self.seqlen,
+            batch_size=self.batch_size,
+            max_shard_size=self.max_shard_bytes,
+        )
+
     @property
     def devices(self) -> list[torch.device]:
         return [torch.device(d.strip()) for d in self.device.split(",")]
@@ -108,6 +120,9 @@ class SublayerReport:
     seconds: float
     damp: float
     cholesky_retries: int
+    # inputs that are zero in every calibration token (None: --rtn, no calibration); their
+    # weights are kept and rounded to nearest, see gptq.prepare
+    dead_inputs: int | None = None
 
 
 @dataclass
@@ -120,6 +135,7 @@ class Summary:
     cholesky_retries: int
     layers: list[list[SublayerReport]] = field(default_factory=list)
     activation_bytes: int = 0  # of one layer's calibration inputs, as stored
+    bos_token_id: int | None = None  # what every calibration window begins with (None: text)
 
 
 def _qcfg(job: QuantizeJob, not_converted: list[str]) -> LeanQuantConfig:
@@ -234,11 +250,24 @@ def _load_layer(
     in ``keep`` as stored (the others are dropped as soon as the module holds them)."""
     kept = {}
     for p, _ in layer.named_parameters():
-        t = src.get_finite(f"{prefix}.{p}")
+        t = _fits_dtype(f"{prefix}.{p}", src.get_finite(f"{prefix}.{p}"), dtype)
         set_module_tensor_to_device(layer, p, device, value=t, dtype=dtype)
         if f"{prefix}.{p}" in keep:
             kept[f"{prefix}.{p}"] = t
     return kept
+
+
+def _fits_dtype(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t``, refused if the compute dtype cannot hold its values (|w| ≥ 65520 would become
+    Inf in float16, and the layer's outputs NaN)."""
+    if t.is_floating_point() and torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        if bool(torch.isinf(t.to(dtype)).any()):
+            raise UserError(
+                f"tensor {name}: values up to |w| = {float(t.abs().max()):.3g} exceed what "
+                f"--dtype {str(dtype).removeprefix('torch.')} can represent (at most "
+                f"{torch.finfo(dtype).max:.0f}); use --dtype float32 or bfloat16"
+            )
+    return t
 
 
 def quantize_model(
@@ -298,10 +327,7 @@ def _os_error(e: OSError) -> str:
 
 def _build_skeleton(job: QuantizeJob, dtype: torch.dtype) -> nn.Module:
     """The model with empty (meta) parameters; buffers such as rotary frequencies are real."""
-    try:
-        config = AutoConfig.from_pretrained(job.model)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"cannot read the model config in {job.model}: {e}") from e
+    config = load_config(job.model)
     with init_empty_weights(include_buffers=False):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -324,6 +350,7 @@ class _Run:
     qcfg: LeanQuantConfig
     outer_names: list[str]  # tensors outside the decoder layers, stored unchanged
     windows: Tensor | None  # calibration windows (None: RTN)
+    bos_token_id: int | None  # their first token, if the tokenizer's BOS
     fingerprint: dict
     devices: list[torch.device]
     dtype: torch.dtype
@@ -370,7 +397,7 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
     ]
     qcfg = _qcfg(job, ([head_name] if head_name else []) + skipped)
     outer_names = [n for n in src.weight_map if not n.startswith(layers_name + ".")]
-    windows = None if job.rtn else _calibration_windows(job)
+    windows, bos = (None, None) if job.rtn else _calibration_windows(job, model.config)
     fingerprint = _fingerprint(job, src, windows)
 
     try:
@@ -397,7 +424,7 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
         return _summary_from_report(job.out / REPORT_FILE)
     run = _Run(
         job, src, writer, model, layers_name, layers, head_name, qcfg, outer_names, windows,
-        fingerprint, devices, dtype, observer, t0,
+        bos, fingerprint, devices, dtype, observer, t0,
     )  # fmt: skip
     try:
         with writer:
@@ -433,6 +460,7 @@ def _layers(run: _Run) -> Summary:
         start, seconds_before = state["layers_done"], state["seconds"]
         summary = _summary_from_state(job, state["summary"])
         log.info("resuming %s after layer %d of %d", writer.partial, start - 1, len(layers))
+    summary.bos_token_id = run.bos_token_id
     acts = None
     if not job.rtn:
         store_dtype = getattr(torch, job.act_dtype or job.dtype)
@@ -577,20 +605,29 @@ def _quantize_group(
         prep = None if h is None else prepare(h, s)
     except CholeskyError as e:
         raise UserError(f"{prefix}.{'/'.join(group)}: {e}; raise --damp") from e
+    dead = None if prep is None else int(prep.dead.sum())
+    if dead:
+        log.info(
+            "%s.%s: %d of %d inputs are zero in every calibration token (weights kept, rounded "
+            "to nearest)", prefix, "/".join(group), dead, len(prep.dead),
+        )  # fmt: skip
     weights = [linears[n].weight.data for n in group]
     # A row-coupled grid (one parameter per group shared by all rows) is fitted on whole
     # weights: its rows stay on the first device (the Hessian still goes to the second).
     row_devices = 1 if s.grid in ROW_COUPLED_GRIDS else len(run.devices)
     plan = _row_plan([w.shape[0] for w in weights], row_devices)
 
+    def one(m: int, a: int, b: int, device: torch.device, p) -> QuantizedWeight:
+        try:
+            return quantize_weight(weights[m][a:b].to(device), p, s, rows=(a, len(weights[m])))
+        except FP16RangeError as e:
+            raise _fp16_range_error(prefix, group[m], weights[m], e, h is None) from e
+
     def work(device: torch.device, slices: list[tuple[int, int, int]]):
         p = None if prep is None else prep.to(device)  # U copied to each device
         # the thread's current CUDA device, for anything allocated without an explicit device
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            return [
-                (m, a, quantize_weight(weights[m][a:b].to(device), p, s, rows=(a, len(weights[m]))))
-                for m, a, b in slices
-            ]
+            return [(m, a, one(m, a, b, device, p)) for m, a, b in slices]
 
     if len(plan) == 1:
         done = [work(run.devices[0], plan[0])]
@@ -603,18 +640,41 @@ def _quantize_group(
     parts: list[list[QuantizedWeight]] = [[] for _ in group]
     for m, _, r in (x for per_device in done for x in per_device):
         parts[m].append(r)
-    return [
-        _store_sublayer(
-            run, prefix, name, linears[name], QuantizedWeight.cat(parts[m], run.device), seconds
+    stored = []
+    for m, name in enumerate(group):  # one whole weight at a time
+        r = QuantizedWeight.cat(parts[m], run.device)
+        stored.append(_store_sublayer(run, prefix, name, linears[name], r, seconds, dead))
+    return stored
+
+
+def _fp16_range_error(prefix: str, name: str, W: Tensor, e: FP16RangeError, rtn: bool) -> UserError:
+    """The one-line error for a weight whose grid cannot be stored in fp16: names the tensor,
+    the value needed, and whether the weights themselves or GPTQ's updates of them need it."""
+    full, largest = f"{prefix}.{name}.weight", float(W.abs().max())
+    need = f"an fp16 {e.what} of {e.value:.3g} (fp16 holds at most {FP16_MAX:.0f})"
+    if not rtn and e.largest_w > largest:  # the fit saw weights larger than the source's
+        return UserError(
+            f"{full}: GPTQ's error updates grew its weights from |w| <= {largest:.3g} to "
+            f"{e.largest_w:.3g}, which would need {need}; try a larger --damp"
         )
-        for m, name in enumerate(group)
-    ]
+    return UserError(
+        f"{full}: its values exceed what an fp16 {e.what} can represent: weights up to "
+        f"|w| = {e.largest_w:.3g} would need {need}; leave it unquantized with "
+        f"--skip '{name}' or rescale the model"
+    )
 
 
 def _store_sublayer(
-    run: _Run, prefix: str, name: str, m: nn.Linear, r: QuantizedWeight, seconds: float
+    run: _Run,
+    prefix: str,
+    name: str,
+    m: nn.Linear,
+    r: QuantizedWeight,
+    seconds: float,
+    dead_inputs: int | None,
 ) -> tuple[dict[str, Tensor], SublayerReport]:
-    """Set sublayer ``name``'s weight to Q; returns its checkpoint tensors and report."""
+    """Set sublayer ``name``'s weight to Q; returns its checkpoint tensors and report
+    (``dead_inputs``: its inputs that were zero in every calibration token)."""
     full, qcfg = f"{prefix}.{name}", run.qcfg
     if not torch.isfinite(r.Q).all():
         raise UserError(f"{full}: quantization produced NaN/Inf (check the calibration data)")
@@ -636,12 +696,15 @@ def _store_sublayer(
     tensors = {f"{full}.{k}": v for k, v in packed.items()}
     if run.observer is not None:
         run.observer(full, r)
-    report = SublayerReport(name, tuple(m.weight.shape), r.loss, seconds, r.damp, r.retries)
+    report = SublayerReport(
+        name, tuple(m.weight.shape), r.loss, seconds, r.damp, r.retries, dead_inputs
+    )
     return tensors, report
 
 
-def _calibration_windows(job: QuantizeJob) -> Tensor:
-    """The calibration windows (nsamples, seqlen) drawn with the job's seed."""
+def _calibration_windows(job: QuantizeJob, config) -> tuple[Tensor, int | None]:
+    """The calibration windows (nsamples, seqlen) drawn with the job's seed, and the BOS id
+    each begins with (None: none; see data.py). ``config``: the model's."""
     if job.calib is None:
         raise UserError(
             "--calib is required (a text file, folder, wiki-sample or a hub dataset name), or use --rtn"
@@ -650,13 +713,11 @@ def _calibration_windows(job: QuantizeJob) -> Tensor:
         raise UserError(
             f"--nsamples {job.nsamples} is not a multiple of --batch-size {job.batch_size}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(job.model)
-    return random_windows(
-        tokenize(tokenizer, load_text(job.calib, "calib")),
-        job.nsamples,
-        job.seqlen,
-        job.settings.seed,
+    check_seqlen(job.seqlen, config, job.model)
+    tokens, bos = text_tokens(
+        job.model, job.calib, "calib", bos=job.bos, vocab_size=model_vocab_size(config)
     )
+    return random_windows(tokens, job.nsamples, job.seqlen, job.settings.seed, bos), bos
 
 
 def _sha256(data: bytes) -> str:
@@ -735,6 +796,8 @@ def _outer_tensors(run: _Run, start: int, acts: Activations | None) -> list[dict
     for name in run.outer_names:
         if start == 0 or name in needed:
             t = src.get_finite(name)
+            if name in needed:
+                _fits_dtype(name, t, run.dtype)
             if start == 0:
                 run.writer.add({name: t})
             if name in needed:

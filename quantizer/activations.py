@@ -8,7 +8,7 @@ the choice decides whether a run fits a GPU (``device``), host RAM (``cpu``) or 
 (``disk``: one batch in memory at a time).
 
 Each batch is a tensor in the partial checkpoint folder's ``state-act-<layer>-<batch>``
-files when the run records a step (see :class:`~leanquant_serve.format.CheckpointWriter`);
+files when the run records a step (see :class:`~quantizer.journal.JournaledWriter`);
 ``disk`` keeps them there all along, so resuming costs it no extra write.
 """
 
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from leanquant_serve.format import CheckpointWriter
+if TYPE_CHECKING:
+    from .journal import JournaledWriter
 
 PLACES = ("device", "cpu", "disk")
 
@@ -43,7 +45,7 @@ class Activations:
         device: torch.device,
         compute_dtype: torch.dtype,
         store_dtype: torch.dtype,
-        writer: CheckpointWriter | None = None,
+        writer: JournaledWriter | None = None,
     ) -> None:
         if place not in PLACES:
             raise ValueError(f"place must be one of {', '.join(PLACES)}, got {place!r}")

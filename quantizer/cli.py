@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from leanquant_serve.format import SUPPORTED_BITS, FormatError
+from leanquant_serve.format import SUPPORTED_BITS, FormatError, partial_dir
 
 from .activations import PLACES
 from .errors import UserError
@@ -92,7 +92,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     try:
         s = quantize_model(job)
     except KeyboardInterrupt:
-        partial = out.parent / f".{out.name}.partial"
+        partial = partial_dir(out)
         if partial.exists():
             print(
                 f"leanquant: interrupted; partial run kept at {partial}: rerun with --resume "

@@ -39,14 +39,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from leanquant_serve.format import (
-    CheckpointWriter,
     FormatError,
     LeanQuantConfig,
     dequantize_linear,
     linear_specs,
     pack_linear,
 )
-from leanquant_serve.format.checkpoint import PartialRunError, PartialRunLocked
+from leanquant_serve.format.checkpoint import partial_dir
 
 from .activations import PLACES, Activations
 from .data import check_seqlen, model_vocab_size, random_windows, text_tokens
@@ -60,6 +59,7 @@ from .gptq import (
     quantize_weight,
 )
 from .grids import FP16_MAX, ROW_COUPLED_GRIDS, FP16RangeError
+from .journal import JournaledWriter, PartialRunError, PartialRunLocked
 from .model_walk import StopForward, find_decoder_layers, find_linears, sequential_groups
 from .source import SourceModel, load_config
 
@@ -313,7 +313,7 @@ def deterministic_algorithms(enabled: bool):
 
 def _partial_hint(partial: Path) -> str:
     return (
-        f"partial run kept at {partial} ({CheckpointWriter.describe_partial(partial)}): "
+        f"partial run kept at {partial} ({JournaledWriter.describe_partial(partial)}): "
         "rerun with --resume to continue it, or with --fresh (or delete it) to start over"
     )
 
@@ -342,7 +342,7 @@ class _Run:
 
     job: QuantizeJob
     src: SourceModel
-    writer: CheckpointWriter
+    writer: JournaledWriter
     model: nn.Module
     layers_name: str
     layers: nn.ModuleList
@@ -401,14 +401,13 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
     fingerprint = _fingerprint(job, src, windows)
 
     try:
-        writer = CheckpointWriter(
+        writer = JournaledWriter(
             job.out,
             max_shard_bytes=job.max_shard_bytes,
             overwrite=job.overwrite,
-            resumable=True,
             on_partial="resume" if job.resume else "fresh" if job.fresh else "refuse",
             check_state=lambda state: _check_fingerprint(
-                job.out.parent / f".{job.out.name}.partial", state.get("job", {}), fingerprint
+                partial_dir(job.out), state.get("job", {}), fingerprint
             ),
         )
     except PartialRunLocked as e:

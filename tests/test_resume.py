@@ -30,8 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from leanquant_serve.format import Checkpoint
-from leanquant_serve.format import checkpoint as ckpt_module
-from quantizer import pipeline
+from quantizer import journal, pipeline
 from quantizer.cli import main
 from quantizer.errors import UserError
 from quantizer.gptq import GPTQSettings
@@ -254,8 +253,8 @@ def test_killed_at_every_durable_write_resumes_identically(
 
         return wrapped
 
-    monkeypatch.setattr(ckpt_module, "_save_durably", hook(ckpt_module._save_durably))
-    monkeypatch.setattr(ckpt_module, "_fsync_dir", hook(ckpt_module._fsync_dir))
+    monkeypatch.setattr(journal, "_save_durably", hook(journal._save_durably))
+    monkeypatch.setattr(journal, "_fsync_dir", hook(journal._fsync_dir))
     model = tiny_model("llama")  # 2 layers: about 2 x 15 runs
     quantize_model(small_job(model, tmp_path / "count", calib_text))
     events = calls["n"]
@@ -342,8 +341,8 @@ def test_full_disk_keeps_a_resumable_partial(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(tensors, path, metadata=metadata)
 
-    real = ckpt_module.save_file
-    monkeypatch.setattr(ckpt_module, "save_file", save_file_until_full)
+    real = journal.save_file
+    monkeypatch.setattr(journal, "save_file", save_file_until_full)
     out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
     assert main(cli_args(deep_model, out, calib_text)) == 2
     err = capsys.readouterr().err
@@ -351,7 +350,7 @@ def test_full_disk_keeps_a_resumable_partial(
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "no space left on the device" in lines[0] and "2 of 6 layers done" in lines[0]
     assert "--resume" in lines[0] and layers_done(partial) == 2 and not out.exists()
-    monkeypatch.setattr(ckpt_module, "save_file", real)
+    monkeypatch.setattr(journal, "save_file", real)
     assert main(cli_args(deep_model, out, calib_text, "--resume")) == 0
     assert_same_checkpoint(out, cli_reference)
 

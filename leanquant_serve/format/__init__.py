@@ -5,7 +5,13 @@ nothing else defines tensor names, shapes, dtypes or packing. Layout convention:
 weight W is (out_features, in_features) = (rows, columns); codes are integers in [0, 2**bits).
 """
 
-from .checkpoint import Checkpoint, CheckpointWriter, load_reference_model
+from .checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    check_output,
+    load_reference_model,
+    partial_dir,
+)
 from .config import (
     CHECKPOINT_FORMAT,
     GRIDS,
@@ -36,6 +42,7 @@ __all__ = [
     "LeanQuantConfig",
     "TensorSpec",
     "check_linear",
+    "check_output",
     "chunk_size",
     "dequantize_linear",
     "infer_linear_shape",
@@ -43,6 +50,7 @@ __all__ = [
     "load_reference_model",
     "pack_codes",
     "pack_linear",
+    "partial_dir",
     "unpack_codes",
     "unpack_linear",
 ]

@@ -10,14 +10,10 @@ keeps its name, shape and dtype.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
 import logging
-import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,59 +60,35 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-PROGRESS_FILE = "progress.json"  # resumable partial runs: the last durable step
-LOCK_FILE = ".lock"  # flock'ed by the process writing a resumable partial folder
-STATE_PREFIX = "state-"  # caller files saved with a step (e.g. activations)
-_PROGRESS_VERSION = 1
+def partial_dir(out_dir: Path) -> Path:
+    """Where a checkpoint folder is written before it appears: the hidden sibling
+    ``.<name>.partial``. The one place that name is built (the writer, the quantizer's journal
+    and the CLI's messages all call this)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.partial"
 
 
-class PartialRunError(FormatError):
-    """A resumable partial folder exists (or is in use, or cannot be resumed)."""
-
-
-class PartialRunLocked(PartialRunError):
-    """The partial folder is being written by another running process."""
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# Two names for one call, so that tests can intercept the directory syncs (the commit points)
-# without the file syncs.
-_fsync_dir = _fsync_file = _fsync
-
-
-def _save_durably(tensors: Mapping[str, Tensor], path: Path) -> None:
-    save_file(dict(tensors), path, metadata={"format": "pt"})
-    _fsync_file(path)
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    """The rule for an output folder: an existing one is replaced only with ``overwrite`` (and
+    only if it is a folder). Raises FormatError naming the flag to pass."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (overwrite and out_dir.is_dir()):
+        raise FormatError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
 
 
 class CheckpointWriter:
     """Streams tensors into a checkpoint folder that appears only when :meth:`finalize` succeeds.
 
     Tensors are buffered on the CPU and written to safetensors shards in the hidden sibling
-    folder ``.<name>.partial``. A shard is flushed before the buffer would exceed
-    ``max_shard_bytes`` (a single larger tensor gets a shard of its own), so shard contents
-    depend only on the sequence of tensors added. An existing ``out_dir`` is refused unless
-    ``overwrite=True``; it is then replaced only at the end of :meth:`finalize`. As a context
-    manager, leaving the block without a successful :meth:`finalize` (an exception, or no
-    call) deletes the partial folder.
+    folder :func:`partial_dir` (``.<name>.partial``). A shard is flushed before the buffer
+    would exceed ``max_shard_bytes`` (a single larger tensor gets a shard of its own), so shard
+    contents depend only on the sequence of tensors added. An existing ``out_dir`` is refused
+    unless ``overwrite=True``; it is then replaced only at the end of :meth:`finalize`. As a
+    context manager, leaving the block without a successful :meth:`finalize` (an exception, or
+    no call) deletes the partial folder.
 
-    ``resumable=True``: :meth:`save_state` durably records a step (flushed shards, the
-    still-buffered tensors in ``pending-*`` files, the caller's ``state-*`` files and JSON
-    state; ``progress.json`` is replaced atomically, last). A failure or a kill after the
-    first step keeps the partial folder; a later writer opened with ``on_partial="resume"``
-    drops whatever the last ``progress.json`` does not list, reloads the buffer and exposes
-    the caller's state as :attr:`progress`, so the finished folder is byte-identical to an
-    uninterrupted run. An existing partial folder is refused (``on_partial="refuse"``),
-    resumed, or discarded (``"fresh"``); one locked by a running process is always refused.
-    ``check_state(state)`` may raise to refuse a resume before the folder is changed.
+    Subclasses may keep the partial folder across failures (the quantizer's crash-resume
+    journal, ``quantizer.journal.JournaledWriter``) by overriding the hooks marked below.
     """
 
     def __init__(
@@ -125,288 +97,50 @@ class CheckpointWriter:
         *,
         max_shard_bytes: int = 2 * 1024**3,
         overwrite: bool = False,
-        resumable: bool = False,
-        on_partial: str = "refuse",
-        check_state: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes: {max_shard_bytes} is not positive")
-        if on_partial not in ("refuse", "resume", "fresh"):
-            raise ValueError(f"on_partial: {on_partial!r} is not refuse, resume or fresh")
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
         self.overwrite = overwrite
-        self.resumable = resumable
-        self._check_state = check_state
-        if self.out_dir.exists() and not (overwrite and self.out_dir.is_dir()):
-            raise FormatError(f"{self.out_dir}: already exists (pass overwrite=True to replace it)")
-        self.partial = self.out_dir.parent / f".{self.out_dir.name}.partial"
+        check_output(self.out_dir, overwrite)
+        self.partial = partial_dir(self.out_dir)
         self._buffer: dict[str, Tensor] = {}
         self._buffered_bytes = 0
         self._shards: list[list[str]] = []  # tensor names of each flushed shard
         self._names: set[str] = set()
         self._total_bytes = 0
-        self._pending: dict[str, list[str]] = {}  # pending file -> its still-buffered names
-        self._state_files: list[str] = []
-        self._seq = 0
-        self._lock_fd: int | None = None
-        self._kept = False  # a progress.json exists: failures keep the partial folder
-        self.progress: dict[str, Any] | None = None  # the caller's state of a resumed run
-        self.finished = False  # resume found a finished folder and moved it into place
         self._open = True
-        if not resumable:
-            if self.partial.exists():
-                log.warning("removing stale partial checkpoint %s", self.partial)
-                shutil.rmtree(self.partial)
-            self.partial.mkdir(parents=True)
-            return
-        if not self.partial.exists():
-            self.partial.mkdir(parents=True)
-            self._lock()
-            return
-        self._lock()
-        try:
-            if on_partial == "refuse":
-                raise PartialRunError(
-                    f"{self.out_dir}: a partial run exists at {self.partial} "
-                    f"({self.describe_partial(self.partial)})"
-                )
-            if on_partial == "fresh":
-                log.warning("discarding the partial run %s", self.partial)
-                self._clear(keep=set())
-            else:
-                self._load()
-        except BaseException:
-            self._unlock()
-            raise
+        self._open_partial()
 
-    @staticmethod
-    def describe_partial(partial: Path) -> str:
-        """The ``note`` of a partial folder's last step, or why it has none."""
-        try:
-            return str(json.loads((partial / PROGRESS_FILE).read_text()).get("note", "?"))
-        except FileNotFoundError:
-            if (partial / CONFIG_FILE).exists():
-                return "finished, not yet moved into place"
-            return "no step finished"
-        except (OSError, ValueError) as e:
-            return f"unreadable {PROGRESS_FILE}: {e}"
+    # -- hooks --------------------------------------------------------------------------
 
-    # -- resumable partial folders ------------------------------------------------------
+    def _open_partial(self) -> None:
+        """Create the partial folder (a stale one from a killed run is removed)."""
+        if self.partial.exists():
+            log.warning("removing stale partial checkpoint %s", self.partial)
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
 
-    def _lock(self) -> None:
-        fd = os.open(self.partial / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise PartialRunLocked(
-                    f"{self.partial}: in use by another running process (locked)"
-                ) from None
-            raise
-        self._lock_fd = fd
+    def _write_shard(self, tensors: Mapping[str, Tensor], path: Path) -> None:
+        save_file(dict(tensors), path, metadata={"format": "pt"})
 
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+    def _place_shard(self, shard: Path, final: Path) -> None:
+        """Give a flushed shard its final name inside the partial folder."""
+        shard.rename(final)
 
-    def _clear(self, keep: set[str]) -> None:
-        """Delete everything in the partial folder but ``keep`` and the lock file."""
-        for f in sorted(self.partial.iterdir()):
-            if f.name in keep or f.name == LOCK_FILE:
-                continue
-            if f.is_dir() and not f.is_symlink():
-                shutil.rmtree(f)
-            else:
-                f.unlink()
-
-    @staticmethod
-    def _shard_file(i: int) -> str:
-        return f"shard-{i:05d}.safetensors"
-
-    def _load(self) -> None:
-        progress = self.partial / PROGRESS_FILE
-        if not progress.exists():
-            if (self.partial / CONFIG_FILE).exists():  # killed between commit and move
-                self._clear(keep=set(os.listdir(self.partial)) - set(self._strays()))
-                self._unlock()
-                (self.partial / LOCK_FILE).unlink(missing_ok=True)
-                self._move_into_place()
-                self._open, self.finished = False, True
-                log.info("%s: the resumed run had already finished; moved into place", self.out_dir)
-                return
-            log.warning("%s: no step of the partial run had finished; starting over", self.partial)
-            self._clear(keep=set())
-            return
-        try:
-            data = json.loads(progress.read_text())
-            w = data["writer"]
-            if data.get("version") != _PROGRESS_VERSION:
-                raise ValueError(f"version {data.get('version')!r}, expected {_PROGRESS_VERSION}")
-            shards = [list(names) for names in w["shards"]]
-            pending = {str(f): list(names) for f, names in w["pending"].items()}
-            buffer_names, state_files = list(w["buffer"]), list(data["files"])
-            total, seq, state = int(w["total_bytes"]), int(w["seq"]), data["state"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PartialRunError(f"{progress}: cannot resume from it ({e})") from None
-        if self._check_state is not None:  # before anything in the folder changes
-            self._check_state(state)
-        listed = [self._shard_file(i) for i in range(1, len(shards) + 1)]
-        listed += [*pending, *state_files]
-        self._clear(keep={PROGRESS_FILE, *listed})  # written after the last step: redone
-        for f in listed:
-            if not (self.partial / f).is_file():
-                raise PartialRunError(f"{self.partial / f}: listed in {PROGRESS_FILE} but missing")
-        buffer: dict[str, Tensor] = {}
-        current = self.partial
-        try:
-            for i, names in enumerate(shards, 1):
-                current = self.partial / self._shard_file(i)
-                with safe_open(current, framework="pt") as h:
-                    if sorted(h.keys()) != sorted(names):
-                        raise PartialRunError(f"{current}: tensors differ from {PROGRESS_FILE}")
-            for f, names in pending.items():
-                current = self.partial / f
-                with safe_open(current, framework="pt") as h:
-                    for n in names:
-                        buffer[n] = h.get_tensor(n)
-        except SafetensorError as e:
-            raise PartialRunError(f"{current}: unreadable ({e}); cannot resume") from None
-        missing = [n for n in buffer_names if n not in buffer]
-        if missing:
-            raise PartialRunError(
-                f"{missing[0]}: buffered but in no pending file of {self.partial}"
-            )
-        self._shards, self._pending, self._state_files = shards, pending, state_files
-        self._buffer = {n: buffer[n] for n in buffer_names}
-        self._buffered_bytes = sum(t.nbytes for t in self._buffer.values())
-        self._names = {n for names in shards for n in names} | set(self._buffer)
-        self._total_bytes, self._seq = total, seq
-        self.progress, self._kept = state, True
-
-    def _strays(self) -> list[str]:
-        """Files of a resumable partial folder that are no part of the finished checkpoint."""
-        return [
-            f
-            for f in os.listdir(self.partial)
-            if f.startswith(("shard-", "pending-", STATE_PREFIX, PROGRESS_FILE)) or f == LOCK_FILE
-        ]
-
-    def _listed(self, name: str) -> str:
-        if name not in self._state_files:
-            raise PartialRunError(f"{name}: not a state file of the resumed run")
-        return name
-
-    @contextlib.contextmanager
-    def _open_state_file(self, name: str):
-        """safetensors handle of a ``state-*`` file, closed on exit (its pages then leave this
-        process's resident memory); a damaged file is a PartialRunError."""
-        try:
-            with safe_open(self.partial / name, framework="pt") as h:
-                yield h
-        except SafetensorError as e:
-            raise PartialRunError(f"{self.partial / name}: unreadable ({e})") from None
-
-    def read_state_file(self, name: str) -> dict[str, Tensor]:
-        """The tensors of a ``state-*`` file in the partial folder."""
-        with self._open_state_file(name) as h:
-            return {k: h.get_tensor(k) for k in h.keys()}
-
-    def load_state_file(self, name: str) -> dict[str, Tensor]:
-        """The tensors of a ``state-*`` file listed in the resumed run's last step."""
-        return self.read_state_file(self._listed(name))
-
-    def state_file_shapes(self, name: str) -> dict[str, list[int]]:
-        """The tensor shapes of a listed ``state-*`` file, from its header only."""
-        with self._open_state_file(self._listed(name)) as h:
-            return {k: h.get_slice(k).get_shape() for k in h.keys()}
-
-    def _check_state_name(self, name: str) -> None:
-        if not name.startswith(STATE_PREFIX) or "/" in name or name in self._state_files:
-            raise ValueError(f"{name}: state files are new names starting with {STATE_PREFIX}")
-
-    def write_state_file(self, name: str, tensors: Mapping[str, Tensor]) -> None:
-        """Durably write a state file now, for a later :meth:`save_state` (``written``)."""
-        self._check_open()
-        self._check_state_name(name)
-        _save_durably(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.partial / name
-        )
-
-    def save_state(
-        self,
-        state: Mapping[str, Any],
-        files: Mapping[str, Mapping[str, Tensor]] = {},
-        note: str = "",
-        written: Sequence[str] = (),
-    ) -> None:
-        """Durably record a step: the tensors added so far, ``files`` (name -> tensors; names
-        start with ``state-`` and must differ from the previous step's), the state files
-        ``written`` earlier with :meth:`write_state_file`, and the JSON ``state`` that
-        :attr:`progress` returns after a resume. ``progress.json`` is replaced last; then
-        every state file this step does not list is deleted. Files are written one at a time
-        (host memory: one file's tensors)."""
-        self._check_open()
-        if not self.resumable:
-            raise RuntimeError("save_state needs resumable=True")
-        for name in [*files, *written]:
-            self._check_state_name(name)
-        for name in written:
-            if not (self.partial / name).is_file():
-                raise ValueError(f"{name}: not written into {self.partial}")
-        for name, tensors in files.items():
-            self.write_state_file(name, tensors)
-        persisted = {n for names in self._pending.values() for n in names}
-        new = [n for n in self._buffer if n not in persisted]
-        if new:
-            self._seq += 1
-            f = f"pending-{self._seq:05d}.safetensors"
-            _save_durably({n: self._buffer[n] for n in new}, self.partial / f)
-            self._pending[f] = new
-        self._pending = {
-            f: [n for n in names if n in self._buffer]
-            for f, names in self._pending.items()
-            if any(n in self._buffer for n in names)
-        }
-        self._state_files = [*files, *written]
-        data = {
-            "version": _PROGRESS_VERSION,
-            "note": note,
-            "state": state,
-            "files": self._state_files,
-            "writer": {
-                "shards": self._shards,
-                "pending": self._pending,
-                "buffer": list(self._buffer),
-                "total_bytes": self._total_bytes,
-                "seq": self._seq,
-            },
-        }
-        tmp = self.partial / (PROGRESS_FILE + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.partial / PROGRESS_FILE)
-        _fsync_dir(self.partial)
-        self._kept = True
-        for f in os.listdir(self.partial):  # superseded pending and state files
-            if (f.startswith("pending-") and f not in self._pending) or (
-                f.startswith(STATE_PREFIX) and f not in self._state_files
-            ):
-                (self.partial / f).unlink()
+    def _commit(self) -> None:
+        """Called once every file of the finished checkpoint is in the partial folder, just
+        before it is moved into place."""
 
     def _fail(self) -> None:
-        """After an error: keep a resumable partial folder that has a step, else discard it."""
-        if self.resumable and self._kept:
-            self._buffer, self._buffered_bytes = {}, 0
-            self._open = False
-            self._unlock()
-            log.warning("partial run kept at %s", self.partial)
-        else:
-            self.abort()
+        """After an error: discard the partial folder."""
+        self.abort()
+
+    def _release(self) -> None:
+        """Called when the writer is done, whichever way."""
+
+    # -----------------------------------------------------------------------------------
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -418,12 +152,7 @@ class CheckpointWriter:
                 self.abort()
             else:
                 self._fail()
-        self._unlock()
-
-    @property
-    def kept(self) -> bool:
-        """Whether a failure keeps (kept) the partial folder for a resume."""
-        return self.resumable and self._kept and self.partial.exists()
+        self._release()
 
     def _check_open(self) -> None:
         if not self._open:
@@ -448,14 +177,15 @@ class CheckpointWriter:
             self._buffered_bytes += t.nbytes
             self._total_bytes += t.nbytes
 
+    @staticmethod
+    def _shard_file(i: int) -> str:
+        return f"shard-{i:05d}.safetensors"
+
     def _flush(self) -> None:
         if not self._buffer:
             return
         shard = self.partial / self._shard_file(len(self._shards) + 1)
-        if self.resumable:
-            _save_durably(self._buffer, shard)
-        else:
-            save_file(self._buffer, shard, metadata={"format": "pt"})
+        self._write_shard(self._buffer, shard)
         self._shards.append(list(self._buffer))
         self._buffer, self._buffered_bytes = {}, 0
 
@@ -463,8 +193,8 @@ class CheckpointWriter:
         self, hf_config: Mapping[str, Any], qcfg: LeanQuantConfig, copy_from: Path | None = None
     ) -> Path:
         """Write shards, index and ``config.json``, copy auxiliary files from ``copy_from``,
-        and move the folder to ``out_dir`` (returned). On failure the partial folder is deleted
-        (resumable: kept once a step was saved; removing progress.json is the commit point)."""
+        and move the folder to ``out_dir`` (returned). On failure the partial folder is
+        deleted (see :meth:`_fail`)."""
         self._check_open()
         try:
             if not isinstance(hf_config, Mapping):
@@ -478,14 +208,7 @@ class CheckpointWriter:
             weight_map = {}
             for i, names in enumerate(self._shards, 1):
                 final = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-                if self.resumable:  # the shards stay listed until the commit below
-                    (self.partial / final).unlink(missing_ok=True)
-                    try:
-                        os.link(self.partial / self._shard_file(i), self.partial / final)
-                    except OSError:  # no hard links on this file system
-                        shutil.copyfile(self.partial / self._shard_file(i), self.partial / final)
-                else:
-                    (self.partial / self._shard_file(i)).rename(self.partial / final)
+                self._place_shard(self.partial / self._shard_file(i), self.partial / final)
                 weight_map.update(dict.fromkeys(names, final))
             if n > 1:
                 index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
@@ -501,18 +224,12 @@ class CheckpointWriter:
                 for fname in AUXILIARY_FILES:
                     if (Path(copy_from) / fname).is_file():
                         shutil.copy2(Path(copy_from) / fname, self.partial / fname)
-            if self.resumable:
-                _fsync_dir(self.partial)
-                # Commit: without progress.json, a folder with config.json is finished.
-                (self.partial / PROGRESS_FILE).unlink(missing_ok=True)
-                _fsync_dir(self.partial)
-                for f in self._strays():
-                    (self.partial / f).unlink()
+            self._commit()
             self._move_into_place()
         except BaseException:
             self._fail()
             raise
-        self._unlock()
+        self._release()
         self._open = False
         log.info("wrote %s (%d shard(s), %d bytes)", self.out_dir, n, self._total_bytes)
         return self.out_dir

@@ -88,12 +88,12 @@ def run(a: argparse.Namespace, grid: str) -> dict:
     pos = torch.arange(a.seqlen, device=device)[None]
     kwargs = {"position_embeddings": rotary(inputs[0], pos), "position_ids": pos}
     settings = GPTQSettings(
-        bits=a.bits, group_size=a.group_size if grid != "nonuniform" else -1, grid=grid,
+        bits=a.bits, group_size=a.group_size if grid != "nonuniform" else -1, fit=grid,
         actorder=True, static_groups=grid != "nonuniform",
     )
     qcfg = LeanQuantConfig(
         bits=a.bits, group_size=settings.group_size,
-        grid="nonuniform" if grid == "nonuniform" else "affine", desc_act=True, static_groups=settings.static_groups,
+        grid=settings.stored_grid, desc_act=True, static_groups=settings.static_groups,
     )
     # What _quantize_group reads of a pipeline run.
     ctx = SimpleNamespace(job=SimpleNamespace(settings=settings), devices=devices, device=device, qcfg=qcfg, observer=None)

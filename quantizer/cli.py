@@ -56,7 +56,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         settings = GPTQSettings(
             bits=a.bits,
             group_size=a.group_size,
-            grid=a.grid,
+            fit=a.grid,
             actorder=a.act_order,
             static_groups=a.static_groups,
             damp=a.damp,

@@ -58,7 +58,10 @@ class CholeskyError(RuntimeError):
 class GPTQSettings:
     bits: int
     group_size: int = -1  # -1: one grid per output row
-    grid: str = "minmax"  # minmax (GPTQ) | affine (LeanQuant_aff) | nonuniform (LeanQuant_nu)
+    # Which grid fit (quantizer/grids.py): minmax (GPTQ) | affine (LeanQuant_aff) | nonuniform
+    # (LeanQuant_nu) | exl2 (LeanQuant's objective on the EXL2 ladder). Not the stored grid
+    # kind: the checkpoint stores affine or nonuniform (:attr:`stored_grid`). CLI: --grid.
+    fit: str = "minmax"
     actorder: bool = False  # quantize columns in order of decreasing H_ii
     static_groups: bool = False  # fit group grids up front on the original W (no g_idx needed)
     blocksize: int = 128
@@ -71,11 +74,11 @@ class GPTQSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.grid not in GRID_NAMES:
-            raise ValueError(f"grid must be one of {', '.join(GRID_NAMES)}, got {self.grid!r}")
+        if self.fit not in GRID_NAMES:
+            raise ValueError(f"--grid must be one of {', '.join(GRID_NAMES)}, got {self.fit!r}")
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"--group-size must be -1 or positive, got {self.group_size}")
-        if self.grid == "nonuniform" and self.group_size != -1:
+        if self.fit == "nonuniform" and self.group_size != -1:
             raise ValueError(
                 "--grid nonuniform stores one table per output row: use --group-size -1"
             )
@@ -88,6 +91,12 @@ class GPTQSettings:
             raise ValueError(f"--shrink must be at least 0 and below 0.5, got {self.shrink}")
         if self.exponent != self.exponent or abs(self.exponent) == float("inf"):
             raise ValueError(f"--exponent must be a finite number, got {self.exponent}")
+
+    @property
+    def stored_grid(self) -> str:
+        """The grid kind the checkpoint stores (``quantization_config["grid"]``): every fit but
+        the per-row table is an affine grid."""
+        return "nonuniform" if self.fit == "nonuniform" else "affine"
 
 
 @dataclass
@@ -221,7 +230,7 @@ def quantize_weight(
     first, total = rows if rows is not None else (0, n_rows)
     gen = RowRandom(torch.Generator(device=W.device).manual_seed(s.seed), first, total)
     fit = lambda Wg, d: fit_grid(  # noqa: E731
-        s.grid, Wg, d, s.bits, T=s.T, shrink=s.shrink, kmeans_iters=s.kmeans_iters, generator=gen
+        s.fit, Wg, d, s.bits, T=s.T, shrink=s.shrink, kmeans_iters=s.kmeans_iters, generator=gen
     )
 
     if H is None:  # RTN: every column weighs the same, no Hessian, no updates: no column loop
@@ -300,7 +309,7 @@ def _result(
 ) -> QuantizedWeight:
     """Collect the fitted grids into the stored form: a per-row table or (n_groups, rows) scales/zeros."""
     scales = zeros = lut = None
-    if s.grid == "nonuniform":
+    if s.fit == "nonuniform":
         lut = groups[0].lut
     else:
         scales, zeros = _stack(groups)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from leanquant_serve.export.exllamav2 import EXL2_SCALE_LEVELS, exl2_scales
+from leanquant_serve.format.exl2 import EXL2_SCALE_LEVELS, exl2_scales
 
 GRID_NAMES = ("minmax", "affine", "nonuniform", "exl2")
 # Grids whose rows must be fitted together: one parameter is shared by all rows of a group.

@@ -140,10 +140,10 @@ class Summary:
 
 def _qcfg(job: QuantizeJob, not_converted: list[str]) -> LeanQuantConfig:
     s = job.settings
-    method = "rtn" if job.rtn else ("gptq" if s.grid == "minmax" else "leanquant")
+    method = "rtn" if job.rtn else ("gptq" if s.fit == "minmax" else "leanquant")
     meta = {
         "method": method,
-        "grid_fit": s.grid,
+        "grid_fit": s.fit,  # informational: loaders read the tensors and ``grid``
         "damp": s.damp,
         "exponent": s.exponent,
         "blocksize": s.blocksize,
@@ -156,7 +156,7 @@ def _qcfg(job: QuantizeJob, not_converted: list[str]) -> LeanQuantConfig:
     return LeanQuantConfig(
         bits=s.bits,
         group_size=s.group_size,
-        grid="nonuniform" if s.grid == "nonuniform" else "affine",
+        grid=s.stored_grid,
         desc_act=s.actorder and not job.rtn,
         static_groups=s.static_groups,
         modules_to_not_convert=tuple(not_converted),
@@ -613,7 +613,7 @@ def _quantize_group(
     weights = [linears[n].weight.data for n in group]
     # A row-coupled grid (one parameter per group shared by all rows) is fitted on whole
     # weights: its rows stay on the first device (the Hessian still goes to the second).
-    row_devices = 1 if s.grid in ROW_COUPLED_GRIDS else len(run.devices)
+    row_devices = 1 if s.fit in ROW_COUPLED_GRIDS else len(run.devices)
     plan = _row_plan([w.shape[0] for w in weights], row_devices)
 
     def one(m: int, a: int, b: int, device: torch.device, p) -> QuantizedWeight:

@@ -50,23 +50,23 @@ BASE = dict(
 RUNS = {
     "affine-g32-static": (
         GPTQSettings(
-            bits=4, group_size=32, grid="affine", actorder=True, static_groups=True, **BASE
+            bits=4, group_size=32, fit="affine", actorder=True, static_groups=True, **BASE
         ),
         False,
     ),
     "nonuniform": (
         GPTQSettings(
-            bits=3, group_size=-1, grid="nonuniform", actorder=True, static_groups=False, **BASE
+            bits=3, group_size=-1, fit="nonuniform", actorder=True, static_groups=False, **BASE
         ),
         False,
     ),
     "exl2-g32": (
-        GPTQSettings(bits=4, group_size=32, grid="exl2", actorder=True, static_groups=True, **BASE),
+        GPTQSettings(bits=4, group_size=32, fit="exl2", actorder=True, static_groups=True, **BASE),
         False,
     ),
     "rtn-affine-g32": (
         GPTQSettings(
-            bits=4, group_size=32, grid="affine", actorder=False, static_groups=False, **BASE
+            bits=4, group_size=32, fit="affine", actorder=False, static_groups=False, **BASE
         ),
         True,
     ),

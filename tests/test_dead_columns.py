@@ -46,7 +46,7 @@ def settings(grid: str, order: str) -> GPTQSettings:
     actorder, static = ORDERS[order]
     return GPTQSettings(
         bits=4,
-        grid=grid,
+        fit=grid,
         group_size=-1 if grid == "nonuniform" else G,
         actorder=actorder,
         static_groups=static,
@@ -128,7 +128,7 @@ def test_dead_columns_do_not_change_the_live_columns_factor():
 
 def test_all_dead_inputs():
     W, _ = problem()
-    s = GPTQSettings(bits=4, group_size=G, grid="affine", actorder=True)
+    s = GPTQSettings(bits=4, group_size=G, fit="affine", actorder=True)
     r = quantize_weight(W, torch.zeros(COLS, COLS), s)
     torch.testing.assert_close(r.Q, nearest(grid_levels(r, COLS, G), W), rtol=0, atol=0)
     assert r.loss == 0.0
@@ -160,7 +160,7 @@ def report(out: Path) -> dict[str, int | None]:
 
 
 def test_pipeline_counts_and_keeps_dead_inputs(dead_model, calib_text, tmp_path, caplog):
-    s = GPTQSettings(bits=4, group_size=32, grid="affine", actorder=True, static_groups=True)
+    s = GPTQSettings(bits=4, group_size=32, fit="affine", actorder=True, static_groups=True)
     out = tmp_path / "ckpt"
     job = QuantizeJob(
         model=dead_model, out=out, settings=s, calib=str(calib_text), nsamples=4, seqlen=32

@@ -76,7 +76,7 @@ def checkpoint(tiny_model, calib_text, tmp_path_factory) -> Callable[[str], Path
             s = GPTQSettings(
                 bits=bits,
                 group_size=group,
-                grid=grid,
+                fit=grid,
                 actorder=actorder,
                 static_groups=static,
                 blocksize=32,
@@ -249,7 +249,7 @@ def test_unexportable_checkpoints_are_refused(kind, reason, checkpoint, tmp_path
     ],
 )
 def test_unquantized_linears_are_ignored_unless_vllm_fuses_them(skip, error, tiny_model, tmp_path):
-    s = GPTQSettings(bits=4, group_size=32, grid="minmax")
+    s = GPTQSettings(bits=4, group_size=32, fit="minmax")
     src = tmp_path / "ckpt"
     quantize_model(
         QuantizeJob(model=tiny_model("llama"), out=src, settings=s, rtn=True, skip=(skip,))

@@ -30,10 +30,10 @@ from leanquant_serve.export import ExportError
 from leanquant_serve.export.exllamav2 import (
     convert_linear_exl2,
     exl2_levels,
-    exl2_scales,
     export_exllamav2,
 )
 from leanquant_serve.format import Checkpoint, LeanQuantConfig, dequantize_linear, pack_linear
+from leanquant_serve.format.exl2 import exl2_scales
 from quantizer.cli import main
 from quantizer.gptq import GPTQSettings
 from quantizer.grids import EXL2_MULTIPLIERS, fit_exl2, weighted_loss
@@ -211,7 +211,7 @@ def exl2_checkpoint(tiny_model, calib_text, tmp_path_factory):
         if kind not in cache:
             bits, group, actorder, static = KINDS[kind]
             s = GPTQSettings(
-                bits=bits, group_size=group, grid="exl2", actorder=actorder,
+                bits=bits, group_size=group, fit="exl2", actorder=actorder,
                 static_groups=static, blocksize=32,
             )  # fmt: skip
             out = tmp_path_factory.mktemp(kind) / "ckpt"
@@ -247,7 +247,7 @@ def test_exl2_export_of_a_free_affine_checkpoint_fails_leaving_nothing(
     tiny_model, calib_text, tmp_path
 ):
     src = tmp_path / "affine"
-    s = GPTQSettings(bits=4, group_size=32, grid="affine", blocksize=32)
+    s = GPTQSettings(bits=4, group_size=32, fit="affine", blocksize=32)
     quantize_model(
         QuantizeJob(model=tiny_model("llama"), out=src, settings=s, calib=str(calib_text),
                     nsamples=8, seqlen=48)
@@ -255,6 +255,37 @@ def test_exl2_export_of_a_free_affine_checkpoint_fails_leaving_nothing(
     with pytest.raises(ExportError, match="quantize with --grid exl2"):
         export_exllamav2(src, tmp_path / "out", format="exl2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["affine"]  # no output, no temp folder
+
+
+def test_auto_format_is_read_off_the_tensors_not_the_quantizer_metadata(
+    exl2_checkpoint, tiny_model, calib_text, tmp_path
+):
+    """``quantization_config["quantizer"]`` is informational: an EXL2-ladder checkpoint whose
+    metadata says nothing of the fit still exports as EXL2, and a free affine checkpoint whose
+    metadata claims the exl2 fit exports as GPTQ."""
+    import json
+    import shutil
+
+    def edit(folder: Path, fit: str | None) -> None:
+        cfg = json.loads((folder / "config.json").read_text())
+        q = cfg["quantization_config"]["quantizer"]
+        q.pop("grid_fit")
+        if fit is not None:
+            q["grid_fit"] = fit
+        (folder / "config.json").write_text(json.dumps(cfg))
+
+    ladder = tmp_path / "ladder"
+    shutil.copytree(exl2_checkpoint("w4g32"), ladder)
+    edit(ladder, None)
+    assert export_exllamav2(ladder, tmp_path / "a").format == "exl2"
+    free = tmp_path / "free"
+    s = GPTQSettings(bits=4, group_size=32, fit="affine", blocksize=32)
+    quantize_model(
+        QuantizeJob(model=tiny_model("llama"), out=free, settings=s, calib=str(calib_text),
+                    nsamples=8, seqlen=48)
+    )  # fmt: skip
+    edit(free, "exl2")
+    assert export_exllamav2(free, tmp_path / "b").format == "gptq"
 
 
 def test_a_4bit_exl2_checkpoint_also_exports_as_gptq(exl2_checkpoint, tmp_path):
@@ -276,7 +307,7 @@ def test_exl2_cli(exl2_checkpoint, tmp_path, capsys):
 def test_exl2_grid_keeps_rows_together_on_a_device_list(tiny_model, calib_text, tmp_path):
     """One maximum per group is shared by all rows, so a device list must not split rows:
     ``cpu,cpu`` gives the bytes of ``cpu``."""
-    s = GPTQSettings(bits=4, group_size=32, grid="exl2", blocksize=32)
+    s = GPTQSettings(bits=4, group_size=32, fit="exl2", blocksize=32)
     outs = []
     for devices in ("cpu", "cpu,cpu"):
         out = tmp_path / devices.replace(",", "-")

@@ -40,7 +40,7 @@ def reference_gptq(W, H, s: GPTQSettings):
     params = None
     for i in range(cols):
         if i % G == 0:
-            params = fit_grid(s.grid, W[:, i : i + G], d[i : i + G], s.bits)
+            params = fit_grid(s.fit, W[:, i : i + G], d[i : i + G], s.bits)
         _, q = params.quantize(W[:, i])
         Q[:, i] = q
         err = (W[:, i] - q) / U[i, i]
@@ -80,7 +80,7 @@ def teacher_forced_obq(W, H, s: GPTQSettings, r: QuantizedWeight):
         if i % G == 0 and G < cols:  # dynamic group: the loop fitted it on the updated weights
             Wg, dg = W[:, i : i + G].float(), d[i : i + G].float()
             chosen = AffineParams(r.scales[g], r.zeros[g].float(), (1 << s.bits) - 1)
-            refit = fit_grid(s.grid, Wg, dg, s.bits)
+            refit = fit_grid(s.fit, Wg, dg, s.bits)
             L_chosen, L_refit = (weighted_loss(Wg, p.quantize(Wg)[1], dg).sum() for p in (chosen, refit))
             fit_ratio.append(float(L_chosen / L_refit))
         grid = (levels[None, :] - zero[:, None]) * scale[:, None]  # (rows, 2^b) grid values
@@ -97,7 +97,7 @@ def teacher_forced_obq(W, H, s: GPTQSettings, r: QuantizedWeight):
 )
 def test_blocked_loop_matches_column_reference(grid, group_size):
     W, H, _ = problem()
-    s = GPTQSettings(bits=3, group_size=group_size, grid=grid, blocksize=8)
+    s = GPTQSettings(bits=3, group_size=group_size, fit=grid, blocksize=8)
     r = quantize_weight(W, H, s)
     excess, fit_ratio = teacher_forced_obq(W, H, s, r)
     # Every code the blocked loop chose is a nearest grid point of the reference's weight, up
@@ -113,7 +113,7 @@ def test_blocked_loop_matches_column_reference(grid, group_size):
 def test_teacher_forced_check_catches_a_wrong_update():
     """The check above can fail: a loop that skips the error feedback is off by whole steps."""
     W, H, _ = problem()
-    s = GPTQSettings(bits=3, group_size=16, grid="minmax", blocksize=8)
+    s = GPTQSettings(bits=3, group_size=16, fit="minmax", blocksize=8)
     rtn = quantize_weight(W, None, s)  # the same grids' family, no error feedback
     excess, _ = teacher_forced_obq(W, H, s, rtn)
     assert excess.max() > 0.5
@@ -122,14 +122,14 @@ def test_teacher_forced_check_catches_a_wrong_update():
 def test_gptq_beats_rtn_on_layer_output():
     W, H, X = problem(rows=64, cols=128, n=2048)
     for grid in ("minmax", "affine"):
-        s = GPTQSettings(bits=3, group_size=32, grid=grid)
+        s = GPTQSettings(bits=3, group_size=32, fit=grid)
         err = lambda Q: ((X @ (W - Q).T) ** 2).mean().item()  # noqa: E731
         assert err(quantize_weight(W, H, s).Q) < 0.8 * err(quantize_weight(W, None, s).Q)
 
 
 def test_codes_and_params_reproduce_Q_with_act_order_and_dynamic_groups():
     W, H, _ = problem(cols=64)
-    s = GPTQSettings(bits=4, group_size=16, grid="affine", actorder=True, static_groups=False)
+    s = GPTQSettings(bits=4, group_size=16, fit="affine", actorder=True, static_groups=False)
     r = quantize_weight(W, H, s)
     assert r.g_idx is not None and sorted(torch.bincount(r.g_idx).tolist()) == [16, 16, 16, 16]
     g = r.g_idx.long()
@@ -141,7 +141,7 @@ def test_codes_and_params_reproduce_Q_with_act_order_and_dynamic_groups():
 def test_static_groups_keep_contiguous_groups():
     W, H, _ = problem(cols=64)
     r = quantize_weight(
-        W, H, GPTQSettings(bits=4, group_size=16, grid="minmax", actorder=True, static_groups=True)
+        W, H, GPTQSettings(bits=4, group_size=16, fit="minmax", actorder=True, static_groups=True)
     )
     assert r.g_idx is None
     g = torch.arange(64) // 16
@@ -150,7 +150,7 @@ def test_static_groups_keep_contiguous_groups():
 
 def test_nonuniform_codes_index_the_table():
     W, H, _ = problem()
-    r = quantize_weight(W, H, GPTQSettings(bits=3, grid="nonuniform", actorder=True))
+    r = quantize_weight(W, H, GPTQSettings(bits=3, fit="nonuniform", actorder=True))
     assert r.lut.shape == (W.shape[0], 8) and r.scales is None
     torch.testing.assert_close(r.lut.gather(1, r.codes.long()), r.Q, rtol=0, atol=0)
 
@@ -172,10 +172,10 @@ def test_cholesky_retries_with_more_damping_then_fails():
 @pytest.mark.parametrize(
     "s",
     [
-        GPTQSettings(bits=4, grid="affine", group_size=64),
-        GPTQSettings(bits=3, grid="nonuniform", actorder=True),
-        GPTQSettings(bits=4, grid="nonuniform"),  # k-means++: random draws per row
-        GPTQSettings(bits=2, grid="minmax", group_size=32, actorder=True),
+        GPTQSettings(bits=4, fit="affine", group_size=64),
+        GPTQSettings(bits=3, fit="nonuniform", actorder=True),
+        GPTQSettings(bits=4, fit="nonuniform"),  # k-means++: random draws per row
+        GPTQSettings(bits=2, fit="minmax", group_size=32, actorder=True),
     ],
     ids=["affine-g64", "nu3-actorder", "nu4-kmeans++", "minmax2-g32-actorder"],
 )

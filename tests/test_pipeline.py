@@ -50,7 +50,7 @@ def settings(grid: str, order: str = "plain", **kw) -> GPTQSettings:
     return GPTQSettings(
         bits=4,
         group_size=GRID_GROUP[grid],
-        grid=grid,
+        fit=grid,
         actorder=actorder,
         static_groups=static,
         blocksize=32,
@@ -134,7 +134,7 @@ def test_checkpoint_validates_and_describes_the_settings(run: Run):
     ckpt.validate()
     q = ckpt.qcfg
     assert (q.bits, q.group_size) == (4, run.settings.group_size)
-    assert q.grid == ("nonuniform" if run.settings.grid == "nonuniform" else "affine")
+    assert q.grid == ("nonuniform" if run.settings.fit == "nonuniform" else "affine")
     assert (q.desc_act, q.static_groups) == (run.settings.actorder, run.settings.static_groups)
     uses_g_idx = run.settings.actorder and not run.settings.static_groups and q.group_size != -1
     assert any(n.endswith(".g_idx") for n in ckpt.tensor_names()) == uses_g_idx

@@ -317,7 +317,7 @@ def test_checkpoint_bytes_equal_what_the_quantizer_writes(arch, tiny_model, tmp_
     """RTN-quantize a tiny model of every supported architecture (one linear kind left 16-bit)
     and compare the planned checkpoint bytes with the tensors actually stored."""
     out = tmp_path / "ckpt"
-    s = GPTQSettings(bits=4, group_size=32, grid="minmax", actorder=False, static_groups=False)
+    s = GPTQSettings(bits=4, group_size=32, fit="minmax", actorder=False, static_groups=False)
     quantize_model(
         QuantizeJob(
             model=tiny_model(arch),

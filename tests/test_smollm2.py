@@ -28,11 +28,11 @@ def prompt_ids():
     "settings,min_agree",
     [
         (
-            GPTQSettings(bits=4, group_size=64, grid="affine", actorder=True, static_groups=True),
+            GPTQSettings(bits=4, group_size=64, fit="affine", actorder=True, static_groups=True),
             0.6,
         ),
         # 3 bits per row from 4 x 128 calibration tokens: measured 0.39 (chance is ~0)
-        (GPTQSettings(bits=3, group_size=-1, grid="nonuniform", actorder=True), 0.3),
+        (GPTQSettings(bits=3, group_size=-1, fit="nonuniform", actorder=True), 0.3),
     ],
     ids=["affine-w4g64", "nonuniform-w3"],
 )
@@ -54,7 +54,7 @@ def test_smollm2_checkpoint_reproduces_in_memory_model(
 
     ckpt = Checkpoint(job.out)
     ckpt.validate()
-    assert ckpt.qcfg.bits == settings.bits and ckpt.qcfg.grid == settings.grid
+    assert ckpt.qcfg.bits == settings.bits and ckpt.qcfg.grid == settings.fit
     assert sorted(ckpt.quantized_prefixes()) == sorted(Q)
 
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

@@ -285,7 +285,7 @@ def tiny_ckpt(tiny_model, calib_text, tmp_path_factory):
     from quantizer.pipeline import QuantizeJob, quantize_model
 
     out = tmp_path_factory.mktemp("vllm-tiny") / "ckpt"
-    settings = GPTQSettings(bits=4, group_size=32, grid="affine", actorder=True, static_groups=True)
+    settings = GPTQSettings(bits=4, group_size=32, fit="affine", actorder=True, static_groups=True)
     quantize_model(
         QuantizeJob(
             model=tiny_model("llama"), out=out, settings=settings, calib=str(calib_text),

@@ -53,9 +53,9 @@ PROMPTS = [
 ]
 SETTINGS = {
     "affine-w4g64": GPTQSettings(
-        bits=4, group_size=64, grid="affine", actorder=True, static_groups=True
+        bits=4, group_size=64, fit="affine", actorder=True, static_groups=True
     ),
-    "nonuniform-w4": GPTQSettings(bits=4, group_size=-1, grid="nonuniform", actorder=True),
+    "nonuniform-w4": GPTQSettings(bits=4, group_size=-1, fit="nonuniform", actorder=True),
 }
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..export.exllamav2 import choose_format, export_exllamav2
-from ..format import LeanQuantConfig
+from ..format import Checkpoint
 
 __all__ = ["ExLlamaV2Session", "ExLlamaV2Unavailable", "load_exllamav2"]
 
@@ -117,7 +117,7 @@ def _exllamav2_folder(
             "`leanquant export exllamav2` output"
         )
     target = (
-        choose_format(LeanQuantConfig.from_dict(qc), "auto") if method == "leanquant" else method
+        choose_format(Checkpoint(path), "auto") if method == "leanquant" else method
     )
     if tensor_parallel and target != "exl2":
         raise ExLlamaV2Unavailable(

@@ -64,7 +64,7 @@ EXL2 (exllamav2's own format, and the only one ``ExLlamaV2.load_tp`` splits acro
 make_q_matrix_split`` says "Tensor split not implemented for GPTQ matrices"). Its grid family:
 codes q ∈ [0, 2^b) with the fixed zero 2^(b-1), one fp16 maximum M per group shared by all
 outputs, and per (group, output) a 4-bit level i with scale fp16(fp16((i+1)²)·fp16(M/256))
-(:func:`exl2_scales`). A free LeanQuant affine grid is not in it, so ``--grid exl2`` fits
+(:func:`leanquant_serve.format.exl2.exl2_scales`). A free LeanQuant affine grid is not in it, so ``--grid exl2`` fits
 LeanQuant's loss-error-aware objective inside it (``quantizer/grids.py fit_exl2``) and stores the
 result as an ordinary affine checkpoint (z = 2^(b-1), s on the group's ladder) that every other
 loader reads unchanged. :func:`convert_linear_exl2` recovers M and the levels from the stored
@@ -95,6 +95,7 @@ from ..format import (
     pack_codes,
     unpack_linear,
 )
+from ..format.exl2 import ladder_levels, on_exl2_ladder
 from . import ExportError, open_source
 
 log = logging.getLogger(__name__)
@@ -121,20 +122,8 @@ CHECKPOINT_FORMAT = "gptq"  # v1 semantics: stored zero = z - 1 (not "gptq_v2")
 
 # EXL2 (exllamav2's own format)
 EXL2_BITS = (2, 3, 4, 8)  # EXL2 also has 5 and 6, which LeanQuant checkpoints do not store
-EXL2_SCALE_LEVELS = 16  # q_scale is 4-bit (conversion/adaptivegptq.py pack: scale_bits 4)
 EXL2_GROUP_ROWS = 32  # reconstruct_kernel / the EXL2 GEMMs switch groups every 32 rows
 EXL2_MAX_GROUP_ROWS = (1 << 16) - 1  # q_group_map holds a group's remaining rows as uint16
-
-
-def exl2_scales(scale_max: Tensor) -> Tensor:
-    """The 16 scales EXL2 offers the outputs of a group with fp16 maximum ``scale_max`` (shape
-    (...,) -> (..., 16) fp16), in exllamav2's arithmetic: ``ext.py make_q_matrix`` multiplies
-    q_scale_max by 1/256 in fp16, ``cuda/quant/qdq_util.cuh dq_scale`` forms
-    fp16((qs+1)²) · that in fp16 for the 4-bit level qs. Weights are then (q − 2^(b−1))·scale,
-    one fp16 product (``reconstruct_kernel``: ``__hmul2(dq, qs_h2)``)."""
-    m = scale_max.to(torch.float16) * (1 / 256)  # fp16 tensor × scalar: rounded to fp16
-    levels = torch.arange(1, EXL2_SCALE_LEVELS + 1, device=m.device).square().to(torch.float16)
-    return m[..., None] * levels  # fp16 × fp16, correctly rounded (the exact product fits fp32)
 
 
 @dataclass(frozen=True)
@@ -275,48 +264,20 @@ def convert_linear(
 # ----------------------------------------------------------------------------- EXL2
 
 
-def is_exl2_grid(cfg: LeanQuantConfig) -> bool:
-    """Whether the checkpoint was quantized with ``--grid exl2`` (its quantizer metadata)."""
-    return cfg.grid == "affine" and cfg.quantizer.get("grid_fit") == "exl2"
-
-
 def exl2_levels(scales: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """(q_scale_max (G,) fp16, level (G, out) in [0, 16)) with ``exl2_scales(q_scale_max)[g,
-    level[g, n]] == scales[g, n]`` for every grid, or ExportError.
-
-    The maximum is recovered from each group's largest scale s_top: for every level i (15
-    first) the fp16 values next to s_top/(i+1)² are tried as M/256 (M = 256·m is exact in
-    fp16 and gives m back), and the first under which every scale of the group is on the
-    ladder is taken.
-    Several may fit (e.g. when every level used is odd); each gives the same scales, hence the
-    same weights."""
-    s = scales.to(torch.float16)
-    if not (torch.isfinite(s).all() and (s > 0).all()):
-        raise ExportError(f"{name}: EXL2 scales are positive and finite; these are not")
-    s = s.float()  # fp16 values, compared exactly
-    top = s.amax(1)  # (G,)
-    levels = torch.arange(1, EXL2_SCALE_LEVELS + 1, dtype=torch.float32).square()
-    m0 = (top[:, None] / levels).to(torch.float16).view(torch.int16)  # (G, 16) fp16 bit patterns
-    found = torch.zeros(s.shape[0], dtype=torch.bool)
-    scale_max = torch.zeros(s.shape[0], dtype=torch.float16)
-    level = torch.zeros(s.shape, dtype=torch.long)
-    for i in reversed(range(EXL2_SCALE_LEVELS)):  # the largest scale is usually level 15
-        for ulps in (0, -1, 1, -2, 2):  # positive fp16: the bit pattern orders the values
-            m = (m0[:, i].int() + ulps).clamp(1, 0x7BFF).to(torch.int16).view(torch.float16)
-            M = m * 256  # exact: a power-of-two multiple, below fp16's maximum
-            ladder = exl2_scales(M).float()  # (G, 16)
-            idx = torch.searchsorted(ladder, s).clamp_max(EXL2_SCALE_LEVELS - 1)
-            ok = (ladder.gather(1, idx) == s).all(1) & ~found
-            scale_max = torch.where(ok, M, scale_max)
-            level = torch.where(ok[:, None], idx, level)
-            found |= ok
-        if found.all():
-            return scale_max, level
-    g = int((~found).nonzero()[0])
-    raise ExportError(
-        f"{name}: the scales of group {g} are not (i+1)²·M/256 for one fp16 M (EXL2 allows 16 "
-        "scales per group); quantize with --grid exl2 for an exact EXL2 export"
-    )
+    level[g, n]] == scales[g, n]`` for every grid (:func:`ladder_levels`), or ExportError."""
+    scale_max, level, found = ladder_levels(scales)
+    if not bool(found.all()):
+        s = scales.to(torch.float16)
+        if not (torch.isfinite(s).all() and (s > 0).all()):
+            raise ExportError(f"{name}: EXL2 scales are positive and finite; these are not")
+        g = int((~found).nonzero()[0])
+        raise ExportError(
+            f"{name}: the scales of group {g} are not (i+1)²·M/256 for one fp16 M (EXL2 allows "
+            "16 scales per group); quantize with --grid exl2 for an exact EXL2 export"
+        )
+    return scale_max, level
 
 
 def _exl2_check_layout(
@@ -434,13 +395,16 @@ def _check_together(quantized: set[str], present: set[str]) -> None:
 EXPORT_FORMATS = ("auto", "gptq", "exl2")
 
 
-def choose_format(cfg: LeanQuantConfig, format: str) -> str:
-    """Resolve "auto": EXL2 for a checkpoint quantized with ``--grid exl2``, GPTQ otherwise."""
+def choose_format(src: Checkpoint, format: str) -> str:
+    """Resolve "auto" from the stored tensors: EXL2 for a checkpoint whose grids are all on the
+    EXL2 ladder (what ``--grid exl2`` writes, :func:`~leanquant_serve.format.exl2.on_exl2_ladder`)
+    at a bit width EXL2 holds, GPTQ otherwise. (The quantizer's metadata in
+    ``quantization_config["quantizer"]`` is informational and not consulted.)"""
     if format not in EXPORT_FORMATS:
         raise ExportError(f"format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     if format != "auto":
         return format
-    return "exl2" if is_exl2_grid(cfg) else "gptq"
+    return "exl2" if src.qcfg.bits in EXL2_BITS and on_exl2_ladder(src) else "gptq"
 
 
 def _plan(src: Checkpoint, prefixes: list[str], format: str) -> dict[str, bool]:
@@ -501,7 +465,7 @@ def export_exllamav2(
     """
     src, out, prefixes = open_source(src_dir, out_dir)
     cfg = src.qcfg
-    format = choose_format(cfg, format)
+    format = choose_format(src, format)
     with_g_idx = _plan(src, prefixes, format)
 
     stored = {f"{p}.{s}" for p in prefixes for s in QUANT_SUFFIXES}

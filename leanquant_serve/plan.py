@@ -274,9 +274,10 @@ class PlanInput:
     """What to plan; see the module docstring for the model behind each number."""
 
     model: str  # preset name, config.json, or a model/checkpoint folder
-    bits: int | None = None  # None: the checkpoint's, else 4
-    group_size: int | None = None  # None: the checkpoint's, else 128
-    grid: str | None = None  # None: the checkpoint's, else "affine"
+    # None: the checkpoint's, else the quantizer's default (GPTQSettings: 4, 128, affine)
+    bits: int | None = None
+    group_size: int | None = None
+    grid: str | None = None
     gpus: int = 1
     gpu_mem_gib: float = 80.0  # total memory of one GPU, GiB (as nvidia-smi / torch report it)
     max_model_len: int = 8192
@@ -320,17 +321,24 @@ def _quant_config(inp: PlanInput, d: Mapping[str, Any]) -> tuple[LeanQuantConfig
             base = LeanQuantConfig.from_dict(stored).to_dict()
         except FormatError as e:
             raise PlanError(f"{inp.model}: {e}") from None
-    bits = inp.bits if inp.bits is not None else base.get("bits", 4)
+    # Without a checkpoint: what `leanquant quantize` writes by default (its one set of
+    # defaults, GPTQSettings'); the quantizer is imported only for them.
+    from quantizer.gptq import GPTQSettings
+
+    default = GPTQSettings()
+    bits = inp.bits if inp.bits is not None else base.get("bits", default.bits)
     if bits not in PLAN_BITS:
         raise PlanError(f"--bits {bits}: not one of {', '.join(map(str, PLAN_BITS))}")
     if bits == 16:
         return None, 16
     settings = {
         "bits": bits,
-        "group_size": inp.group_size if inp.group_size is not None else base.get("group_size", 128),
-        "grid": inp.grid if inp.grid is not None else base.get("grid", "affine"),
-        "desc_act": base.get("desc_act", True),
-        "static_groups": base.get("static_groups", True),
+        "group_size": inp.group_size
+        if inp.group_size is not None
+        else base.get("group_size", default.group_size),
+        "grid": inp.grid if inp.grid is not None else base.get("grid", default.stored_grid),
+        "desc_act": base.get("desc_act", default.actorder),
+        "static_groups": base.get("static_groups", default.static_groups),
         "modules_to_not_convert": base.get("modules_to_not_convert", ["lm_head"]),
     }
     try:

@@ -8,14 +8,15 @@ import logging
 import sys
 from pathlib import Path
 
-from leanquant_serve.format import SUPPORTED_BITS, FormatError, partial_dir
+from leanquant_serve.format import FormatError, check_output, partial_dir
 
-from .activations import PLACES
 from .errors import UserError
-from .grids import GRID_NAMES
+from .evaluate import EvalJob
+from .flags import add_flags, given
+from .gptq import GPTQSettings
+from .pipeline import QuantizeJob
 
 log = logging.getLogger("leanquant")
-DTYPES = ("float32", "bfloat16", "float16")  # of layer forwards and of stored activations
 BUNDLED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, fetched offline through pip (see assets)
 
 
@@ -27,68 +28,20 @@ def _model_path(name: str) -> Path:
     return Path(name)
 
 
-def _size(text: str) -> int:
-    """``4GB``, ``500MB``, ``64KiB``, ``1024`` (bytes) -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    t = text.strip().upper()
-    number = t.rstrip("KMGTIB")
-    try:
-        n = int(float(number) * units[t[len(number) :]])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GB or 500MB") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not positive")
-    return n
-
-
-def _given(a: argparse.Namespace, *names: str) -> dict:
-    """The flags among ``names`` that the command line set: the others are left to the job
-    dataclass, whose field defaults are the only defaults (argparse's are None)."""
-    return {n: getattr(a, n) for n in names if getattr(a, n) is not None}
-
-
 def _cmd_quantize(a: argparse.Namespace) -> None:
-    from .gptq import GPTQSettings
-    from .pipeline import QuantizeJob, parse_skip, quantize_model
+    from .pipeline import quantize_model
 
-    try:  # GPTQSettings validates the combination (e.g. nonuniform needs --group-size -1)
-        settings = GPTQSettings(
-            bits=a.bits,
-            group_size=a.group_size,
-            fit=a.grid,
-            actorder=a.act_order,
-            static_groups=a.static_groups,
-            damp=a.damp,
-            exponent=a.exponent,
-            T=a.T,
-            shrink=a.shrink,
-            seed=a.seed,
+    out = Path(a.out)
+    try:  # the dataclasses validate their fields and the combinations (UserError: ValueError)
+        job = QuantizeJob(
+            model=_model_path(a.model),
+            out=out,
+            settings=GPTQSettings(**given(a, GPTQSettings)),
+            **given(a, QuantizeJob),
         )
     except ValueError as e:
         raise UserError(str(e)) from e
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
-    if a.resume and a.fresh:
-        raise UserError("--resume and --fresh exclude each other")
-    job = QuantizeJob(
-        model=_model_path(a.model),
-        out=out,
-        settings=settings,
-        rtn=a.rtn,
-        calib=a.calib,
-        **_given(a, "nsamples", "seqlen", "batch_size", "bos"),
-        device=a.device,
-        dtype=a.dtype,
-        activations=a.activations,
-        act_dtype=a.act_dtype,
-        skip=parse_skip(a.skip),
-        overwrite=a.overwrite,
-        max_shard_bytes=a.max_shard_size,
-        resume=a.resume,
-        fresh=a.fresh,
-    )
+    check_output(out, job.overwrite, flag="--overwrite")  # before any work
     try:
         s = quantize_model(job)
     except KeyboardInterrupt:
@@ -117,12 +70,9 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from .evaluate import EvalJob, evaluate
+    from .evaluate import evaluate
 
-    job = EvalJob(
-        _model_path(a.model),
-        **_given(a, "data", "seqlen", "max_windows", "batch_size", "device", "bos"),
-    )
+    job = EvalJob(_model_path(a.model), **given(a, EvalJob))
     r = evaluate(job)
     bos = "" if r["bos_token_id"] is None else ", each beginning with BOS"
     print(
@@ -146,8 +96,7 @@ def _export(a: argparse.Namespace, export, target: str, **kw):
     from leanquant_serve.export import ExportError
 
     out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise UserError(f"output folder {out} exists: pass --overwrite to replace it")
+    check_output(out, a.overwrite, flag="--overwrite")
     try:
         return export(a.checkpoint, out, overwrite=a.overwrite, **kw)
     except ExportError as e:
@@ -213,17 +162,6 @@ def _cmd_plan(a: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def _bos_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--no-bos",
-        dest="bos",
-        action="store_false",
-        default=None,
-        help="do not begin each window with the tokenizer's BOS token (by default windows "
-        "begin with it when the tokenizer adds one to a text, as lm-eval's add_bos_token)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanquant", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -239,120 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="output checkpoint folder (appears only when complete; after a failure or a kill "
         "the finished layers stay in the hidden .OUT.partial next to it, for --resume)",
     )
-    q.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
-    q.add_argument(
-        "--group-size", type=int, default=128, help="columns per group; -1: one group per row"
-    )
-    q.add_argument(
-        "--grid",
-        default="affine",
-        choices=GRID_NAMES,
-        help="affine/nonuniform: LeanQuant's learned grids; exl2: LeanQuant's objective inside "
-        "exllamav2's EXL2 grid family (exact `export exllamav2` at 2/3/4/8 bits, stored as "
-        "affine); minmax: plain GPTQ",
-    )
-    q.add_argument(
-        "--rtn", action="store_true", help="round to nearest: no calibration, no GPTQ updates"
-    )
-    q.add_argument(
-        "--act-order",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="quantize columns by decreasing Hessian diagonal",
-    )
-    q.add_argument(
-        "--static-groups",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="fit group grids up front so act-order needs no g_idx (fast kernels)",
-    )
-    q.add_argument(
-        "--calib",
-        default=None,
-        help="calibration text: a .txt/.jsonl file or folder, wiki-sample, wikitext2 or c4",
-    )
-    q.add_argument("--nsamples", type=int, help="calibration windows")
-    q.add_argument("--seqlen", type=int, help="tokens per window, BOS included")
-    q.add_argument("--batch-size", type=int, help="calibration windows per forward")
-    _bos_flag(q)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--damp", type=float, default=0.01, help="λ of H += λ·mean(diag H)·I")
-    q.add_argument("--exponent", type=float, default=4.0, help="p of LeanQuant's U_ii^-p weights")
-    q.add_argument("--T", type=int, default=2048, help="affine range-search resolution")
-    q.add_argument(
-        "--shrink",
-        type=float,
-        default=None,
-        help="affine search limit as a fraction of T (default 0.2/0.3/0.4/0.1 for 4/3/2/8 bits)",
-    )
-    q.add_argument(
-        "--skip",
-        action="append",
-        default=[],
-        help="regex of sublayer names (e.g. 'mlp\\.down_proj') to leave unquantized; repeatable",
-    )
-    q.add_argument(
-        "--device",
-        "--devices",
-        dest="device",
-        default="cpu",
-        help="cpu, cuda, cuda:1, or a list such as cuda:0,cuda:1: the first runs the layer "
-        "forwards, the second accumulates and factors the Hessians, and each group's rows are "
-        "split over all of them (the result is the same for any list)",
-    )
-    q.add_argument(
-        "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help="dtype of layer forwards (and of the calibration activations unless --act-dtype)",
-    )
-    q.add_argument(
-        "--activations",
-        default="device",
-        choices=PLACES,
-        help="where the calibration activations (nsamples x seqlen x hidden) live between uses: "
-        "on the first device (fastest), in host RAM, or spilled to the partial output folder "
-        "one batch at a time (host memory: one batch)",
-    )
-    q.add_argument(
-        "--act-dtype",
-        default=None,
-        choices=DTYPES,
-        help="dtype the calibration activations are stored in (default: --dtype); bfloat16 "
-        "halves them (8.6 GB for 405B at 128 x 2048)",
-    )
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    q.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the partial run of OUT (kept in .OUT.partial next to it after a failure "
-        "or kill) after its last finished layer; the model, calibration data and settings "
-        "must be the same. The result is byte-identical to an uninterrupted run. Without a "
-        "partial run, starts one",
-    )
-    q.add_argument(
-        "--fresh",
-        action="store_true",
-        help="discard a partial run of OUT and start over (without --resume or --fresh, an "
-        "existing partial run is an error)",
-    )
-    q.add_argument(
-        "--max-shard-size",
-        type=_size,
-        default=4 * 1024**3,
-        metavar="SIZE",
-        help="largest checkpoint shard, e.g. 4GiB (default), 500MB or a byte count",
-    )
+    add_flags(q, GPTQSettings)
+    add_flags(q, QuantizeJob)
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model or LeanQuant checkpoint")
     e.add_argument("model", help=f"model or checkpoint folder, or {BUNDLED_MODEL!r}")
-    e.add_argument("--data", help="text source (its evaluation split)")
-    e.add_argument("--seqlen", type=int, help="tokens per window, BOS included")
-    e.add_argument("--max-windows", type=int, help="at most this many windows")
-    e.add_argument("--batch-size", type=int, help="windows per forward")
-    e.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    _bos_flag(e)
+    add_flags(e, EvalJob)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
 

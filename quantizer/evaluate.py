@@ -16,6 +16,7 @@ from leanquant_serve.format import load_reference_model
 
 from .data import check_seqlen, consecutive_windows, model_vocab_size, text_tokens
 from .errors import UserError, check_counts
+from .flags import BOS_HELP, setting
 from .source import load_config
 
 
@@ -24,14 +25,17 @@ class EvalJob:
     """One perplexity evaluation (the CLI's ``eval`` builds it from its flags)."""
 
     model: Path  # model or LeanQuant checkpoint folder
-    data: str = "wiki-sample"  # text source (its evaluation split), see data.load_text
-    seqlen: int = 2048  # tokens per window, BOS included
-    max_windows: int | None = None  # None: as many as the text holds
-    batch_size: int = 1
-    device: str = "cpu"
+    # text source (its evaluation split), see data.load_text
+    data: str = setting("wiki-sample", "text source (its evaluation split)")
+    seqlen: int = setting(2048, "tokens per window, BOS included")
+    max_windows: int | None = setting(  # None: as many as the text holds
+        None, "at most this many windows (default: as many as the text holds)", show_default=False
+    )
+    batch_size: int = setting(1, "windows per forward")
+    device: str = setting("cpu", "cpu, cuda, cuda:1, ...")
     # begin each window with the tokenizer's BOS token if the tokenizer adds one to a text
     # (as lm-eval's add_bos_token; see data.py); False: text tokens only (--no-bos)
-    bos: bool = True
+    bos: bool = setting(True, BOS_HELP)
 
     def __post_init__(self) -> None:
         """Settings that no model can make right, refused before anything is read."""

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from leanquant_serve.format import SUPPORTED_BITS, group_misfit
+
+from .flags import setting
 from .grids import GRID_NAMES, AffineParams, GridParams, RowRandom, fit_grid
 
 log = logging.getLogger(__name__)
@@ -56,22 +59,44 @@ class CholeskyError(RuntimeError):
 
 @dataclass(frozen=True)
 class GPTQSettings:
-    bits: int
-    group_size: int = -1  # -1: one grid per output row
+    """How to quantize every weight. The defaults are LeanQuant's (affine grid, groups of 128,
+    act-order with static groups), for library callers and the CLI alike: the ``leanquant
+    quantize`` flags are built from these fields (quantizer/flags.py). Plain GPTQ is
+    ``fit="minmax"``."""
+
+    bits: int = setting(4, "bits per weight", choices=SUPPORTED_BITS)
+    group_size: int = setting(128, "columns per group; -1: one group per row")
     # Which grid fit (quantizer/grids.py): minmax (GPTQ) | affine (LeanQuant_aff) | nonuniform
     # (LeanQuant_nu) | exl2 (LeanQuant's objective on the EXL2 ladder). Not the stored grid
-    # kind: the checkpoint stores affine or nonuniform (:attr:`stored_grid`). CLI: --grid.
-    fit: str = "minmax"
-    actorder: bool = False  # quantize columns in order of decreasing H_ii
-    static_groups: bool = False  # fit group grids up front on the original W (no g_idx needed)
+    # kind: the checkpoint stores affine or nonuniform (:attr:`stored_grid`).
+    fit: str = setting(
+        "affine",
+        "grid fit. affine/nonuniform: LeanQuant's learned grids; exl2: LeanQuant's objective "
+        "inside exllamav2's EXL2 grid family (exact `export exllamav2` at 2/3/4/8 bits, stored "
+        "as affine); minmax: plain GPTQ",
+        flags=("--grid",),
+        choices=GRID_NAMES,
+    )
+    # quantize columns in order of decreasing H_ii
+    actorder: bool = setting(
+        True, "quantize columns by decreasing Hessian diagonal", flags=("--act-order",)
+    )
+    # fit group grids up front on the original W (no g_idx needed)
+    static_groups: bool = setting(
+        True, "fit group grids up front so act-order needs no g_idx (fast kernels)"
+    )
     blocksize: int = 128
-    damp: float = 0.01  # λ in H += λ·mean(diag H)·I
+    damp: float = setting(0.01, "λ of H += λ·mean(diag H)·I")
     damp_retries: int = 5  # on a failed Cholesky: λ *= 10, at most this many times
-    exponent: float = 4.0  # p in d_i = U_ii^(−p)
-    T: int = 2048
-    shrink: float | None = None  # affine search limit as a fraction of T; None: per-bits default
+    exponent: float = setting(4.0, "p of LeanQuant's U_ii^-p weights")
+    T: int = setting(2048, "affine range-search resolution")
+    shrink: float | None = setting(
+        None,
+        "affine search limit as a fraction of T (default 0.2/0.3/0.4/0.1 for 4/3/2/8 bits)",
+        show_default=False,
+    )
     kmeans_iters: int = 100
-    seed: int = 0
+    seed: int = setting(0, "random seed (calibration windows, k-means++ draws)")
 
     def __post_init__(self) -> None:
         if self.fit not in GRID_NAMES:
@@ -223,9 +248,10 @@ def quantize_weight(
     ``rows=(first, total)``: W holds rows first..first+len(W) of a weight with ``total`` rows;
     the result equals those rows of quantizing the whole weight (random draws are per row)."""
     n_rows, columns = W.shape
+    why = group_misfit(s.group_size, columns)
+    if why:
+        raise ValueError(why)
     G = columns if s.group_size == -1 else s.group_size
-    if columns % G:
-        raise ValueError(f"group size {s.group_size} does not divide in_features {columns}")
     W = W.detach().to(torch.float32).clone()
     first, total = rows if rows is not None else (0, n_rows)
     gen = RowRandom(torch.Generator(device=W.device).manual_seed(s.seed), first, total)

@@ -42,6 +42,7 @@ from leanquant_serve.format import (
     FormatError,
     LeanQuantConfig,
     dequantize_linear,
+    group_misfit,
     linear_specs,
     pack_linear,
 )
@@ -50,6 +51,7 @@ from leanquant_serve.format.checkpoint import partial_dir
 from .activations import PLACES, Activations
 from .data import check_seqlen, model_vocab_size, random_windows, text_tokens
 from .errors import UserError, check_counts
+from .flags import BOS_HELP, parse_size, setting
 from .gptq import (
     CholeskyError,
     GPTQSettings,
@@ -68,35 +70,88 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "quantize_report.json"
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # of layer forwards and of stored activations
+
+
 @dataclass(frozen=True)
 class QuantizeJob:
-    """Everything one quantization run needs (the CLI builds it from its flags)."""
+    """Everything one quantization run needs. The ``leanquant quantize`` flags are built from
+    these fields and :class:`GPTQSettings`' (quantizer/flags.py): one default per setting."""
 
     model: Path
     out: Path
-    settings: GPTQSettings
-    rtn: bool = False  # round-to-nearest: no calibration, no error feedback
-    calib: str | None = None  # text source, see data.load_text
-    nsamples: int = 128
-    seqlen: int = 2048  # tokens per calibration window, BOS included
-    batch_size: int = 1
+    settings: GPTQSettings = field(default_factory=GPTQSettings)
+    # round-to-nearest: no calibration, no error feedback
+    rtn: bool = setting(False, "round to nearest: no calibration, no GPTQ updates")
+    calib: str | None = setting(  # text source, see data.load_text
+        None,
+        "calibration text: a .txt/.jsonl file or folder, wiki-sample, wikitext2 or c4",
+        show_default=False,
+    )
+    nsamples: int = setting(128, "calibration windows")
+    seqlen: int = setting(2048, "tokens per calibration window, BOS included")
+    batch_size: int = setting(1, "calibration windows per forward")
     # begin each calibration window with the tokenizer's BOS token if the tokenizer adds one
     # to a text (see data.py); False: text tokens only (--no-bos)
-    bos: bool = True
+    bos: bool = setting(True, BOS_HELP)
     # compute device, or a comma-separated list (cuda:0,cuda:1): the first runs the layer
     # forwards and holds the activations; every one takes rows of each group's GPTQ work,
     # and the second accumulates and factors the Hessians
-    device: str = "cpu"
-    dtype: str = "float32"  # dtype for layer forwards
-    activations: str = "device"  # where calibration activations live: device | cpu | disk
-    act_dtype: str | None = None  # their stored dtype (None: dtype)
+    device: str = setting(
+        "cpu",
+        "cpu, cuda, cuda:1, or a list such as cuda:0,cuda:1: the first runs the layer "
+        "forwards, the second accumulates and factors the Hessians, and each group's rows are "
+        "split over all of them (the result is the same for any list)",
+        flags=("--device", "--devices"),
+    )
+    dtype: str = setting(  # dtype for layer forwards
+        "float32",
+        "dtype of layer forwards (and of the calibration activations unless --act-dtype)",
+        choices=DTYPES,
+    )
+    activations: str = setting(  # where calibration activations live: device | cpu | disk
+        "device",
+        "where the calibration activations (nsamples x seqlen x hidden) live between uses: "
+        "on the first device (fastest), in host RAM, or spilled to the partial output folder "
+        "one batch at a time (host memory: one batch)",
+        choices=PLACES,
+    )
+    act_dtype: str | None = setting(  # their stored dtype (None: dtype)
+        None,
+        "dtype the calibration activations are stored in (default: --dtype); bfloat16 "
+        "halves them (8.6 GB for 405B at 128 x 2048)",
+        choices=DTYPES,
+        show_default=False,
+    )
     # regexes of linear sublayers (relative to a layer) to leave unquantized
-    skip: tuple[str, ...] = ()
-    overwrite: bool = False
-    max_shard_bytes: int = 4 * 1024**3
+    skip: tuple[str, ...] = setting(
+        (),
+        "regex of sublayer names (e.g. 'mlp\\.down_proj') to leave unquantized; repeatable",
+        repeat=True,
+        show_default=False,
+    )
+    overwrite: bool = setting(False, "replace an existing output folder")
+    max_shard_bytes: int = setting(
+        4 * 1024**3,
+        "largest checkpoint shard, e.g. 4GiB (default), 500MB or a byte count",
+        flags=("--max-shard-size",),
+        type=parse_size,
+        metavar="SIZE",
+        show_default=False,
+    )
     # An existing partial run of ``out`` is refused unless one of these is set.
-    resume: bool = False  # continue it after its last finished layer (or start if none)
-    fresh: bool = False  # discard it and start over
+    resume: bool = setting(  # continue it after its last finished layer (or start if none)
+        False,
+        "continue the partial run of OUT (kept in .OUT.partial next to it after a failure "
+        "or kill) after its last finished layer; the model, calibration data and settings "
+        "must be the same. The result is byte-identical to an uninterrupted run. Without a "
+        "partial run, starts one",
+    )
+    fresh: bool = setting(  # discard it and start over
+        False,
+        "discard a partial run of OUT and start over (without --resume or --fresh, an "
+        "existing partial run is an error)",
+    )
 
     def __post_init__(self) -> None:
         """Settings that no model can make right, refused before anything is read."""
@@ -106,6 +161,13 @@ class QuantizeJob:
             batch_size=self.batch_size,
             max_shard_size=self.max_shard_bytes,
         )
+        if self.resume and self.fresh:
+            raise UserError("--resume and --fresh exclude each other")
+        for p in self.skip:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise UserError(f"--skip {p!r} is not a valid regular expression: {e}") from e
 
     @property
     def devices(self) -> list[torch.device]:
@@ -231,11 +293,12 @@ def _check_shapes(job: QuantizeJob, layer: nn.Module, layer_name: str) -> None:
     """Fail before any work if a sublayer cannot be stored (group size, packing alignment)."""
     qcfg = _qcfg(job, [])
     for name, m in find_linears(layer, job.skip).items():
-        if job.settings.group_size != -1 and m.in_features % job.settings.group_size:
+        if group_misfit(job.settings.group_size, m.in_features):
+            fits = [str(g) for g in (32, 64, 128, 256) if not group_misfit(g, m.in_features)]
             raise UserError(
                 f"--group-size {job.settings.group_size} does not divide in_features "
                 f"{m.in_features} of {layer_name}.{name}: use a divisor such as "
-                f"{', '.join(str(g) for g in (32, 64, 128, 256) if m.in_features % g == 0) or '-1'}"
+                f"{', '.join(fits) or '-1'}"
             )
         try:
             linear_specs(qcfg, m.in_features, m.out_features)
@@ -278,8 +341,6 @@ def quantize_model(
     ``observer(name, result)`` is called for every quantized sublayer (tests use it to
     rebuild the in-memory quantized model).
     """
-    if job.resume and job.fresh:
-        raise UserError("--resume and --fresh exclude each other")
     t0 = time.time()
     try:
         cuda = any(d.type == "cuda" for d in job.devices)
@@ -838,12 +899,3 @@ def _hessian(
     finally:
         handle.remove()
     return h
-
-
-def parse_skip(patterns: list[str]) -> tuple[str, ...]:
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise UserError(f"--skip {p!r} is not a valid regular expression: {e}") from e
-    return tuple(patterns)

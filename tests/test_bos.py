@@ -85,7 +85,9 @@ def _calib_windows(model: Path, calib: Path, **kw) -> tuple[torch.Tensor, int | 
     job = QuantizeJob(
         model=model,
         out=model / "unused",
-        settings=GPTQSettings(bits=4, group_size=32),
+        settings=GPTQSettings(
+            bits=4, group_size=32, fit="minmax", actorder=False, static_groups=False
+        ),
         calib=str(calib),
         nsamples=4,
         seqlen=SEQLEN,

@@ -218,7 +218,9 @@ def test_counts_are_checked_by_the_library(tmp_path):
     from quantizer.gptq import GPTQSettings
     from quantizer.pipeline import QuantizeJob
 
-    settings = GPTQSettings(bits=4)
+    settings = GPTQSettings(
+        bits=4, group_size=-1, fit="minmax", actorder=False, static_groups=False
+    )
     for field in ("nsamples", "seqlen", "batch_size", "max_shard_bytes"):
         with pytest.raises(UserError, match="must be a positive integer, got 0"):
             QuantizeJob(tmp_path, tmp_path / "out", settings, **{field: 0})
@@ -228,7 +230,7 @@ def test_counts_are_checked_by_the_library(tmp_path):
     with pytest.raises(UserError, match="--nsamples must be a positive integer, got 2.5"):
         QuantizeJob(tmp_path, tmp_path / "out", settings, nsamples=2.5)
     with pytest.raises(ValueError, match="--T must be a positive integer, got 0"):
-        GPTQSettings(bits=4, T=0)
+        GPTQSettings(bits=4, T=0, group_size=-1, fit="minmax", actorder=False, static_groups=False)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +252,14 @@ def test_gptq_settings_are_validated_up_front(capsys, tiny_model, tmp_path, flag
     assert expected in user_error(capsys, quantize(model, tmp_path / "out", "--rtn", flag, value))
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match=expected.replace("--", "")):
-        GPTQSettings(bits=4, **{flag.removeprefix("--"): float(value)})
+        GPTQSettings(
+            bits=4,
+            **{flag.removeprefix("--"): float(value)},
+            group_size=-1,
+            fit="minmax",
+            actorder=False,
+            static_groups=False,
+        )
 
 
 def _without_tokenizer(model: Path, to: Path) -> Path:

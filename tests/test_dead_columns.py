@@ -113,7 +113,7 @@ def test_dead_columns_do_not_change_the_live_columns_factor():
     change them when activations are small), and a dead column's d is the median live d."""
     W, H = problem(scale=1e-2)
     live = [j for j in range(COLS) if j not in DEAD]
-    s = GPTQSettings(bits=4)
+    s = GPTQSettings(bits=4, group_size=-1, fit="minmax", actorder=False, static_groups=False)
     p = prepare(H, s)
     alone = prepare(H[live][:, live], s)
     torch.testing.assert_close(p.d[live], alone.d, rtol=1e-3, atol=0)
@@ -128,7 +128,7 @@ def test_dead_columns_do_not_change_the_live_columns_factor():
 
 def test_all_dead_inputs():
     W, _ = problem()
-    s = GPTQSettings(bits=4, group_size=G, fit="affine", actorder=True)
+    s = GPTQSettings(bits=4, group_size=G, fit="affine", actorder=True, static_groups=False)
     r = quantize_weight(W, torch.zeros(COLS, COLS), s)
     torch.testing.assert_close(r.Q, nearest(grid_levels(r, COLS, G), W), rtol=0, atol=0)
     assert r.loss == 0.0

@@ -249,7 +249,7 @@ def test_unexportable_checkpoints_are_refused(kind, reason, checkpoint, tmp_path
     ],
 )
 def test_unquantized_linears_are_ignored_unless_vllm_fuses_them(skip, error, tiny_model, tmp_path):
-    s = GPTQSettings(bits=4, group_size=32, fit="minmax")
+    s = GPTQSettings(bits=4, group_size=32, fit="minmax", actorder=False, static_groups=False)
     src = tmp_path / "ckpt"
     quantize_model(
         QuantizeJob(model=tiny_model("llama"), out=src, settings=s, rtn=True, skip=(skip,))

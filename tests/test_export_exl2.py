@@ -247,7 +247,9 @@ def test_exl2_export_of_a_free_affine_checkpoint_fails_leaving_nothing(
     tiny_model, calib_text, tmp_path
 ):
     src = tmp_path / "affine"
-    s = GPTQSettings(bits=4, group_size=32, fit="affine", blocksize=32)
+    s = GPTQSettings(
+        bits=4, group_size=32, fit="affine", blocksize=32, actorder=False, static_groups=False
+    )
     quantize_model(
         QuantizeJob(model=tiny_model("llama"), out=src, settings=s, calib=str(calib_text),
                     nsamples=8, seqlen=48)
@@ -279,7 +281,9 @@ def test_auto_format_is_read_off_the_tensors_not_the_quantizer_metadata(
     edit(ladder, None)
     assert export_exllamav2(ladder, tmp_path / "a").format == "exl2"
     free = tmp_path / "free"
-    s = GPTQSettings(bits=4, group_size=32, fit="affine", blocksize=32)
+    s = GPTQSettings(
+        bits=4, group_size=32, fit="affine", blocksize=32, actorder=False, static_groups=False
+    )
     quantize_model(
         QuantizeJob(model=tiny_model("llama"), out=free, settings=s, calib=str(calib_text),
                     nsamples=8, seqlen=48)
@@ -307,7 +311,9 @@ def test_exl2_cli(exl2_checkpoint, tmp_path, capsys):
 def test_exl2_grid_keeps_rows_together_on_a_device_list(tiny_model, calib_text, tmp_path):
     """One maximum per group is shared by all rows, so a device list must not split rows:
     ``cpu,cpu`` gives the bytes of ``cpu``."""
-    s = GPTQSettings(bits=4, group_size=32, fit="exl2", blocksize=32)
+    s = GPTQSettings(
+        bits=4, group_size=32, fit="exl2", blocksize=32, actorder=False, static_groups=False
+    )
     outs = []
     for devices in ("cpu", "cpu,cpu"):
         out = tmp_path / devices.replace(",", "-")

@@ -464,7 +464,7 @@ def test_folder_has_the_names_shapes_and_dtypes_exllamav2_loads(kind, checkpoint
 
 def test_biases_of_quantized_linears_are_written_in_fp16(tiny_model, tmp_path):
     """make_q_matrix takes a GPTQ layer's bias as fp16 only (Qwen2 has q/k/v biases)."""
-    s = GPTQSettings(bits=4, group_size=32, fit="minmax")
+    s = GPTQSettings(bits=4, group_size=32, fit="minmax", actorder=False, static_groups=False)
     src = tmp_path / "ckpt"
     quantize_model(QuantizeJob(model=tiny_model("qwen2"), out=src, settings=s, rtn=True))
     export_exllamav2(src, tmp_path / "exl2")
@@ -500,7 +500,7 @@ def test_unexportable_checkpoints_are_refused(kind, reason, checkpoint, tmp_path
 
 
 def test_partly_quantized_attention_is_refused(tiny_model, tmp_path):
-    s = GPTQSettings(bits=4, group_size=32, fit="minmax")
+    s = GPTQSettings(bits=4, group_size=32, fit="minmax", actorder=False, static_groups=False)
     src = tmp_path / "ckpt"
     skip = (r"self_attn\.k_proj",)
     quantize_model(QuantizeJob(model=tiny_model("llama"), out=src, settings=s, rtn=True, skip=skip))

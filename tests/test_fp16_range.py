@@ -86,7 +86,13 @@ def test_quantize_weight_refuses_before_rounding(grid, calibrated):
     W = weights_with([BIG, -BIG])
     X = torch.randn(256, W.shape[1], generator=torch.Generator().manual_seed(1))
     H = 2 / len(X) * X.T @ X if calibrated else None
-    s = GPTQSettings(bits=4, fit=grid, group_size=-1 if grid == "nonuniform" else 32)
+    s = GPTQSettings(
+        bits=4,
+        fit=grid,
+        group_size=-1 if grid == "nonuniform" else 32,
+        actorder=False,
+        static_groups=False,
+    )
     with pytest.raises(FP16RangeError) as e:
         quantize_weight(W, H, s)
     assert e.value.value >= needed(grid, -BIG, BIG) * (1 - 1e-6)

@@ -97,7 +97,7 @@ def teacher_forced_obq(W, H, s: GPTQSettings, r: QuantizedWeight):
 )
 def test_blocked_loop_matches_column_reference(grid, group_size):
     W, H, _ = problem()
-    s = GPTQSettings(bits=3, group_size=group_size, fit=grid, blocksize=8)
+    s = GPTQSettings(bits=3, group_size=group_size, fit=grid, blocksize=8, actorder=False, static_groups=False)
     r = quantize_weight(W, H, s)
     excess, fit_ratio = teacher_forced_obq(W, H, s, r)
     # Every code the blocked loop chose is a nearest grid point of the reference's weight, up
@@ -113,7 +113,7 @@ def test_blocked_loop_matches_column_reference(grid, group_size):
 def test_teacher_forced_check_catches_a_wrong_update():
     """The check above can fail: a loop that skips the error feedback is off by whole steps."""
     W, H, _ = problem()
-    s = GPTQSettings(bits=3, group_size=16, fit="minmax", blocksize=8)
+    s = GPTQSettings(bits=3, group_size=16, fit="minmax", blocksize=8, actorder=False, static_groups=False)
     rtn = quantize_weight(W, None, s)  # the same grids' family, no error feedback
     excess, _ = teacher_forced_obq(W, H, s, rtn)
     assert excess.max() > 0.5
@@ -122,7 +122,7 @@ def test_teacher_forced_check_catches_a_wrong_update():
 def test_gptq_beats_rtn_on_layer_output():
     W, H, X = problem(rows=64, cols=128, n=2048)
     for grid in ("minmax", "affine"):
-        s = GPTQSettings(bits=3, group_size=32, fit=grid)
+        s = GPTQSettings(bits=3, group_size=32, fit=grid, actorder=False, static_groups=False)
         err = lambda Q: ((X @ (W - Q).T) ** 2).mean().item()  # noqa: E731
         assert err(quantize_weight(W, H, s).Q) < 0.8 * err(quantize_weight(W, None, s).Q)
 
@@ -150,7 +150,7 @@ def test_static_groups_keep_contiguous_groups():
 
 def test_nonuniform_codes_index_the_table():
     W, H, _ = problem()
-    r = quantize_weight(W, H, GPTQSettings(bits=3, fit="nonuniform", actorder=True))
+    r = quantize_weight(W, H, GPTQSettings(bits=3, fit="nonuniform", actorder=True, group_size=-1, static_groups=False))
     assert r.lut.shape == (W.shape[0], 8) and r.scales is None
     torch.testing.assert_close(r.lut.gather(1, r.codes.long()), r.Q, rtol=0, atol=0)
 
@@ -172,10 +172,10 @@ def test_cholesky_retries_with_more_damping_then_fails():
 @pytest.mark.parametrize(
     "s",
     [
-        GPTQSettings(bits=4, fit="affine", group_size=64),
-        GPTQSettings(bits=3, fit="nonuniform", actorder=True),
-        GPTQSettings(bits=4, fit="nonuniform"),  # k-means++: random draws per row
-        GPTQSettings(bits=2, fit="minmax", group_size=32, actorder=True),
+        GPTQSettings(bits=4, fit="affine", group_size=64, actorder=False, static_groups=False),
+        GPTQSettings(bits=3, fit="nonuniform", actorder=True, group_size=-1, static_groups=False),
+        GPTQSettings(bits=4, fit="nonuniform", group_size=-1, actorder=False, static_groups=False),  # k-means++: random draws per row
+        GPTQSettings(bits=2, fit="minmax", group_size=32, actorder=True, static_groups=False),
     ],
     ids=["affine-g64", "nu3-actorder", "nu4-kmeans++", "minmax2-g32-actorder"],
 )
@@ -203,7 +203,7 @@ def test_prepare_takes_over_a_hessian_and_leaves_a_tensor_alone():
     h = Hessian(cols)
     h.add_batch(torch.randn(256, cols))
     H = h.H.clone()
-    s = GPTQSettings(bits=4, actorder=True)
+    s = GPTQSettings(bits=4, actorder=True, group_size=-1, fit="minmax", static_groups=False)
     from_tensor = prepare(H, s)
     assert torch.equal(H, h.H)  # unchanged
     from_hessian = prepare(h, s)

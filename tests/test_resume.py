@@ -200,7 +200,9 @@ def test_partial_without_a_finished_layer(deep_model, calib_text, cli_reference,
 
 def small_job(model: Path, out: Path, calib: Path, **kw) -> QuantizeJob:
     """GPTQ (plain grid: fast) with small shards, so that shards flush in mid-layer."""
-    s = GPTQSettings(bits=4, group_size=32, fit="minmax", blocksize=32)
+    s = GPTQSettings(
+        bits=4, group_size=32, fit="minmax", blocksize=32, actorder=False, static_groups=False
+    )
     return QuantizeJob(
         model=model,
         out=out,
@@ -473,7 +475,12 @@ def test_device_lists_and_activation_places_give_the_same_bytes(
 def test_split_rows_are_exact_for_learned_grids(grid, deep_model, calib_text, tmp_path):
     """Act-order, dynamic groups (g_idx) and k-means++'s random draws, split over 3 workers."""
     s = GPTQSettings(
-        bits=4, group_size=32 if grid == "affine" else -1, fit=grid, actorder=True, blocksize=32
+        bits=4,
+        group_size=32 if grid == "affine" else -1,
+        fit=grid,
+        actorder=True,
+        blocksize=32,
+        static_groups=False,
     )
     for device in ("cpu", "cpu,cpu,cpu"):
         job = small_job(deep_model, tmp_path / device, calib_text, device=device)

@@ -32,7 +32,12 @@ def prompt_ids():
             0.6,
         ),
         # 3 bits per row from 4 x 128 calibration tokens: measured 0.39 (chance is ~0)
-        (GPTQSettings(bits=3, group_size=-1, fit="nonuniform", actorder=True), 0.3),
+        (
+            GPTQSettings(
+                bits=3, group_size=-1, fit="nonuniform", actorder=True, static_groups=False
+            ),
+            0.3,
+        ),
     ],
     ids=["affine-w4g64", "nonuniform-w3"],
 )

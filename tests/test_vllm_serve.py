@@ -55,7 +55,7 @@ SETTINGS = {
     "affine-w4g64": GPTQSettings(
         bits=4, group_size=64, fit="affine", actorder=True, static_groups=True
     ),
-    "nonuniform-w4": GPTQSettings(bits=4, group_size=-1, fit="nonuniform", actorder=True),
+    "nonuniform-w4": GPTQSettings(bits=4, group_size=-1, fit="nonuniform", actorder=True, static_groups=False),
 }
 
 

@@ -18,6 +18,7 @@ from .config import (
     SUPPORTED_BITS,
     FormatError,
     LeanQuantConfig,
+    group_misfit,
 )
 from .packing import chunk_size, pack_codes, unpack_codes
 from .tensors import (
@@ -45,6 +46,7 @@ __all__ = [
     "check_output",
     "chunk_size",
     "dequantize_linear",
+    "group_misfit",
     "infer_linear_shape",
     "linear_specs",
     "load_reference_model",

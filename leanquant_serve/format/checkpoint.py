@@ -68,12 +68,13 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.partial"
 
 
-def check_output(out_dir: Path, overwrite: bool) -> None:
+def check_output(out_dir: Path, overwrite: bool, flag: str = "overwrite=True") -> None:
     """The rule for an output folder: an existing one is replaced only with ``overwrite`` (and
-    only if it is a folder). Raises FormatError naming the flag to pass."""
+    only if it is a folder). Raises FormatError naming ``flag``, the way to pass it (the CLI
+    says ``--overwrite``). Called by the writer, and by the CLI before any work."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not (overwrite and out_dir.is_dir()):
-        raise FormatError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
+        raise FormatError(f"{out_dir}: already exists (pass {flag} to replace it)")
 
 
 class CheckpointWriter:

@@ -28,6 +28,15 @@ def _fail(name: str, problem: str) -> FormatError:
     return FormatError(f"quantization_config.{name}: {problem}")
 
 
+def group_misfit(group_size: int, in_features: int) -> str | None:
+    """The rule "the group size divides in_features" (group size -1: one group per row), for
+    every place that applies it (the contract's tensor specs, the quantizer's up-front shape
+    check and its column loop): None when it holds, else why not."""
+    if group_size != -1 and in_features % group_size:
+        return f"in_features={in_features} is not a multiple of group_size={group_size}"
+    return None
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -104,7 +113,7 @@ class LeanQuantConfig:
         """Number of column groups of a linear with ``in_features`` columns."""
         if self.group_size == -1:
             return 1
-        if in_features % self.group_size:
+        if group_misfit(self.group_size, in_features):
             raise _fail(
                 "group_size", f"{self.group_size} does not divide in_features={in_features}"
             )

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import FormatError, LeanQuantConfig
+from .config import FormatError, LeanQuantConfig, group_misfit
 from .packing import check_code_range, chunk_size, pack_codes, unpack_codes
 
 QUANT_SUFFIXES = ("qweight", "scales", "zero_points", "g_idx", "lut")
@@ -54,11 +54,9 @@ def _specs(
             f"{_name(prefix, 'qweight')}: in_features={in_features} is not a positive multiple "
             f"of {n} ({cfg.bits}-bit packing)"
         )
-    if cfg.group_size != -1 and in_features % cfg.group_size:
-        raise FormatError(
-            f"{_name(prefix, 'qweight')}: in_features={in_features} is not a multiple "
-            f"of group_size={cfg.group_size}"
-        )
+    why = group_misfit(cfg.group_size, in_features)
+    if why:
+        raise FormatError(f"{_name(prefix, 'qweight')}: {why}")
     specs = {"qweight": TensorSpec((in_features * cfg.bits // 32, out_features), torch.int32)}
     if cfg.grid == "nonuniform":
         specs["lut"] = TensorSpec((out_features, 1 << cfg.bits), torch.float16)

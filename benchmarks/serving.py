@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -134,8 +135,6 @@ def fidelity(client, model: Path, tokens: int = 32) -> dict:
 def engine_rss_gib(port: int) -> float:
     """Largest resident set among the server's processes (the API server listening on
     ``port`` and everything in its process group): vLLM's engine core, which holds the model."""
-    import os
-
     import psutil
 
     server = next(c.pid for c in psutil.net_connections("tcp")
@@ -153,8 +152,6 @@ def engine_rss_gib(port: int) -> float:
 
 def cpu_kind() -> tuple[str, str]:
     """(CPU model name with core count, "avx512" or "avx2"), from /proc/cpuinfo."""
-    import os
-
     name, flags = platform.processor() or platform.machine(), ""
     try:
         for line in open("/proc/cpuinfo"):
@@ -213,6 +210,7 @@ def main() -> None:
     device = f"cpu-{kind}"
     meta = {
         "device": cpu, "cpu_kind": kind, "vllm": vllm.__version__, "dtype": a.dtype,
+        "load_average_at_end": os.getloadavg(),  # other work on the machine skews tokens/s
         "tokens_per_prompt": a.tokens, "repeats": a.repeats, "eager": a.eager, "prompt": PROMPT,
     }
     base = results["bf16"]["batches"] if "bf16" in results else None
@@ -222,7 +220,9 @@ def main() -> None:
         f"`python benchmarks/serving.py` (dtype {a.dtype}, {a.tokens} generated tokens per prompt, "
         f"best of {a.repeats}{', eager' if a.eager else ', torch.compile'}). tokens/s (ratio to bf16); "
         "engine RSS: resident memory of vLLM's engine process after the run; |Δ logprob|: mean (max) "
-        "over 4 prompts × 32 greedy tokens of |served − float32 reference| logprob, nats.",
+        "over 4 prompts × 32 greedy tokens of |served − float32 reference| logprob, nats. "
+        f"Load average at the end: {meta['load_average_at_end'][1]:.2f} (5 min; 2 cores: "
+        "anything above ~0.5 means other work ran and tokens/s are low for all rows alike).",
         "",
         "| model | linear path | " + " | ".join(f"batch {b}" for b in a.batches) + " | engine RSS GiB | \\|Δ logprob\\| | startup s |",
         "|---|---|" + "---|" * len(a.batches) + "---|---|---|",

@@ -10,7 +10,8 @@ The learned grids minimise, per row, the loss-error-aware objective
 - ``minmax``: GPTQ's asymmetric min-max grid (ignores d): the baseline.
 - ``affine``: LeanQuant_aff, a coarse-to-fine search over the clipping range
   lo = min + a·R/T, hi = max − c·R/T (R = max − min) for the affine grid with the lowest L.
-- ``nonuniform``: LeanQuant_nu, a per-row weighted k-means (Lloyd) with 2^b centroids.
+- ``nonuniform``: LeanQuant_nu, a per-row weighted k-means with 2^b centroids: the optimal one
+  (dynamic programming over the sorted row, default) or Lloyd's local optimum (the reference's).
 - ``exl2``: the same loss-error-aware objective minimised inside exllamav2's EXL2 grid family
   (fixed zero 2^(b−1); per group one fp16 maximum M shared by all rows, per row one of 16
   scales (i+1)²·M/256), so ``leanquant export exllamav2`` writes EXL2 tensors exactly.
@@ -307,23 +308,233 @@ def _kmeanspp_init(W: Tensor, d: Tensor, k: int, rng: RowRandom) -> Tensor:
     return torch.cat(cent, 1)
 
 
+# The exact fit (default): Wang & Song (2011), "Ckmeans.1d.dp: Optimal k-means clustering in one
+# dimension by dynamic programming", The R Journal 3(2), with the divide-and-conquer speed-up over
+# monotone split points of Grønlund et al. (2017), "Fast exact k-means, k-medians and Bregman
+# divergence clustering in 1D" (arXiv:1701.07204). Batched over rows; Python loops run only over
+# the k layers and the log2(N) divide-and-conquer levels.
+
+NONUNIFORM_FITS = ("exact", "lloyd")
+# The default fit is exact up to 4 bits. At 8 bits (k = 256) the DP's k layers cost ~60x
+# Lloyd's time on a CPU (SmolLM2's down_proj: 180 vs 3 ms per row, one thread) for an error
+# that is tiny either way, so 8 bits defaults to Lloyd.
+EXACT_MAX_BITS = 4
+# Rows × columns per chunk of the exact fit, for 16 centroids (scaled down for more): small on a
+# CPU, where the DP's float64 temporaries then stay in cache, large on a GPU. Tables do not
+# depend on it (every row's result is its own, see _kmeans_1d_exact).
+_EXACT_CHUNK_ELEMS = {"cpu": 1 << 16}
+_EXACT_CHUNK_ELEMS_ACCEL = 1 << 23
+_TINY = 1e-300  # stands in for a zero cluster weight S0 (whose S1 is then exactly 0 too)
+# Scales a positive difference of two DP values (≥ ~1e-200: they are float64 sums of terms no
+# smaller) past any index; a zero difference stays zero.
+_HUGE = 2.0**1000
+
+
+def _kmeans_1d_exact(W: Tensor, d: Tensor, k: int) -> Tensor:
+    """Optimal weighted 1-D k-means of every row of W: minimise Σ_j d_j (w_j − c_{a(j)})².
+
+    W (rows, n) finite, d (n,) ≥ 0 with Σ d > 0, any float dtype; returns (rows, k) float64
+    centroids, ascending, NaN where a row has nothing to put (fewer than k distinct values, or
+    a cluster of weightless values). Per row, with the distinct values x_1 < … < x_N (duplicates
+    merged, their d summed), centred on the row's weighted mean, and float64 prefix sums
+
+        S0_j = Σ_{i≤j} d_i,   S1_j = Σ_{i≤j} d_i x_i,   S2_j = Σ_{i≤j} d_i x_i²,
+
+    the cost of one cluster {x_{i+1}, …, x_j} around its weighted mean is
+
+        c(i, j) = (S2_j − S2_i) − (S1_j − S1_i)² / (S0_j − S0_i)       (0 when S0_j = S0_i),
+
+    and D[m][j], the least cost of x_1..x_j in m clusters, follows (Wang & Song 2011, eq. 3)
+
+        D[1][j] = c(0, j),    D[m][j] = min_{0 ≤ i ≤ j} D[m−1][i] + c(i, j),
+
+    i = j meaning an empty m-th cluster. c is Monge, so the leftmost minimiser B[m][j] is
+    nondecreasing in j and each layer is solved by divide and conquer (Grønlund et al. 2017):
+    B[m][j] for j = h, 3h, 5h, … (h = 2^s, s descending) lies in [B[m][j−h], B[m][j+h]],
+    bounds found on the levels above. One level is evaluated for all its j at once: the search
+    intervals of its j's overlap only at their ends, so every candidate i in [0, N] belongs to at
+    most one interval's inside (found by a cumulative sum) and one segmented minimum per level
+    covers them, plus one evaluation at each interval's right end. Ties go to the smallest i.
+    Work O(k·N log N) per row; memory (k−2)·rows·N int32 split points plus O(rows·N) float64.
+
+    Every row's result is its own, whatever other rows share the batch (rows may be split
+    across devices): the levels are the fixed dyadic ones (they depend on positions only), and
+    at positions past a row's own N the split point is taken as N (a valid upper bound), never
+    computed, so the batch's widest row changes nothing; every value is float64 arithmetic on
+    that row's numbers only, reduced by exact minima. (On CUDA this rests on cumsum scanning
+    each row the same way whatever the row count: not yet checked on a GPU.)
+    """
+    rows, n = W.shape
+    f64, dev = torch.float64, W.device
+    x, order = W.to(f64).sort(dim=1, stable=True)
+    a = d.to(f64)[order]  # d_j in the row's sorted order
+    last = torch.ones_like(x, dtype=torch.bool)
+    last[:, :-1] = x[:, 1:] != x[:, :-1]  # the last copy of each distinct value
+    rank = last.cumsum(1)  # distinct values up to and including j
+    N = rank[:, -1:]  # (rows, 1): distinct values per row
+    Np = int(N.max())  # the widest row of this batch (arrays are this wide, results are not)
+    g = torch.arange(1, Np + 1, device=dev).expand(rows, -1).contiguous()
+    at = torch.searchsorted(rank, g).clamp_max(n - 1)  # index of distinct value g (past N: last)
+    A0, A1 = a.cumsum(1), (a * x).cumsum(1)
+    mu = A1[:, -1:] / A0[:, -1:]  # the row's weighted mean: centring keeps S2 small
+    xc = x - mu
+    zero = torch.zeros(rows, 1, dtype=f64, device=dev)
+    S0 = torch.cat([zero, A0.gather(1, at)], 1)  # (rows, Np + 1); past N: constant (weight 0)
+    S1 = torch.cat([zero, (a * xc).cumsum(1).gather(1, at)], 1)
+    S2 = torch.cat([zero, (a * xc * xc).cumsum(1).gather(1, at)], 1)
+    pos = torch.arange(Np + 1, device=dev)
+    posr = pos.expand(rows, -1)
+    posf = pos.to(f64).expand(rows, -1)
+
+    def cost(j0: Tensor, j1: Tensor, j2: Tensor, i0: Tensor, i1: Tensor, i2: Tensor) -> Tensor:
+        s1 = j1 - i1
+        return (j2 - i2) - s1 * s1 / (j0 - i0).clamp_min(_TINY)  # c(i, j)
+
+    # A row with at most k distinct values: each is a centroid (cost 0, no DP rounding noise).
+    few = torch.where(pos[1 : k + 1] <= N, x.gather(1, at[:, :k]), math.nan)
+    if Np <= k:
+        return torch.cat([few, few.new_full((rows, k - Np), math.nan)], 1)
+    D = cost(S0, S1, S2, zero, zero, zero)  # D[1][j] = c(0, j)
+    # The dyadic levels, top first: h = 2^s, positions j = h, 3h, 5h, … ≤ Np, and what each
+    # layer reads at them (S at j, with a 0 in front for "no interval").
+    levels = []
+    for s in range(max(Np, 1).bit_length() - 1, -1, -1):
+        h = 1 << s
+        j = pos[h :: 2 * h]
+        t = j.numel()
+        J0, J1 = S0[:, h :: 2 * h], S1[:, h :: 2 * h]
+        Q0, Q1 = torch.cat([zero, J0], 1), torch.cat([zero, J1], 1)
+        tag = torch.arange(1, t + 1, device=dev).expand(rows, -1)
+        levels.append((h, j, t, J0, J1, S2[:, h :: 2 * h], Q0, Q1, tag, j <= N))
+    splits: list[Tensor] = []  # B[m] for m = 2 .. k−1, (rows, Np + 1) int32
+    for _ in range(2, k):
+        E = D - S2  # the i-part of D[m−1][i] + c(i, j): D[m−1][i] − S2_i
+        ES = torch.stack([E, S0, S1], 2)  # for the intervals' right ends
+        B = torch.where(posr > N, N, 0)  # B[m][0] = 0; past N: N, an upper bound, never computed
+        Dm = torch.zeros_like(D)
+        for h, j, t, J0, J1, J2, Q0, Q1, tag, live in levels:
+            lo = B[:, 0 :: 2 * h][:, :t]  # B[m][j − h]
+            hi = B[:, 2 * h :: 2 * h]  # B[m][j + h]
+            if hi.shape[1] < t:
+                hi = torch.cat([hi, N], 1)  # j + h past the arrays: past every N
+            hi = torch.where(live, torch.minimum(j, hi), lo)  # search B[m][j] in [lo, hi]
+            # Which interval's inside [lo, hi) holds candidate i: 1..t, 0 for none.
+            node = torch.zeros(rows, Np + 2, dtype=torch.long, device=dev)
+            node.scatter_add_(1, lo, tag).scatter_add_(1, hi, -tag)
+            node = node[:, : Np + 1].cumsum(1)
+            s0 = Q0.gather(1, node).sub_(S0).clamp_min_(_TINY)
+            s1 = Q1.gather(1, node).sub_(S1)
+            v = E - s1.mul_(s1).div_(s0)  # D[m−1][i] + c(i, j) − S2_j
+            vmin = torch.full((rows, t + 1), math.inf, dtype=f64, device=dev)
+            vmin.scatter_reduce_(1, node, v, "amin")
+            # The smallest i reaching the minimum: key i where v is the minimum, > Np elsewhere.
+            key = (v - vmin.gather(1, node)).mul_(_HUGE).add_(posf)
+            imin = torch.full((rows, t + 1), math.inf, dtype=f64, device=dev)
+            imin.scatter_reduce_(1, node, key, "amin")
+            vmin, imin = vmin[:, 1:], imin[:, 1:].long()
+            e = ES.gather(1, hi[:, :, None].expand(-1, -1, 3))  # E, S0, S1 at i = hi
+            s1hi = J1 - e[:, :, 2]
+            vhi = e[:, :, 0] - s1hi * s1hi / (J0 - e[:, :, 1]).clamp_min(_TINY)
+            inside = vmin <= vhi  # ties: the inside's smaller i
+            B[:, h :: 2 * h] = torch.where(live, torch.where(inside, imin, hi), N)
+            Dm[:, h :: 2 * h] = torch.where(inside, vmin, vhi) + J2
+        splits.append(B.to(torch.int32))
+        D = Dm
+    # The last layer only at j = N: D[k][N] = min_i D[k−1][i] + c(i, N).
+    JN = [S.gather(1, N) for S in (S0, S1, S2)]
+    v = torch.where(posr <= N, D + cost(*JN, S0, S1, S2), math.inf)
+    b = v.argmin(1, keepdim=True)  # the first minimum: the smallest i
+    bounds = [N, b]  # cluster m holds x_{b_{m−1}+1} .. x_{b_m}; walk back through B
+    for B in reversed(splits):
+        b = B.gather(1, b).long()
+        bounds.append(b)
+    bounds.append(torch.zeros_like(b))
+    bounds = torch.cat(bounds[::-1], 1)  # (rows, k + 1), nondecreasing
+    lo, hi = bounds[:, :-1], bounds[:, 1:]
+    w0 = S0.gather(1, hi) - S0.gather(1, lo)  # Σ d of each cluster
+    w1 = S1.gather(1, hi) - S1.gather(1, lo)  # Σ d x of each cluster
+    c = torch.where(w0 > 0, w1 / w0.clamp_min(_TINY) + mu, math.nan)  # c_m = Σ d x / Σ d
+    return torch.where(N <= k, few, c)
+
+
+def _fill_empty(c: Tensor) -> Tensor:
+    """Fill a table's empty (NaN) entries, one at a time, with the midpoint of the widest gap
+    between the entries so far (a row with one entry repeats it); ascending. Entries are only
+    empty where the row has fewer distinct weighted values than entries, all of which already
+    have an entry: a filled entry cannot make any weight's nearest entry farther."""
+    c = c.sort(1).values  # NaN last
+    count = (~c.isnan()).sum(1, keepdim=True)
+    col = torch.arange(c.shape[1], device=c.device)
+    while bool((count < c.shape[1]).any()):
+        gap = (c[:, 1:] - c[:, :-1]).nan_to_num(nan=-1.0)  # −1: not a gap between two entries
+        g = gap.argmax(1, keepdim=True)  # the widest (first of equals)
+        mid = (c.gather(1, g) + c.gather(1, g + 1)) / 2
+        mid = torch.where(gap.gather(1, g) >= 0, mid, c[:, :1])
+        fill = (count < c.shape[1]) & (col == count)
+        c = torch.where(fill, mid, c).sort(1).values
+        count = count + fill.any(1, keepdim=True)
+    return c
+
+
+def _fit_nonuniform_exact(W: Tensor, d: Tensor, bits: int, max_chunk_elems: int) -> LUTParams:
+    """:func:`fit_nonuniform`'s exact fit: the optimal table per row, in row chunks."""
+    rows, cols = W.shape
+    k = 2**bits
+    d = d.to(torch.float64)
+    if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+        raise ValueError("column importance d must be finite and non-negative")
+    if not bool((d > 0).any()):
+        d = torch.ones_like(d)  # no column weighs anything: weigh them all alike
+    bad = ~torch.isfinite(W).all(1)  # NaN/Inf rows: a table the caller reports (stored_fp16)
+    if bool(bad.any()):
+        worst = torch.where(W.isnan().any(1), math.nan, math.inf)
+        W = torch.where(bad[:, None], 0.0, W)
+    budget = _EXACT_CHUNK_ELEMS.get(W.device.type, _EXACT_CHUNK_ELEMS_ACCEL) * 16 // max(16, k)
+    step = max(1, min(budget, max_chunk_elems) // max(cols, 1))
+    luts = []
+    for r in range(0, rows, step):
+        Wr = W[r : r + step]
+        luts.append(_fill_empty(_kmeans_1d_exact(Wr, d, k)))
+    lut = torch.cat(luts).to(torch.float32)
+    if bool(bad.any()):
+        lut = torch.where(bad[:, None], worst[:, None].to(lut.dtype), lut)
+    return LUTParams(stored_fp16(lut, "table entry", W).sort(1).values)
+
+
 def fit_nonuniform(
     W: Tensor,
     d: Tensor,
     bits: int,
     *,
+    method: str | None = None,
     max_iter: int = 100,
     tol: float = 1e-4,
     init: str | None = None,
     generator: torch.Generator | RowRandom | None = None,
     max_chunk_elems: int = 1 << 24,
 ) -> LUTParams:
-    """LeanQuant_nu: per-row weighted k-means of the row's weights with weights d, 2^b centroids.
+    """LeanQuant_nu: per row of W (rows, cols), a weighted k-means of the row's weights with
+    weights d (cols,), 2^b centroids, minimising L = Σ_j d_j (w_j − c_{a(j)})².
 
-    Rows are fitted in chunks of at most ``max_chunk_elems`` weights, which bounds the loop's
-    temporaries (int64 assignments, per-cluster sums) at any weight size; rows are independent
-    and every chunk replays the same random stream, so the result does not depend on it.
+    ``method="exact"`` (default up to :data:`EXACT_MAX_BITS` bits): the optimal table of every
+    row (:func:`_kmeans_1d_exact`, optimal 1-D k-means by dynamic programming), deterministic,
+    without random draws. ``"lloyd"`` (default above): the reference's algorithm, batched
+    Lloyd iterations from the reference's initialisation (``init``, ``max_iter``, ``tol``,
+    ``generator``), a local optimum: 6% to 2.1x the optimum's L on SmolLM2's layer-5 MLP
+    weights at 2-4 bits (benchmarks/results/grid_fit.md).
+    Entries are fp16-exact (:func:`stored_fp16`), ascending, fp32.
+
+    Rows are fitted in chunks of at most ``max_chunk_elems`` weights (fewer for the exact fit,
+    which sizes its chunks for the device), which bounds the temporaries at any weight size;
+    every row's table is its own, so it does not depend on the chunks (nor, for Lloyd, on them:
+    every chunk replays the same random stream).
     """
+    if method is None:
+        method = "exact" if bits <= EXACT_MAX_BITS else "lloyd"
+    if method == "exact":
+        return _fit_nonuniform_exact(W, d, bits, max_chunk_elems)
+    if method != "lloyd":
+        raise ValueError(f"method must be one of {', '.join(NONUNIFORM_FITS)}, got {method!r}")
     rng = generator if isinstance(generator, RowRandom) else RowRandom(generator)
     rows, cols = W.shape
     step = max(1, max_chunk_elems // max(cols, 1))
@@ -344,7 +555,7 @@ def fit_nonuniform(
 def _fit_nonuniform_rows(
     W: Tensor, d: Tensor, bits: int, max_iter: int, tol: float, init: str | None, rng: RowRandom
 ) -> LUTParams:
-    """:func:`fit_nonuniform` on one chunk of rows.
+    """:func:`fit_nonuniform`'s Lloyd fit on one chunk of rows.
 
     Batched Lloyd iterations over all rows; 1-D assignment is a searchsorted against the
     midpoints of the sorted centroids. Init as the reference: linspace(min, max) for b ≤ 3,

@@ -104,7 +104,7 @@ def _export(a: argparse.Namespace, export, target: str, **kw):
 
 
 def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
-    from leanquant_serve.export.compressed_tensors import export_compressed_tensors
+    from leanquant_serve.compressed_tensors.export import export_compressed_tensors
 
     r = _export(a, export_compressed_tensors, "as compressed-tensors")
     w = r.quantization_config["config_groups"]["group_0"]["weights"]
@@ -116,7 +116,7 @@ def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
 
 
 def _cmd_export_exllamav2(a: argparse.Namespace) -> None:
-    from leanquant_serve.export.exllamav2 import export_exllamav2
+    from leanquant_serve.exllamav2.export import export_exllamav2
 
     r = _export(a, export_exllamav2, "for exllamav2", format=a.target_format)
     g = r.quantization_config["group_size"]

@@ -1,4 +1,5 @@
-"""Tests for quantizer.assets: the wikitext stripper (fast) and the cached offline assets (slow)."""
+"""Tests for quantizer.wikitext (the MediaWiki stripper, fast) and quantizer.assets (the cached
+offline assets, slow)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from quantizer import assets
-from quantizer.assets import WikiSplits, cache_dir, smollm2_dir, strip_wikitext, wiki_splits
+from quantizer.assets import WikiSplits, cache_dir, smollm2_dir, wiki_splits
+from quantizer.wikitext import strip_wikitext
 
 
 # ----------------------------------------------------------------------------- fast

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from leanquant_serve.export.compressed_tensors import (
+from leanquant_serve.compressed_tensors.export import (
     ExportError,
     export_compressed_tensors,
 )
@@ -265,7 +265,7 @@ def test_unquantized_linears_are_ignored_unless_vllm_fuses_them(skip, error, tin
 
 
 def test_failure_midway_leaves_nothing(checkpoint, tmp_path, monkeypatch):
-    from leanquant_serve.export import compressed_tensors as ct
+    from leanquant_serve.compressed_tensors import export as ct
 
     real, calls = ct._convert_linear, []
 

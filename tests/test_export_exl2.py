@@ -26,12 +26,12 @@ import torch
 from test_export_exllamav2 import read_safetensors
 from torch import Tensor
 
-from leanquant_serve.export import ExportError
-from leanquant_serve.export.exllamav2 import (
+from leanquant_serve.exllamav2.export import (
     convert_linear_exl2,
     exl2_levels,
     export_exllamav2,
 )
+from leanquant_serve.export import ExportError
 from leanquant_serve.format import Checkpoint, LeanQuantConfig, dequantize_linear, pack_linear
 from leanquant_serve.format.exl2 import exl2_scales
 from quantizer.cli import main

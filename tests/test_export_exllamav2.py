@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from leanquant_serve.export.exllamav2 import (
+from leanquant_serve.exllamav2.export import (
     ExportError,
     convert_linear,
     exllamav2_group_size,
@@ -510,7 +510,7 @@ def test_partly_quantized_attention_is_refused(tiny_model, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(checkpoint, tmp_path, monkeypatch):
-    from leanquant_serve.export import exllamav2 as ex
+    from leanquant_serve.exllamav2 import export as ex
 
     real, calls = ex.convert_linear, []
 

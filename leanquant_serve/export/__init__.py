@@ -1,4 +1,6 @@
-"""Exports of LeanQuant checkpoints to stock formats that other engines load without a plugin.
+"""Exports of LeanQuant checkpoints to stock formats that other engines load without a plugin:
+what every exporter shares. The exporters live in their engine's folder
+(``leanquant_serve/compressed_tensors/export.py``, ``leanquant_serve/exllamav2/export.py``).
 
 Each exporter reads a checkpoint through :mod:`leanquant_serve.format` one tensor at a time,
 writes the new folder atomically, and refuses (with a one-line ``ValueError``) whatever the

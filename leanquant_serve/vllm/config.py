@@ -15,6 +15,7 @@ from vllm.model_executor.layers.quantization.base_config import (
 
 from ..format import Checkpoint, FormatError, LeanQuantConfig
 from . import NAME
+from .linear import LeanQuantAffineLinearMethod, LeanQuantLUTLinearMethod
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so it is shown
 
@@ -101,8 +102,6 @@ class LeanQuantVLLMConfig(QuantizationConfig):
             return None  # embeddings and lm_head stay as stored
         if not self.is_quantized(prefix):
             return UnquantizedLinearMethod()
-        from .linear import LeanQuantAffineLinearMethod, LeanQuantLUTLinearMethod
-
         if self.qcfg.grid == "nonuniform":
             return LeanQuantLUTLinearMethod(self)
         return LeanQuantAffineLinearMethod(self)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
 from vllm.logger import init_logger
@@ -51,7 +52,9 @@ from vllm.scalar_type import scalar_types
 
 from ..format import FormatError, chunk_size
 from ..kernels import portable
-from .config import LeanQuantVLLMConfig
+
+if TYPE_CHECKING:  # config.py imports this module (it hands out the linear methods)
+    from .config import LeanQuantVLLMConfig
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so it is shown
 
@@ -59,9 +62,12 @@ PORTABLE = "portable"
 WEIGHT_TYPES = {2: scalar_types.uint2, 3: scalar_types.uint3, 4: scalar_types.uint4, 8: scalar_types.uint8}
 
 
-def _log_once(kind: str, reason: str | None, seen: set = set()) -> None:  # noqa: B006
-    if (kind, reason) not in seen:
-        seen.add((kind, reason))
+_LOGGED: set[tuple[str, str | None]] = set()  # (kind, reason) pairs already logged
+
+
+def _log_once(kind: str, reason: str | None) -> None:
+    if (kind, reason) not in _LOGGED:
+        _LOGGED.add((kind, reason))
         if reason:
             logger.info("leanquant: %s (%s)", kind, reason)
         else:

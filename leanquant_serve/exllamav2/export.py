@@ -86,6 +86,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..export import ExportError, open_source
 from ..format import (
     QUANT_SUFFIXES,
     Checkpoint,
@@ -96,7 +97,6 @@ from ..format import (
     unpack_linear,
 )
 from ..format.exl2 import ladder_levels, on_exl2_ladder
-from . import ExportError, open_source
 
 log = logging.getLogger(__name__)
 

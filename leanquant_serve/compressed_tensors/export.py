@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ..export import ExportError, open_source
 from ..format import (
     QUANT_SUFFIXES,
     Checkpoint,
@@ -47,7 +48,6 @@ from ..format import (
     infer_linear_shape,
     unpack_codes,
 )
-from . import ExportError, open_source
 
 log = logging.getLogger(__name__)
 

@@ -39,11 +39,9 @@ from typing import Any
 
 import torch
 
-from ..export import ExportError, open_source
+from ..export import Exporter, ExportError, check_fused_parts, export
 from ..format import (
-    QUANT_SUFFIXES,
     Checkpoint,
-    CheckpointWriter,
     FormatError,
     infer_linear_shape,
     unpack_codes,
@@ -58,6 +56,7 @@ ZERO_POINT_BITS = (4, 8)  # asymmetric: vLLM's zero-point kernels (uint4, uint8)
 SYMMETRIC_BITS = (2, 4, 8)  # of LeanQuant's 2/3/4/8; 3-bit: see the module docstring
 # vLLM fuses these sibling linears; it refuses a fused layer whose parts are quantized differently.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+FUSED_WHY = "vLLM fuses them and needs one scheme for all"
 
 
 @dataclass(frozen=True)
@@ -112,16 +111,6 @@ def quantization_config(
     }
 
 
-@dataclass(frozen=True)
-class _ConfigForWriter:
-    """What ``CheckpointWriter.finalize`` needs of its ``qcfg`` argument: ``to_dict()``."""
-
-    config: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.config
-
-
 def _linear_modules(hf_config: Mapping[str, Any], path: Path) -> list[str]:
     """Names of every ``nn.Linear`` of the architecture, from a meta-device skeleton."""
     from accelerate import init_empty_weights  # heavy imports, only needed here
@@ -137,22 +126,6 @@ def _linear_modules(hf_config: Mapping[str, Any], path: Path) -> list[str]:
     except (ValueError, KeyError) as e:
         raise ExportError(f"{path}: cannot build the architecture to list its linears ({e})") from e
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def _check_fused_siblings(quantized: set[str], linears: list[str]) -> None:
-    present = set(linears)
-    for name in linears:
-        parent, dot, leaf = name.rpartition(".")
-        for group in FUSED_SIBLINGS:
-            if leaf != group[0]:
-                continue
-            parts = [p for p in (f"{parent}{dot}{g}" for g in group) if p in present]
-            done = [p in quantized for p in parts]
-            if any(done) and not all(done):
-                raise ExportError(
-                    f"{parent}: {', '.join(p.rpartition('.')[2] for p in parts)} are quantized "
-                    "only in part; vLLM fuses them and needs one scheme for all"
-                )
 
 
 def _layer_zeros(src: Checkpoint, prefix: str) -> torch.Tensor:
@@ -215,6 +188,40 @@ def _model_dtype(hf_config: Mapping[str, Any]) -> str | None:
     return dtype if isinstance(dtype, str) else None
 
 
+class CompressedTensorsExporter(Exporter):
+    """compressed-tensors ``pack-quantized`` (see the module docstring)."""
+
+    def __init__(self, src: Checkpoint, prefixes: list[str]) -> None:
+        super().__init__(src, prefixes)
+        cfg = src.qcfg
+        self.symmetric = _plan(src, prefixes)
+        linears = _linear_modules(src.hf_config, src.path)
+        strays = sorted(set(prefixes) - set(linears))
+        if strays:
+            raise ExportError(f"{strays[0]}: quantized, but not an nn.Linear of the architecture")
+        quantized = set(prefixes)
+        check_fused_parts(quantized, linears, FUSED_SIBLINGS, FUSED_WHY)
+        ignore = [n for n in linears if n not in quantized]
+        actorder = "weight" if cfg.desc_act else None  # dynamic groups were refused in _plan
+        self.qconfig = quantization_config(
+            cfg.bits, self.symmetric, cfg.group_size, actorder, ignore
+        )
+        dtype = _model_dtype(src.hf_config)
+        if dtype not in ("float16", "float32"):
+            log.warning(
+                "%s: model dtype %s; vLLM casts the float16 weight_scale to the model dtype, "
+                "so serve with --dtype float16 (or float32) for bit-exact scales",
+                src.path,
+                dtype,
+            )
+
+    def convert_linear(self, prefix: str) -> dict[str, torch.Tensor]:
+        return _convert_linear(self.src, prefix, self.symmetric)
+
+    def quantization_config(self) -> dict[str, Any]:
+        return self.qconfig
+
+
 def export_compressed_tensors(
     src_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False
 ) -> ExportResult:
@@ -225,36 +232,9 @@ def export_compressed_tensors(
     docstring), ``FormatError`` for a broken source or an existing ``out_dir`` without
     ``overwrite``.
     """
-    src, out, prefixes = open_source(src_dir, out_dir)
-    cfg = src.qcfg
-    symmetric = _plan(src, prefixes)
-
-    linears = _linear_modules(src.hf_config, src.path)
-    strays = sorted(set(prefixes) - set(linears))
-    if strays:
-        raise ExportError(f"{strays[0]}: quantized, but not an nn.Linear of the architecture")
-    quantized = set(prefixes)
-    _check_fused_siblings(quantized, linears)
-    ignore = [n for n in linears if n not in quantized]
-    actorder = "weight" if cfg.desc_act else None  # dynamic groups were refused in _plan
-    qconfig = quantization_config(cfg.bits, symmetric, cfg.group_size, actorder, ignore)
-
-    dtype = _model_dtype(src.hf_config)
-    if dtype not in ("float16", "float32"):
-        log.warning(
-            "%s: model dtype %s; vLLM casts the float16 weight_scale to the model dtype, "
-            "so serve with --dtype float16 (or float32) for bit-exact scales",
-            out,
-            dtype,
-        )
-    stored = {f"{p}.{s}" for p in prefixes for s in QUANT_SUFFIXES}
-    hf_config = {k: v for k, v in src.hf_config.items() if k != "quantization_config"}
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
-        for name in src.tensor_names():
-            if name not in stored:
-                writer.add({name: src.get(name)})
-            elif name.endswith(".qweight"):
-                writer.add(_convert_linear(src, name.removesuffix(".qweight"), symmetric))
-        writer.finalize(hf_config, _ConfigForWriter(qconfig), copy_from=src.path)
-    log.info("exported %d quantized linears to %s (%s)", len(prefixes), out, FORMAT)
-    return ExportResult(out=out, quantization_config=qconfig, layers=len(prefixes))
+    exporter, out, qconfig = export(
+        CompressedTensorsExporter, src_dir, out_dir, overwrite=overwrite
+    )
+    layers = len(exporter.prefixes)
+    log.info("exported %d quantized linears to %s (%s)", layers, out, FORMAT)
+    return ExportResult(out=out, quantization_config=qconfig, layers=layers)

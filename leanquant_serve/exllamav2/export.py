@@ -77,6 +77,7 @@ rows, in or out features not multiples of 32, more than 65536 input rows (uint16
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -86,11 +87,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..export import ExportError, open_source
+from ..export import Exporter, ExportError, check_fused_parts, export
 from ..format import (
-    QUANT_SUFFIXES,
     Checkpoint,
-    CheckpointWriter,
     LeanQuantConfig,
     infer_linear_shape,
     pack_codes,
@@ -117,7 +116,9 @@ MAX_PERM_ROWS = 1 << 16  # q_perm / q_invperm are uint16 (QMatrix::make_sequenti
 # stloader.py convert_dtype: the only safetensors dtypes exllamav2 can read
 LOADABLE_DTYPES = (torch.int32, torch.int16, torch.float16, torch.bfloat16, torch.float32)
 # attn.py ExLlamaV2Attention.load / mlp.py ExLlamaV2MLP.load: quantized all together or not at all
+# exllamav2 asserts "Partially quantized attention layer" / "... MLP layer".
 QUANTIZED_TOGETHER = (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj"))
+TOGETHER_WHY = "exllamav2 needs all or none of them quantized"
 CHECKPOINT_FORMAT = "gptq"  # v1 semantics: stored zero = z - 1 (not "gptq_v2")
 
 # EXL2 (exllamav2's own format)
@@ -135,16 +136,6 @@ class ExLlamaV2ExportResult:
     grids: int  # (group, output) affine grids written
     negated: int  # of which stored flipped with a negated scale (z = 0; GPTQ only)
     g_idx_layers: int  # layers written with a g_idx (act-order with dynamic groups)
-
-
-@dataclass(frozen=True)
-class _ConfigForWriter:
-    """What ``CheckpointWriter.finalize`` needs of its ``qcfg`` argument: ``to_dict()``."""
-
-    config: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.config
 
 
 def exllamav2_group_size(height: int, groups: int) -> int:
@@ -377,21 +368,6 @@ def gptq_quantization_config(
     }
 
 
-def _check_together(quantized: set[str], present: set[str]) -> None:
-    """exllamav2 asserts "Partially quantized attention layer" / "... MLP layer"."""
-    for name in sorted(quantized):
-        parent, dot, leaf = name.rpartition(".")
-        for group in QUANTIZED_TOGETHER:
-            if leaf not in group:
-                continue
-            parts = [f"{parent}{dot}{g}" for g in group if f"{parent}{dot}{g}" in present]
-            if not all(p in quantized for p in parts):
-                raise ExportError(
-                    f"{parent}: {', '.join(p.rpartition('.')[2] for p in parts)} are quantized "
-                    "only in part; exllamav2 needs all or none of them quantized"
-                )
-
-
 EXPORT_FORMATS = ("auto", "gptq", "exl2")
 
 
@@ -431,7 +407,7 @@ def _plan(src: Checkpoint, prefixes: list[str], format: str) -> dict[str, bool]:
                 "(stloader.convert_dtype: I32, I16, F16, BF16, F32)"
             )
     present = {n.rpartition(".")[0] for n in names if n.endswith((".weight", ".qweight"))}
-    _check_together(set(prefixes), present)
+    check_fused_parts(set(prefixes), present, QUANTIZED_TOGETHER, TOGETHER_WHY)
     check = _exl2_check_layout if format == "exl2" else _check_layout
     with_g_idx = {}
     for prefix in prefixes:
@@ -450,6 +426,46 @@ def _fp16_bias(name: str, t: Tensor) -> Tensor:
     return b
 
 
+class ExLlamaV2Exporter(Exporter):
+    """GPTQ v1 or EXL2 tensors for exllamav2 0.3.2 (see the module docstring); ``format``
+    as :func:`export_exllamav2` takes it."""
+
+    def __init__(self, src: Checkpoint, prefixes: list[str], format: str = "auto") -> None:
+        super().__init__(src, prefixes)
+        self.format = choose_format(src, format)
+        self.with_g_idx = _plan(src, prefixes, self.format)
+        self.biases = {f"{p}.bias" for p in prefixes}
+        self.grids = self.negated = 0
+
+    def convert_tensor(self, name: str, tensor: Tensor) -> Tensor:
+        return _fp16_bias(name, tensor) if name in self.biases else tensor
+
+    def convert_linear(self, prefix: str) -> dict[str, Tensor]:
+        cfg, linear = self.src.qcfg, self.src.linear_tensors(prefix)
+        if self.format == "exl2":
+            tensors, flipped = convert_linear_exl2(cfg, linear, prefix), 0
+            self.grids += tensors["q_scale"].numel() * 8
+        else:
+            tensors, flipped = convert_linear(cfg, linear, prefix)
+            self.grids += tensors["scales"].numel()
+        self.negated += flipped
+        return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+    def quantization_config(self) -> dict[str, Any]:
+        cfg = self.src.qcfg
+        meta = {
+            "exporter": "leanquant-serve export exllamav2",
+            "target": f"exllamav2 0.3.2 {self.format.upper()} path",
+            "grids": self.grids,
+            "source_quantization_config": cfg.to_dict(),
+        }
+        if self.format == "exl2":
+            return exl2_quantization_config(cfg, meta)
+        meta["negated_scale_grids"] = self.negated
+        desc_act = any(self.with_g_idx.values())
+        return gptq_quantization_config(cfg.group_size, desc_act, cfg.static_groups, meta)
+
+
 def export_exllamav2(
     src_dir: Path | str, out_dir: Path | str, *, overwrite: bool = False, format: str = "auto"
 ) -> ExLlamaV2ExportResult:
@@ -463,59 +479,22 @@ def export_exllamav2(
     docstring), ``FormatError`` for a broken source or an existing ``out_dir`` without
     ``overwrite``.
     """
-    src, out, prefixes = open_source(src_dir, out_dir)
-    cfg = src.qcfg
-    format = choose_format(src, format)
-    with_g_idx = _plan(src, prefixes, format)
-
-    stored = {f"{p}.{s}" for p in prefixes for s in QUANT_SUFFIXES}
-    biases = {f"{p}.bias" for p in prefixes}
-    hf_config = {k: v for k, v in src.hf_config.items() if k != "quantization_config"}
-    grids = negated = 0
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
-        for name in src.tensor_names():
-            if name in biases:
-                writer.add({name: _fp16_bias(name, src.get(name))})
-            elif name not in stored:
-                writer.add({name: src.get(name)})
-            elif name.endswith(".qweight"):
-                prefix = name.removesuffix(".qweight")
-                linear = src.linear_tensors(prefix)
-                if format == "exl2":
-                    tensors, flipped = convert_linear_exl2(cfg, linear, prefix), 0
-                    grids += tensors["q_scale"].numel() * 8
-                else:
-                    tensors, flipped = convert_linear(cfg, linear, prefix)
-                    grids += tensors["scales"].numel()
-                writer.add({f"{prefix}.{k}": v for k, v in tensors.items()})
-                negated += flipped
-        meta = {
-            "exporter": "leanquant-serve export exllamav2",
-            "target": f"exllamav2 0.3.2 {format.upper()} path",
-            "grids": grids,
-            "source_quantization_config": cfg.to_dict(),
-        }
-        if format == "exl2":
-            qconfig = exl2_quantization_config(cfg, meta)
-        else:
-            meta["negated_scale_grids"] = negated
-            desc_act = any(with_g_idx.values())
-            qconfig = gptq_quantization_config(cfg.group_size, desc_act, cfg.static_groups, meta)
-        writer.finalize(hf_config, _ConfigForWriter(qconfig), copy_from=src.path)
+    make = functools.partial(ExLlamaV2Exporter, format=format)
+    ex, out, qconfig = export(make, src_dir, out_dir, overwrite=overwrite)
     log.info(
         "exported %d quantized linears to %s (%s for exllamav2; %d of %d grids negated)",
-        len(prefixes),
+        len(ex.prefixes),
         out,
-        format.upper(),
-        negated,
-        grids,
+        ex.format.upper(),
+        ex.negated,
+        ex.grids,
     )
     return ExLlamaV2ExportResult(
         out=out,
-        format=format,
+        format=ex.format,
         quantization_config=qconfig,
-        layers=len(prefixes),
-        grids=grids,
-        negated=negated,
-        g_idx_layers=sum(with_g_idx.values()),
+        layers=len(ex.prefixes),
+        grids=ex.grids,
+        negated=ex.negated,
+        g_idx_layers=sum(ex.with_g_idx.values()),
     )

@@ -191,11 +191,15 @@ class CheckpointWriter:
         self._buffer, self._buffered_bytes = {}, 0
 
     def finalize(
-        self, hf_config: Mapping[str, Any], qcfg: LeanQuantConfig, copy_from: Path | None = None
+        self,
+        hf_config: Mapping[str, Any],
+        qcfg: LeanQuantConfig | Mapping[str, Any],
+        copy_from: Path | None = None,
     ) -> Path:
-        """Write shards, index and ``config.json``, copy auxiliary files from ``copy_from``,
-        and move the folder to ``out_dir`` (returned). On failure the partial folder is
-        deleted (see :meth:`_fail`)."""
+        """Write shards, index and ``config.json`` (``hf_config`` plus ``quantization_config``:
+        ``qcfg``, a LeanQuantConfig or, for exports to other formats, their config as a
+        mapping), copy auxiliary files from ``copy_from``, and move the folder to ``out_dir``
+        (returned). On failure the partial folder is deleted (see :meth:`_fail`)."""
         self._check_open()
         try:
             if not isinstance(hf_config, Mapping):
@@ -215,7 +219,8 @@ class CheckpointWriter:
                 index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
                 _write_json(self.partial / INDEX_FILE, index)
             try:
-                config = json.dumps({**hf_config, "quantization_config": qcfg.to_dict()})
+                quant = qcfg.to_dict() if isinstance(qcfg, LeanQuantConfig) else dict(qcfg)
+                config = json.dumps({**hf_config, "quantization_config": quant})
             except (TypeError, ValueError) as e:
                 raise FormatError(f"hf_config: not JSON-serialisable ({e})") from None
             _write_json(self.partial / CONFIG_FILE, json.loads(config))

@@ -136,6 +136,7 @@ def layers_done(partial: Path) -> int:
 # ----------------------------------------------------------------------------- SIGKILL
 
 
+@pytest.mark.slow  # end to end: real runs killed and resumed
 def test_sigkill_mid_run_then_resume_is_byte_identical(
     deep_model, calib_text, cli_reference, tmp_path, capsys
 ):
@@ -164,6 +165,7 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(
     assert_same_checkpoint(out, cli_reference)
 
 
+@pytest.mark.slow  # end to end: real runs killed and resumed
 def test_sigkill_at_a_random_moment(deep_model, calib_text, cli_reference, tmp_path):
     """Kill at a random moment from the partial folder's creation (before any layer) to the
     end of the run; finish with --resume in this process."""
@@ -235,6 +237,7 @@ def two_layer_reference(tiny_model, calib_text, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # end to end: real runs killed and resumed
 def test_killed_at_every_durable_write_resumes_identically(
     tiny_model, calib_text, two_layer_reference, tmp_path, monkeypatch
 ):

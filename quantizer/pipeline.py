@@ -511,111 +511,141 @@ def _summary_state(summary: Summary) -> dict:
 
 
 def _layers(run: _Run) -> Summary:
-    """The per-layer loop, from the first layer the partial run in ``run.writer`` has not done."""
-    job, src, writer, layers = run.job, run.src, run.writer, run.layers
-    summary = Summary(str(job.out), 0.0, 0, 0, 0.0, 0)
-    start, seconds_before = 0, 0.0
-    if writer.progress is not None:
-        state = writer.progress  # its fingerprint was checked by the writer
-        start, seconds_before = state["layers_done"], state["seconds"]
-        summary = _summary_from_state(job, state["summary"])
-        log.info("resuming %s after layer %d of %d", writer.partial, start - 1, len(layers))
-    summary.bos_token_id = run.bos_token_id
-    acts = None
-    if not job.rtn:
-        store_dtype = getattr(torch, job.act_dtype or job.dtype)
-        acts = Activations(job.activations, run.device, run.dtype, store_dtype, writer)
-    kwargs = _outer_tensors(run, start, acts)
-    if acts is not None and 0 < start < len(layers):
-        names = writer.progress["activations"]
-        if not isinstance(names, list):
-            raise UserError(f"{writer.partial}: made by an older version; pass --fresh")
-        acts.restore(start, names)
-    if acts is not None and acts.nbytes:  # (none left to restore after the last layer)
-        summary.activation_bytes = acts.nbytes
-
-    bar = tqdm(
-        range(start, len(layers)), desc="layers", unit="layer", initial=start, total=len(layers)
-    )
+    """The per-layer loop, from the first layer the partial run in ``run.writer`` has not done:
+    resume point, activations, then per layer its quantization and a journal step."""
+    start, seconds_before, summary = _resume_point(run)
+    acts, kwargs = _calibration_inputs(run, start, summary)
+    n = len(run.layers)
+    bar = tqdm(range(start, n), desc="layers", unit="layer", initial=start, total=n)
     for i in bar:
-        prefix, layer = f"{run.layers_name}.{i}", layers[i]
-        linears = find_linears(layer, job.skip)
-        quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
-        layer_names = src.names(prefix + ".")
-        stored = _load_layer(
-            src, layer, prefix, run.device, run.dtype, set(layer_names) - quantized_weights
-        )
-        results: list[tuple[dict[str, Tensor], SublayerReport]] = []
-        sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
-        if acts is None:
-            for name in linears:
-                results += _quantize_group(run, prefix, [name], linears, None)
-                sub.update()
-        else:
-            run_first = functools.partial(_layer_forward, layer, acts.first(), kwargs[i])
-            for group in sequential_groups(linears, run_first):
-                h = _hessian(layer, linears[group[0]], acts, kwargs[i], run.hessian_device)
-                if not torch.isfinite(h.H).all():
-                    raise UserError(
-                        f"{prefix}.{group[0]}: the Hessian of its calibration inputs has "
-                        f"NaN/Inf (the activations entering layer {i} overflowed or are NaN;"
-                        " try --dtype float32 or other calibration data)"
-                    )
-                results += _quantize_group(run, prefix, group, linears, h)
-                sub.update(len(group))
-                del h
-            with torch.no_grad():  # inputs of the next layer, through the quantized layer
-                step = functools.partial(_layer_forward, layer, kwargs=kwargs[i])
-                finite = acts.advance(step, keep=i + 1 < len(layers))
-            if not finite:
-                raise UserError(
-                    f"{prefix}: the quantized layer's outputs contain NaN/Inf "
-                    "(try --dtype float32, a larger --damp or other calibration data)"
-                )
-        sub.close()
-
-        rest = {
-            n: stored[n] if n in stored else src.get(n)
-            for n in layer_names
-            if n not in quantized_weights
-        }
-        writer.add(rest)
-        del stored, rest
-        for tensors, _ in results:
-            writer.add(tensors)
-        layer.to("meta")  # free the layer
-        reports = [r for _, r in results]
-        del results
+        reports = _quantize_layer(run, i, acts, kwargs[i])
         summary.layers.append(reports)
         loss = sum(r.loss for r in reports)
         summary.total_loss += loss
         summary.cholesky_retries += sum(r.cholesky_retries for r in reports)
         bar.set_postfix(loss=f"{loss:.3g}")
         log.debug("layer %d: %s", i, ", ".join(f"{r.name}={r.loss:.3g}" for r in reports))
-        # Durable step: a kill from here on resumes at layer i + 1.
         summary.seconds = seconds_before + time.time() - run.t0
-        files, written = {}, []
-        if acts is not None and i + 1 < len(layers):
-            files, written = acts.state()
-        state = {
-            "job": run.fingerprint,
-            "layers_done": i + 1,
-            "seconds": summary.seconds,
-            "summary": _summary_state(summary),
-            "activations": [*files, *written] or None,
-        }
-        writer.save_state(
-            state, files, note=f"{i + 1} of {len(layers)} layers done", written=written
-        )
-        del files
+        _journal_step(run, i, summary, acts)
+    return _finish(run, summary, seconds_before)
 
+
+def _resume_point(run: _Run) -> tuple[int, float, Summary]:
+    """(first layer to do, seconds spent before, summary so far) of a fresh or resumed run."""
+    job, writer = run.job, run.writer
+    summary = Summary(str(job.out), 0.0, 0, 0, 0.0, 0)
+    start, seconds_before = 0, 0.0
+    if writer.progress is not None:
+        state = writer.progress  # its fingerprint was checked by the writer
+        start, seconds_before = state["layers_done"], state["seconds"]
+        summary = _summary_from_state(job, state["summary"])
+        log.info("resuming %s after layer %d of %d", writer.partial, start - 1, len(run.layers))
+    summary.bos_token_id = run.bos_token_id
+    return start, seconds_before, summary
+
+
+def _calibration_inputs(
+    run: _Run, start: int, summary: Summary
+) -> tuple[Activations | None, list[dict]]:
+    """The activations entering layer ``start`` (None: RTN) and every layer's other inputs
+    (position embeddings, masks): captured, or restored from the journal on a resume."""
+    job, writer = run.job, run.writer
+    acts = None
+    if not job.rtn:
+        store_dtype = getattr(torch, job.act_dtype or job.dtype)
+        acts = Activations(job.activations, run.device, run.dtype, store_dtype, writer)
+    kwargs = _outer_tensors(run, start, acts)
+    if acts is not None and 0 < start < len(run.layers):
+        names = writer.progress["activations"]
+        if not isinstance(names, list):
+            raise UserError(f"{writer.partial}: made by an older version; pass --fresh")
+        acts.restore(start, names)
+    if acts is not None and acts.nbytes:  # (none left to restore after the last layer)
+        summary.activation_bytes = acts.nbytes
+    return acts, kwargs
+
+
+def _quantize_layer(
+    run: _Run, i: int, acts: Activations | None, kwargs: dict
+) -> list[SublayerReport]:
+    """Load decoder layer ``i``, quantize its linears group by group (Hessians from ``acts``,
+    whose inputs then advance through the quantized layer), hand every tensor to the writer
+    and free the layer; returns its sublayer reports."""
+    job, src, writer = run.job, run.src, run.writer
+    prefix, layer = f"{run.layers_name}.{i}", run.layers[i]
+    linears = find_linears(layer, job.skip)
+    quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
+    layer_names = src.names(prefix + ".")
+    stored = _load_layer(
+        src, layer, prefix, run.device, run.dtype, set(layer_names) - quantized_weights
+    )
+    results: list[tuple[dict[str, Tensor], SublayerReport]] = []
+    sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
+    if acts is None:
+        for name in linears:
+            results += _quantize_group(run, prefix, [name], linears, None)
+            sub.update()
+    else:
+        run_first = functools.partial(_layer_forward, layer, acts.first(), kwargs)
+        for group in sequential_groups(linears, run_first):
+            h = _hessian(layer, linears[group[0]], acts, kwargs, run.hessian_device)
+            if not torch.isfinite(h.H).all():
+                raise UserError(
+                    f"{prefix}.{group[0]}: the Hessian of its calibration inputs has "
+                    f"NaN/Inf (the activations entering layer {i} overflowed or are NaN;"
+                    " try --dtype float32 or other calibration data)"
+                )
+            results += _quantize_group(run, prefix, group, linears, h)
+            sub.update(len(group))
+            del h
+        with torch.no_grad():  # inputs of the next layer, through the quantized layer
+            step = functools.partial(_layer_forward, layer, kwargs=kwargs)
+            finite = acts.advance(step, keep=i + 1 < len(run.layers))
+        if not finite:
+            raise UserError(
+                f"{prefix}: the quantized layer's outputs contain NaN/Inf "
+                "(try --dtype float32, a larger --damp or other calibration data)"
+            )
+    sub.close()
+
+    rest = {
+        n: stored[n] if n in stored else src.get(n)
+        for n in layer_names
+        if n not in quantized_weights
+    }
+    writer.add(rest)
+    del stored, rest
+    for tensors, _ in results:
+        writer.add(tensors)
+    layer.to("meta")  # free the layer
+    return [r for _, r in results]
+
+
+def _journal_step(run: _Run, i: int, summary: Summary, acts: Activations | None) -> None:
+    """Durable step: a kill from here on resumes at layer i + 1."""
+    n = len(run.layers)
+    files, written = {}, []
+    if acts is not None and i + 1 < n:
+        files, written = acts.state()
+    state = {
+        "job": run.fingerprint,
+        "layers_done": i + 1,
+        "seconds": summary.seconds,
+        "summary": _summary_state(summary),
+        "activations": [*files, *written] or None,
+    }
+    run.writer.save_state(state, files, note=f"{i + 1} of {n} layers done", written=written)
+
+
+def _finish(run: _Run, summary: Summary, seconds_before: float) -> Summary:
+    """Write the report, finalize the checkpoint (moved into place) and return the summary."""
     summary.seconds = seconds_before + time.time() - run.t0
     summary.peak_rss_bytes = _peak_rss()
     summary.peak_gpu_bytes = max(
         (torch.cuda.max_memory_allocated(d) for d in run.devices if d.type == "cuda"), default=0
     )
-    (writer.partial / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=1))
-    writer.finalize(src.config, run.qcfg, copy_from=job.model)
+    (run.writer.partial / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=1))
+    run.writer.finalize(run.src.config, run.qcfg, copy_from=run.job.model)
     return summary
 
 

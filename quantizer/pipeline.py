@@ -429,7 +429,8 @@ class _Run:
         return self.devices[1] if len(self.devices) > 1 else self.devices[0]
 
 
-def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
+def _check_devices(job: QuantizeJob) -> tuple[list[torch.device], torch.dtype]:
+    """(devices, compute dtype) of ``job``, refused if this machine cannot run them."""
     try:
         devices, dtype = job.devices, getattr(torch, job.dtype)
     except RuntimeError as e:  # torch.device's parse error
@@ -445,6 +446,11 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
             raise UserError(f"--device {d}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
     if len(set(devices)) != len(devices) and devices[0].type != "cpu":
         raise UserError(f"--device {job.device} names a device twice")
+    return devices, dtype
+
+
+def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
+    devices, dtype = _check_devices(job)
     model = _build_skeleton(job, dtype)
     layers_name, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):

@@ -11,9 +11,10 @@ Layer: hidden 16384, intermediate 53248, 128 heads of 128, 8 KV heads (Llama-3.1
 Each group is quantized by the pipeline's own ``_quantize_group`` on ``--devices`` (e.g.
 ``cuda:0,cuda:1``: Hessians on the second, rows split over both), so the measured time is
 what ``leanquant quantize --device`` with the same list would take per layer.
-Projection: 126 layers x the measured layer time. The paper's reference: 21 h for 405B on
-2x Quadro RTX 8000 (Turing, 48 GB, ~16 TFLOPS fp32 each; an H100 has ~67 TFLOPS fp32 and ~3x
-the memory bandwidth). Results: benchmarks/results/scale-<device>.{json,md} (--out).
+Projection: 126 layers x the measured layer time (its groups, plus ``advance_seconds``: the
+forward of every window through the quantized layer, which makes the next layer's inputs).
+The paper's reference: 21 h for 405B on 2x Quadro RTX 8000 (Turing, 48 GB, ~16 TFLOPS
+fp32 each; an H100 has ~67 TFLOPS fp32 and ~3x the memory bandwidth). Results: benchmarks/results/scale-<device>.{json,md} (--out).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from types import SimpleNamespace  # noqa: E402
 
 from leanquant_serve.format import LeanQuantConfig  # noqa: E402
 from quantizer.gptq import GPTQSettings  # noqa: E402
-from quantizer.pipeline import _hessian, _quantize_group  # noqa: E402  (the pipeline's own)
+from quantizer.pipeline import _hessian, _layer_forward, _quantize_group  # noqa: E402  (the pipeline's own)
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
     "405b": (16384, 53248, 128, 8, 128),
@@ -120,8 +121,17 @@ def run(a: argparse.Namespace, grid: str) -> dict:
                           "hessian_seconds": t_h, "shape": list(report.shape)}
         del h, results
     seconds = time.perf_counter() - t_layer
+    # Then the pipeline runs every window through the quantized layer: the next layer's inputs.
+    t = time.perf_counter()
+    with torch.no_grad():
+        for x in inputs:
+            _layer_forward(layer, x, kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    advance = time.perf_counter() - t
     peaks = peak_bytes(devices)
-    return {"seconds": seconds, "peak_bytes": max(peaks), "peak_bytes_per_device": peaks, "sublayers": rows}
+    return {"seconds": seconds, "advance_seconds": advance, "peak_bytes": max(peaks),
+            "peak_bytes_per_device": peaks, "sublayers": rows}
 
 
 def main() -> None:
@@ -156,11 +166,11 @@ def main() -> None:
              f"| grid | layer s | peak GiB per device | x126 layers on {a.device} (h) |",
              "|---|---|---|---|"]
     for grid, r in results.items():
-        h = r["seconds"] * LAYERS_405B / 3600
+        h = (r["seconds"] + r["advance_seconds"]) * LAYERS_405B / 3600
         r["projected_405b_hours"] = h if a.shape == "405b" else None
         cell = f"{h:.1f}" if a.shape == "405b" else "n/a (not the 405B shape)"
         peaks = " / ".join(f"{p / 2**30:.2f}" for p in r["peak_bytes_per_device"])
-        lines.append(f"| {grid} | {r['seconds']:.1f} | {peaks} | {cell} |")
+        lines.append(f"| {grid} | {r['seconds'] + r['advance_seconds']:.1f} | {peaks} | {cell} |")
     lines += ["", "Paper reference: 21 h for 405B on 2x Quadro RTX 8000 (whole model held in host RAM)."]
     a.out.mkdir(parents=True, exist_ok=True)
     n_dev = len(a.device.split(","))

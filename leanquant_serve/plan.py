@@ -75,6 +75,13 @@ from pathlib import Path
 from typing import Any
 
 from leanquant_serve.format import FormatError, LeanQuantConfig, chunk_size, linear_specs
+from leanquant_serve.format.tensors import (
+    SHARD_GROUPS,
+    SHARD_WORDS_IN,
+    SHARD_WORDS_OUT,
+    scales_on_every_rank,
+    shard_misfits,
+)
 
 GiB = 1 << 30
 ELEMENT_16BIT = 2  # bytes of an fp16/bf16 element: embeddings, lm_head, norms, biases
@@ -367,8 +374,7 @@ def _linear_bytes(
     """
     if cfg is None or cfg.is_skipped(name):
         return (in_f * out_f + bias) * ELEMENT_16BIT
-    whole_groups = cfg.grid == "affine" and (cfg.group_size == -1 or cfg.uses_g_idx)
-    if in_f == in_full or not whole_groups:
+    if in_f == in_full or not scales_on_every_rank(cfg):
         return _tensor_bytes(cfg, in_f, out_f, name) + bias * ELEMENT_16BIT
     specs = linear_specs(cfg, in_full, out_f)  # every group; then this rank's slice of the rows
     w = 0
@@ -413,21 +419,22 @@ def _check_tp(a: Architecture, cfg: LeanQuantConfig | None, tp: int) -> None:
     if cfg is None:
         return
     n = chunk_size(cfg.bits)
-    for lin in _layer_linears(a):
+    for lin in _layer_linears(a):  # the plugin's rule (format.shard_misfits), before any GPU
         in_r, out_r, _ = _tp_shape(a, lin, tp)
         if lin.split == "row":
-            if cfg.group_size != -1 and not cfg.uses_g_idx and in_r % cfg.group_size:
+            problems = shard_misfits(cfg, in_r)
+            if SHARD_GROUPS in problems:
                 raise PlanError(
                     f"{lin.name}: group size {cfg.group_size} does not divide the {in_r} input "
                     f"features per rank ({lin.in_features} / tensor parallel size {tp}): "
                     "a rank would hold part of a group"
                 )
-            if in_r % n:
+            if SHARD_WORDS_IN in problems:
                 raise PlanError(
                     f"{lin.name}: {in_r} input features per rank are not a multiple of {n}, "
                     f"so {cfg.bits}-bit words of qweight would be split over ranks"
                 )
-        elif cfg.grid == "affine" and out_r % n:
+        elif SHARD_WORDS_OUT in shard_misfits(cfg, lin.in_features, [out_r]):
             raise PlanError(
                 f"{lin.name}: {out_r} output features per rank are not a multiple of {n}, so "
                 f"{cfg.bits}-bit words of zero_points would be split over ranks"

@@ -377,3 +377,24 @@ def test_check_linear_names_full_tensor():
     for match, tensors in bad_cases.items():
         with pytest.raises(FormatError, match=rf"^{prefix}\.{match}"):
             check_linear(cfg, prefix, tensors)
+
+
+def test_shard_rule_is_one_pure_function():
+    """The tensor-parallel partition rule the vLLM plugin and the planner both ask."""
+    from leanquant_serve.format.tensors import (
+        SHARD_GROUPS,
+        SHARD_WORDS_IN,
+        SHARD_WORDS_OUT,
+        scales_on_every_rank,
+        shard_misfits,
+    )
+
+    g128 = LeanQuantConfig(bits=4, group_size=128)
+    assert shard_misfits(g128, 256, [64, 64]) == []
+    assert shard_misfits(g128, 64, [64]) == [SHARD_GROUPS]  # half a group per rank
+    assert shard_misfits(g128, 60, [60]) == [SHARD_WORDS_IN, SHARD_GROUPS, SHARD_WORDS_OUT]
+    act = LeanQuantConfig(bits=4, group_size=128, desc_act=True)  # g_idx: every rank holds all
+    assert shard_misfits(act, 64) == [] and scales_on_every_rank(act)
+    assert scales_on_every_rank(LeanQuantConfig(bits=4)) and not scales_on_every_rank(g128)
+    lut = LeanQuantConfig(bits=3, grid="nonuniform")  # no zero points to split
+    assert shard_misfits(lut, 32, [4]) == [] and not scales_on_every_rank(lut)

@@ -21,7 +21,7 @@ A bias, if any, is stored unquantized as ``prefix + ".bias"``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +190,34 @@ def check_linear(cfg: LeanQuantConfig, prefix: str, tensors: Mapping[str, Tensor
             )
         if t.dtype != spec.dtype:
             raise FormatError(f"{name}: dtype {t.dtype}, expected {spec.dtype}")
+
+
+def scales_on_every_rank(cfg: LeanQuantConfig) -> bool:
+    """The contract's scale-replication rule for a row-parallel (input-split) shard: per-channel
+    and act-order (``g_idx``) affine layers keep every group's scales and zero points on every
+    rank; otherwise a rank holds the groups of its input slice."""
+    return cfg.grid == "affine" and (cfg.group_size == -1 or cfg.uses_g_idx)
+
+
+SHARD_WORDS_IN, SHARD_GROUPS, SHARD_WORDS_OUT = "qweight words", "groups", "zero_point words"
+
+
+def shard_misfits(cfg: LeanQuantConfig, in_part: int, out_parts: Sequence[int] = ()) -> list[str]:
+    """The contract's tensor-parallel partition rule, pure: what a shard of ``in_part`` input
+    features and ``out_parts`` output partitions would split, in this order:
+    :data:`SHARD_WORDS_IN` (``in_part`` not a multiple of the codes per packed word),
+    :data:`SHARD_GROUPS` (a group cut between ranks; ``g_idx`` layers keep all groups),
+    :data:`SHARD_WORDS_OUT` (affine zero points are packed along the output). Empty: it fits.
+    The vLLM plugin (at load) and the planner (before buying GPUs) both ask this."""
+    n = chunk_size(cfg.bits)
+    problems = []
+    if in_part % n:
+        problems.append(SHARD_WORDS_IN)
+    if not cfg.uses_g_idx and group_misfit(cfg.group_size, in_part):
+        problems.append(SHARD_GROUPS)
+    if cfg.grid == "affine" and any(o % n for o in out_parts):
+        problems.append(SHARD_WORDS_OUT)
+    return problems
 
 
 def unpack_linear(cfg: LeanQuantConfig, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -51,6 +51,13 @@ from vllm.platforms import current_platform
 from vllm.scalar_type import scalar_types
 
 from ..format import FormatError, chunk_size
+from ..format.tensors import (
+    SHARD_GROUPS,
+    SHARD_WORDS_IN,
+    SHARD_WORDS_OUT,
+    scales_on_every_rank,
+    shard_misfits,
+)
 from ..kernels import portable
 
 if TYPE_CHECKING:  # config.py imports this module (it hands out the linear methods)
@@ -178,22 +185,24 @@ class _LeanQuantLinearMethod(LinearMethodBase):
         b = self.qcfg.bits
         self.pack_factor = 32 // b if 32 % b == 0 else Fraction(32, b)
 
-    def _check_partition(self, layer, in_part: int, out_parts: list[int], pack_out: bool) -> None:
-        """Shapes of this rank's shard must keep whole groups and whole packed words."""
+    def _check_partition(self, layer, in_part: int, out_parts: list[int]) -> None:
+        """Shapes of this rank's shard must keep whole groups and whole packed words (the
+        contract's rule, :func:`~leanquant_serve.format.shard_misfits`)."""
         prefix, qcfg = getattr(layer, "prefix", "?"), self.qcfg
         tp = getattr(layer, "tp_size", 1)
         n = chunk_size(qcfg.bits)
-        if in_part % n:
+        problems = shard_misfits(qcfg, in_part, out_parts)
+        if SHARD_WORDS_IN in problems:
             raise FormatError(
                 f"{prefix}: {in_part} input features per rank (tensor parallel size {tp}) is not "
                 f"a multiple of {n}, so {qcfg.bits}-bit words of qweight would be split"
             )
-        if qcfg.group_size != -1 and not qcfg.uses_g_idx and in_part % qcfg.group_size:
+        if SHARD_GROUPS in problems:
             raise FormatError(
                 f"{prefix}: tensor parallel size {tp} splits groups: {in_part} input features per "
                 f"rank is not a multiple of quantization_config.group_size={qcfg.group_size}"
             )
-        if pack_out and any(o % n for o in out_parts):
+        if SHARD_WORDS_OUT in problems:
             raise FormatError(
                 f"{prefix}: output partitions {out_parts} (tensor parallel size {tp}) are not "
                 f"multiples of {n}, so {qcfg.bits}-bit words of zero_points would be split"
@@ -226,13 +235,13 @@ class LeanQuantAffineLinearMethod(_LeanQuantLinearMethod):
     ) -> None:
         qcfg, b = self.qcfg, self.qcfg.bits
         in_part, out_part = input_size_per_partition, sum(output_partition_sizes)
-        self._check_partition(layer, in_part, output_partition_sizes, pack_out=True)
+        self._check_partition(layer, in_part, output_partition_sizes)
         loader = extra_weight_attrs["weight_loader"]
         prefix = layer.prefix
 
         # Groups follow the input shard, except per-channel and act-order (g_idx) layers,
         # whose scales and zeros every rank holds whole.
-        replicated = qcfg.group_size == -1 or qcfg.uses_g_idx
+        replicated = scales_on_every_rank(qcfg)
         n_groups = qcfg.n_groups(input_size) if replicated else in_part // qcfg.group_size
         scales = torch.empty(n_groups, out_part, dtype=torch.float16)
         zeros = torch.empty(n_groups, out_part * b // 32, dtype=torch.int32)
@@ -339,7 +348,7 @@ class LeanQuantLUTLinearMethod(_LeanQuantLinearMethod):
     ) -> None:
         b = self.qcfg.bits
         in_part, out_part = input_size_per_partition, sum(output_partition_sizes)
-        self._check_partition(layer, in_part, output_partition_sizes, pack_out=False)
+        self._check_partition(layer, in_part, output_partition_sizes)
         loader = extra_weight_attrs["weight_loader"]
         layer.register_parameter("qweight", self._qweight(layer, in_part, out_part, loader))
         lut = ChannelQuantScaleParameter(

@@ -9,7 +9,8 @@ What is pinned, and why in three parts:
    shape, and the whole ``quantization_config``. These do not depend on floating point.
 2. Determinism, on every machine: the same job run twice writes the same bytes in every file
    (``quantize_report.json``'s timing and memory fields aside).
-3. The sha256 of every file, hard-coded per (torch version, CPU capability). The codes and
+3. The sha256 of every file, hard-coded per machine kind (torch version, CPU capability and the
+   CPU's AVX-512/AMX features, see ``machine()``). The codes and
    grid parameters come out of float32 matmuls, Cholesky factors and reductions whose
    summation order depends on the BLAS path torch takes for the CPU (AVX2 vs AVX-512 kernels
    round differently, see the GPTQ loop test), so the digests are only comparable on a machine
@@ -73,9 +74,13 @@ RUNS = {
 }
 TIMING = ("seconds", "peak_rss_bytes", "peak_gpu_bytes", "out")  # differ between runs
 
-# (torch version, CPU capability) -> run -> file -> sha256 (the report without TIMING).
+# machine() -> run -> file -> sha256 (the report without TIMING).
 DIGESTS: dict[tuple[str, str], dict[str, dict[str, str]]] = {
-    ("2.13.0", "AVX512"): {
+    (
+        "2.13.0",
+        "AVX512",
+        "amx_bf16+amx_int8+amx_tile+avx512_bf16+avx512_bitalg+avx512_fp16+avx512_vbmi2+avx512_vnni+avx512_vpopcntdq+avx512bw+avx512cd+avx512dq+avx512f+avx512ifma+avx512vbmi+avx512vl",
+    ): {
         "affine-g32-static": {
             "config.json": "21a36ec4213b5162105b647fa2386b339e6574e57e42f3ba26a98df1d27ea86b",
             "generation_config.json": "6b0e82dfb96a8376c5bffb91c6717f2e357d59bc4ce85a7e3aad4a1f3e9841f4",
@@ -251,8 +256,17 @@ QCFG: dict[str, dict] = {
 }
 
 
-def machine() -> tuple[str, str]:
-    return torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability()
+def machine() -> tuple[str, str, str]:
+    """(torch version, torch's CPU capability, the CPU's AVX-512/AMX features): BLAS kernels,
+    hence float32 summation orders, are chosen per micro-architecture, and two AVX-512 CPUs
+    (with and without AMX, say) need not agree, so digests are compared only on the kind of
+    machine that recorded them."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    isa = "+".join(sorted(f for f in flags if f.startswith(("avx512", "amx"))))
+    return torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability(), isa
 
 
 def quantize(src: Path, calib: Path, out: Path, s: GPTQSettings, rtn: bool) -> Path:

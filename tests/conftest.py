@@ -131,3 +131,16 @@ def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
         return path
 
     return make
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting a user error (exit 2, exactly one line on stderr, no traceback);
+    returns that line."""
+    from quantizer.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("leanquant: error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

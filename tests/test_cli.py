@@ -7,21 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import user_error
 
 from quantizer.cli import main
 
 NAN_TENSOR = "model.layers.1.mlp.down_proj.weight"
 FAST = ["--nsamples", "4", "--seqlen", "32", "--group-size", "32"]
-
-
-def user_error(capsys, argv: list[str]) -> str:
-    """Run the CLI expecting a user error; returns its one-line message."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("leanquant: error:")]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def quantize(model: Path, out: Path, *flags: str) -> list[str]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import user_error
 from safetensors.torch import load_file, save_file
 
-from quantizer.cli import main
 from quantizer.gptq import GPTQSettings, quantize_weight
 from quantizer.grids import FP16RangeError, fit_grid
 
@@ -111,16 +111,6 @@ def big_weight_model(tiny_model, tmp_path_factory) -> tuple[Path, float]:
     weights[TENSOR][0, 2] = -BIG
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path, float(weights[TENSOR][0, 1])
-
-
-def user_error(capsys, argv: list[str]) -> str:
-    """Run the CLI expecting a user error; returns its one-line message."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("leanquant: error:")]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize(

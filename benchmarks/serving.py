@@ -221,8 +221,8 @@ def main() -> None:
         f"best of {a.repeats}{', eager' if a.eager else ', torch.compile'}). tokens/s (ratio to bf16); "
         "engine RSS: resident memory of vLLM's engine process after the run; |Δ logprob|: mean (max) "
         "over 4 prompts × 32 greedy tokens of |served − float32 reference| logprob, nats. "
-        f"Load average at the end: {meta['load_average_at_end'][1]:.2f} (5 min; 2 cores: "
-        "anything above ~0.5 means other work ran and tokens/s are low for all rows alike).",
+        f"Load average at the end: {meta['load_average_at_end'][1]:.2f} (5 min, the servers' own "
+        "load included: about 2 on 2 cores when nothing else ran).",
         "",
         "| model | linear path | " + " | ".join(f"batch {b}" for b in a.batches) + " | engine RSS GiB | \\|Δ logprob\\| | startup s |",
         "|---|---|" + "---|" * len(a.batches) + "---|---|---|",

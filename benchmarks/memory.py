@@ -152,7 +152,7 @@ def _status(pid: int) -> dict[str, int]:
 
 def quantize(model: Path, out: Path, flags: list[str]) -> dict:
     """Run ``leanquant quantize`` on ``model``; its time and memory."""
-    cmd = [sys.executable, "-m", "quantizer.cli", "quantize", str(model), str(out), *flags]
+    cmd = [sys.executable, "-m", "leanquant.cli", "quantize", str(model), str(out), *flags]
     print("$", " ".join(cmd), flush=True)
     t = time.time()
     p = subprocess.Popen(cmd, cwd=ROOT)

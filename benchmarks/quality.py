@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CLI = [sys.executable, "-m", "quantizer.cli"]
+CLI = [sys.executable, "-m", "leanquant.cli"]
 
 SETTINGS = {  # name: (bits, group size of the affine grids)
     "w4g64": (4, 64),

@@ -55,7 +55,7 @@ def quantized(name: str, flags: list[str], work: Path, src: Path) -> Path:
 
     out = work / name
     if not (out / "config.json").exists():
-        cmd = [sys.executable, "-m", "quantizer.cli", "quantize", str(src), str(out), *flags,
+        cmd = [sys.executable, "-m", "leanquant.cli", "quantize", str(src), str(out), *flags,
                "--calib", "wiki-sample", "--nsamples", "16", "--seqlen", "256", "--overwrite"]
         print("$", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)

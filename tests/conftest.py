@@ -136,7 +136,7 @@ def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
 def user_error(capsys, argv: list[str]) -> str:
     """Run the CLI expecting a user error (exit 2, exactly one line on stderr, no traceback);
     returns that line."""
-    from quantizer.cli import main
+    from leanquant.cli import main
 
     code = main(argv)
     err = capsys.readouterr().err

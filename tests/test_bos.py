@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from quantizer import pipeline
-from quantizer.cli import main
+from leanquant.cli import main
 from quantizer.data import (
     bos_token_id,
     consecutive_windows,

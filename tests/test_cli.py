@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import user_error
 
-from quantizer.cli import main
+from leanquant.cli import main
 
 NAN_TENSOR = "model.layers.1.mlp.down_proj.weight"
 FAST = ["--nsamples", "4", "--seqlen", "32", "--group-size", "32"]

@@ -30,7 +30,7 @@ import jsonschema
 import pytest
 import yaml
 
-from quantizer.cli import main
+from leanquant.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -30,7 +30,7 @@ from leanquant_serve.format import (
     unpack_codes,
     unpack_linear,
 )
-from quantizer.cli import main
+from leanquant.cli import main
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import QuantizeJob, quantize_model
 

@@ -34,7 +34,7 @@ from leanquant_serve.exllamav2.export import (
 from leanquant_serve.export import ExportError
 from leanquant_serve.format import Checkpoint, LeanQuantConfig, dequantize_linear, pack_linear
 from leanquant_serve.format.exl2 import exl2_scales
-from quantizer.cli import main
+from leanquant.cli import main
 from quantizer.gptq import GPTQSettings
 from quantizer.grids import EXL2_MULTIPLIERS, fit_exl2, weighted_loss
 from quantizer.pipeline import QuantizeJob, quantize_model

@@ -38,7 +38,7 @@ from leanquant_serve.format import (
     pack_codes,
     pack_linear,
 )
-from quantizer.cli import main
+from leanquant.cli import main
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import QuantizeJob, quantize_model
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from leanquant_serve.format import LeanQuantConfig
 from leanquant_serve.plan import PRESETS, PlanError, PlanInput, format_plan, plan
-from quantizer.cli import main
+from leanquant.cli import main
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import QuantizeJob, quantize_model
 

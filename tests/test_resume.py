@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from leanquant_serve.format import Checkpoint
 from quantizer import journal, pipeline
-from quantizer.cli import main
+from leanquant.cli import main
 from quantizer.errors import UserError
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
@@ -105,7 +105,7 @@ def cli_reference(deep_model, calib_text, tmp_path_factory) -> Path:
 def start_cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "quantizer.cli", *args],
+        [sys.executable, "-m", "leanquant.cli", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from leanquant_serve.format import FormatError, check_output, partial_dir
 
-from .errors import UserError
-from .evaluate import EvalJob
-from .flags import add_flags, given
-from .gptq import GPTQSettings
-from .pipeline import QuantizeJob
+from quantizer.errors import UserError
+from quantizer.evaluate import EvalJob
+from quantizer.flags import add_flags, given
+from quantizer.gptq import GPTQSettings
+from quantizer.pipeline import QuantizeJob
 
 log = logging.getLogger("leanquant")
 BUNDLED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, fetched offline through pip (see assets)
@@ -22,14 +22,14 @@ BUNDLED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, fetched offline through pip 
 
 def _model_path(name: str) -> Path:
     if name == BUNDLED_MODEL:
-        from .assets import smollm2_dir
+        from quantizer.assets import smollm2_dir
 
         return smollm2_dir()
     return Path(name)
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
-    from .pipeline import quantize_model
+    from quantizer.pipeline import quantize_model
 
     out = Path(a.out)
     try:  # the dataclasses validate their fields and the combinations (UserError: ValueError)
@@ -70,7 +70,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from .evaluate import evaluate
+    from quantizer.evaluate import evaluate
 
     job = EvalJob(_model_path(a.model), **given(a, EvalJob))
     r = evaluate(job)
@@ -84,7 +84,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_fetch_assets(a: argparse.Namespace) -> None:
-    from .assets import smollm2_dir, wiki_splits
+    from quantizer.assets import smollm2_dir, wiki_splits
 
     model, wiki = smollm2_dir(), wiki_splits()
     print(f"model: {model}\ncalibration text: {wiki.calib}\nevaluation text: {wiki.eval}")

@@ -8,7 +8,7 @@ weights and random calibration activations, and the projection to the whole mode
     python benchmarks/scale.py --shape small --nsamples 4 --seqlen 128   # CPU smoke run
 
 Layer: hidden 16384, intermediate 53248, 128 heads of 128, 8 KV heads (Llama-3.1-405B).
-Each group is quantized by the pipeline's own ``_quantize_group`` on ``--devices`` (e.g.
+Each group is quantized by the pipeline's own ``quantize_group`` on ``--devices`` (e.g.
 ``cuda:0,cuda:1``: Hessians on the second, rows split over both), so the measured time is
 what ``leanquant quantize --device`` with the same list would take per layer.
 Projection: 126 layers x the measured layer time (its groups, plus ``advance_seconds``: the
@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 from types import SimpleNamespace  # noqa: E402
 
 from leanquant_serve.format import LeanQuantConfig  # noqa: E402
+from quantizer.capture import hessian, layer_forward  # noqa: E402  (the pipeline's own)
 from quantizer.gptq import GPTQSettings  # noqa: E402
-from quantizer.pipeline import _hessian, _layer_forward, _quantize_group  # noqa: E402  (the pipeline's own)
+from quantizer.layer_step import quantize_group  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
     "405b": (16384, 53248, 128, 8, 128),
@@ -96,7 +97,7 @@ def run(a: argparse.Namespace, grid: str) -> dict:
         bits=a.bits, group_size=settings.group_size,
         grid=settings.stored_grid, desc_act=True, static_groups=settings.static_groups,
     )
-    # What _quantize_group reads of a pipeline run.
+    # What quantize_group reads of a pipeline run.
     ctx = SimpleNamespace(job=SimpleNamespace(settings=settings), devices=devices, device=device, qcfg=qcfg, observer=None)
     hdev = devices[1] if len(devices) > 1 else device
     if device.type == "cuda":
@@ -108,10 +109,10 @@ def run(a: argparse.Namespace, grid: str) -> dict:
     for group in GROUPS:
         linears = {n: getattr(layer.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, n) for n in group}
         t = time.perf_counter()
-        h = _hessian(layer, linears[group[0]], inputs, kwargs, hdev)  # a forward pass per window
+        h = hessian(layer, linears[group[0]], inputs, kwargs, hdev)  # a forward pass per window
         t_h = time.perf_counter() - t
         t = time.perf_counter()
-        results = _quantize_group(ctx, "layer", group, linears, h)  # sets each weight to Q
+        results = quantize_group(ctx, "layer", group, linears, h)  # sets each weight to Q
         if device.type == "cuda":
             for d in devices:
                 torch.cuda.synchronize(d)
@@ -125,7 +126,7 @@ def run(a: argparse.Namespace, grid: str) -> dict:
     t = time.perf_counter()
     with torch.no_grad():
         for x in inputs:
-            _layer_forward(layer, x, kwargs)
+            layer_forward(layer, x, kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     advance = time.perf_counter() - t

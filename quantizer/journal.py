@@ -20,8 +20,9 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -30,6 +31,10 @@ from torch import Tensor
 from leanquant_serve.format.checkpoint import CONFIG_FILE, CheckpointWriter
 
 from .errors import UserError
+from .job import QuantizeJob, Run, Summary, summary_from_dict
+
+if TYPE_CHECKING:
+    from .activations import Activations
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ class JournaledWriter(CheckpointWriter):
     ``progress.json`` does not list, reloads the buffer and exposes the caller's state as
     :attr:`progress`, so the finished folder is byte-identical to an uninterrupted run. An
     existing partial folder is refused (``on_partial="refuse"``), resumed, or discarded
-    (``"fresh"``); one locked by a running process is always refused. ``check_state(state)``
+    (``"fresh"``); one locked by a running process is always refused. ``check_state(partial, state)``
     may raise to refuse a resume before the folder is changed.
     """
 
@@ -88,7 +93,7 @@ class JournaledWriter(CheckpointWriter):
         max_shard_bytes: int = 2 * 1024**3,
         overwrite: bool = False,
         on_partial: str = "refuse",
-        check_state: Callable[[dict[str, Any]], None] | None = None,
+        check_state: Callable[[Path, dict[str, Any]], None] | None = None,
     ) -> None:
         if on_partial not in ("refuse", "resume", "fresh"):
             raise ValueError(f"on_partial: {on_partial!r} is not refuse, resume or fresh")
@@ -190,7 +195,7 @@ class JournaledWriter(CheckpointWriter):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PartialRunError(f"{progress}: cannot resume from it ({e})") from None
         if self._check_state is not None:  # before anything in the folder changes
-            self._check_state(state)
+            self._check_state(self.partial, state)
         listed = [self._shard_file(i) for i in range(1, len(shards) + 1)]
         listed += [*pending, *state_files]
         self._clear(keep={PROGRESS_FILE, *listed})  # written after the last step: redone
@@ -372,3 +377,73 @@ class JournaledWriter(CheckpointWriter):
 
     def _release(self) -> None:
         self._unlock()
+
+
+# The quantization run's journal entries: after each decoder layer, the step the writer saves
+# (layers done, the summary so far, the activations entering the next layer, the job's
+# fingerprint), and where a resumed run continues.
+
+
+class ResumeMismatch(UserError):
+    """The partial run belongs to another job (its message says what to do)."""
+
+
+def check_fingerprint(partial: Path, old: dict, new: dict) -> None:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [
+                f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
+        elif a != b and key.endswith("sha256"):
+            diffs.append(f"{key}: {str(a)[:12]}... -> {str(b)[:12]}...")
+        elif a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    if diffs:
+        raise ResumeMismatch(
+            f"cannot resume the partial run {partial}: it was started with a different model, "
+            f"data or settings ({'; '.join(diffs)}); rerun with its settings, or pass --fresh "
+            "to discard it"
+        )
+
+
+def resume_point(run: Run) -> tuple[int, float, Summary]:
+    """(first layer to do, seconds spent before, summary so far) of a fresh or resumed run."""
+    job, writer = run.job, run.writer
+    summary = Summary(str(job.out), 0.0, 0, 0, 0.0, 0)
+    start, seconds_before = 0, 0.0
+    if writer.progress is not None:
+        state = writer.progress  # its fingerprint was checked by the writer
+        start, seconds_before = state["layers_done"], state["seconds"]
+        summary = summary_from_state(job, state["summary"])
+        log.info("resuming %s after layer %d of %d", writer.partial, start - 1, len(run.layers))
+    summary.bos_token_id = run.bos_token_id
+    return start, seconds_before, summary
+
+
+def journal_step(run: Run, i: int, summary: Summary, acts: Activations | None) -> None:
+    """Durable step: a kill from here on resumes at layer i + 1."""
+    n = len(run.layers)
+    files, written = {}, []
+    if acts is not None and i + 1 < n:
+        files, written = acts.state()
+    state = {
+        "job": run.fingerprint,
+        "layers_done": i + 1,
+        "seconds": summary.seconds,
+        "summary": summary_state(summary),
+        "activations": [*files, *written] or None,
+    }
+    run.writer.save_state(state, files, note=f"{i + 1} of {n} layers done", written=written)
+
+
+def summary_state(summary: Summary) -> dict:
+    return {k: v for k, v in asdict(summary).items() if k != "out"}
+
+
+def summary_from_state(job: QuantizeJob, d: dict) -> Summary:
+    return summary_from_dict({**d, "out": str(job.out)})
+

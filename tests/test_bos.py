@@ -13,8 +13,8 @@ from conftest import ARCHITECTURES
 from tokenizers import Tokenizer, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from quantizer import pipeline
 from leanquant.cli import main
+from quantizer import job as job_module
 from quantizer.data import (
     bos_token_id,
     consecutive_windows,
@@ -93,7 +93,7 @@ def _calib_windows(model: Path, calib: Path, **kw) -> tuple[torch.Tensor, int | 
         seqlen=SEQLEN,
         **kw,
     )
-    return pipeline._calibration_windows(job, AutoModelForCausalLM.from_pretrained(model).config)
+    return job_module.calibration_windows(job, AutoModelForCausalLM.from_pretrained(model).config)
 
 
 def test_calibration_windows_begin_with_bos_when_the_tokenizer_adds_it(

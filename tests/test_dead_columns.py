@@ -165,7 +165,7 @@ def test_pipeline_counts_and_keeps_dead_inputs(dead_model, calib_text, tmp_path,
     job = QuantizeJob(
         model=dead_model, out=out, settings=s, calib=str(calib_text), nsamples=4, seqlen=32
     )
-    with caplog.at_level(logging.INFO, logger="quantizer.pipeline"):
+    with caplog.at_level(logging.INFO, logger="quantizer"):
         quantize_model(job)
     counts = report(out)
     want = dict.fromkeys(counts, 0)

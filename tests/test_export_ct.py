@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from leanquant.cli import main
 from leanquant_serve.compressed_tensors.export import (
     ExportError,
     export_compressed_tensors,
@@ -30,7 +31,6 @@ from leanquant_serve.format import (
     unpack_codes,
     unpack_linear,
 )
-from leanquant.cli import main
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import QuantizeJob, quantize_model
 

@@ -26,6 +26,7 @@ import torch
 from test_export_exllamav2 import read_safetensors
 from torch import Tensor
 
+from leanquant.cli import main
 from leanquant_serve.exllamav2.export import (
     convert_linear_exl2,
     exl2_levels,
@@ -34,7 +35,6 @@ from leanquant_serve.exllamav2.export import (
 from leanquant_serve.export import ExportError
 from leanquant_serve.format import Checkpoint, LeanQuantConfig, dequantize_linear, pack_linear
 from leanquant_serve.format.exl2 import exl2_scales
-from leanquant.cli import main
 from quantizer.gptq import GPTQSettings
 from quantizer.grids import EXL2_MULTIPLIERS, fit_exl2, weighted_loss
 from quantizer.pipeline import QuantizeJob, quantize_model

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from leanquant.cli import main
 from leanquant_serve.exllamav2.export import (
     ExportError,
     convert_linear,
@@ -38,7 +39,6 @@ from leanquant_serve.format import (
     pack_codes,
     pack_linear,
 )
-from leanquant.cli import main
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import QuantizeJob, quantize_model
 

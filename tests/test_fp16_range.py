@@ -151,12 +151,12 @@ def test_a_weight_beyond_the_compute_dtype_is_named(big_weight_model, capsys, tm
 
 def test_weights_grown_by_gptq_updates_are_told_apart():
     """The fit saw weights larger than the source's: the cause is the error feedback."""
-    from quantizer.pipeline import _fp16_range_error
+    from quantizer.layer_step import fp16_range_error
 
     W = weights_with([3.0, -3.0])
     grown = FP16RangeError("scale", 9e4, 6.75e5)
-    msg = str(_fp16_range_error("model.layers.0", "mlp.up_proj", W, grown, rtn=False))
+    msg = str(fp16_range_error("model.layers.0", "mlp.up_proj", W, grown, rtn=False))
     assert msg.startswith("model.layers.0.mlp.up_proj.weight: GPTQ's error updates grew")
     assert "|w| <= 3 to 6.75e+05" in msg and "9e+04" in msg and "--damp" in msg
     own = FP16RangeError("scale", 9e4, 3.0)  # the source's own weights: no feedback to blame
-    assert "exceed what an fp16 scale" in str(_fp16_range_error("p", "q", W, own, rtn=False))
+    assert "exceed what an fp16 scale" in str(fp16_range_error("p", "q", W, own, rtn=False))

@@ -24,7 +24,7 @@ from leanquant_serve.format import (
     load_reference_model,
     unpack_linear,
 )
-from quantizer import pipeline
+from quantizer import layer_step, pipeline
 from quantizer.data import load_text, random_windows, tokenize
 from quantizer.errors import UserError
 from quantizer.gptq import GPTQSettings
@@ -111,7 +111,7 @@ def run(request, tiny_model, calib_text, tmp_path_factory) -> Run:
         Q[name] = r.Q.clone()
         W[name], H[name] = given_W.pop(0), group_H[0]
 
-    real, real_prepare = pipeline.quantize_weight, pipeline.prepare
+    real, real_prepare = layer_step.quantize_weight, layer_step.prepare
     job = QuantizeJob(
         model=src,
         out=out,
@@ -122,8 +122,8 @@ def run(request, tiny_model, calib_text, tmp_path_factory) -> Run:
         batch_size=2,
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "quantize_weight", spy)
-        mp.setattr(pipeline, "prepare", spy_prepare)
+        mp.setattr(layer_step, "quantize_weight", spy)
+        mp.setattr(layer_step, "prepare", spy_prepare)
         quantize_model(job, observer)
     assert not given_W
     return Run(src, out, s, Q, W, H)
@@ -315,8 +315,8 @@ def test_failure_midway_leaves_nothing(tiny_model, tmp_path, monkeypatch):
         calls.append(args)
         return real(*args, **kw)
 
-    real = pipeline.quantize_weight
-    monkeypatch.setattr(pipeline, "quantize_weight", fail_after_first)
+    real = layer_step.quantize_weight
+    monkeypatch.setattr(layer_step, "quantize_weight", fail_after_first)
     job = QuantizeJob(
         model=tiny_model("llama"), out=tmp_path / "out", settings=settings("minmax"), rtn=True
     )

@@ -29,9 +29,9 @@ from conftest import _COMMON
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from leanquant_serve.format import Checkpoint
-from quantizer import journal, pipeline
 from leanquant.cli import main
+from leanquant_serve.format import Checkpoint
+from quantizer import journal, layer_step
 from quantizer.errors import UserError
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
@@ -297,7 +297,7 @@ def test_same_seed_same_bytes(deep_model, calib_text, small_reference, tmp_path)
 def test_nan_mid_run_keeps_a_resumable_partial(
     deep_model, calib_text, small_reference, tmp_path, monkeypatch
 ):
-    real = pipeline.quantize_weight
+    real = layer_step.quantize_weight
     target = "model.layers.3.mlp.up_proj"
     seen = []
 
@@ -308,14 +308,14 @@ def test_nan_mid_run_keeps_a_resumable_partial(
             r = dataclasses.replace(r, Q=torch.full_like(r.Q, float("nan")))
         return r
 
-    monkeypatch.setattr(pipeline, "quantize_weight", nan_in_layer3)
+    monkeypatch.setattr(layer_step, "quantize_weight", nan_in_layer3)
     out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
     with pytest.raises(UserError) as e:
         quantize_model(small_job(deep_model, out, calib_text))
     msg = str(e.value)
     assert target in msg and "NaN" in msg and str(partial) in msg and "--resume" in msg
     assert layers_done(partial) == 3 and not out.exists()
-    monkeypatch.setattr(pipeline, "quantize_weight", real)
+    monkeypatch.setattr(layer_step, "quantize_weight", real)
 
     def nan_hessian(layer, first, inputs, kwargs, device):
         h = real_hessian(layer, first, inputs, kwargs, device)
@@ -323,12 +323,12 @@ def test_nan_mid_run_keeps_a_resumable_partial(
             h.H *= float("inf")
         return h
 
-    real_hessian = pipeline._hessian
-    monkeypatch.setattr(pipeline, "_hessian", nan_hessian)
+    real_hessian = layer_step.hessian
+    monkeypatch.setattr(layer_step, "hessian", nan_hessian)
     with pytest.raises(UserError, match=r"model\.layers\.3\.self_attn\.q_proj: the Hessian.*NaN"):
         quantize_model(small_job(deep_model, out, calib_text, resume=True))
     assert layers_done(partial) == 3
-    monkeypatch.setattr(pipeline, "_hessian", real_hessian)
+    monkeypatch.setattr(layer_step, "hessian", real_hessian)
 
     quantize_model(small_job(deep_model, out, calib_text, resume=True))
     assert_same_checkpoint(out, small_reference)
@@ -400,7 +400,7 @@ def test_fresh_discards_and_a_running_partial_is_locked(
 ):
     out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
     job = small_job(deep_model, out, calib_text)
-    real = pipeline._store_sublayer
+    real = layer_step.store_sublayer
     calls = []
 
     def stop_in_layer2(run, prefix, *args):
@@ -409,10 +409,10 @@ def test_fresh_discards_and_a_running_partial_is_locked(
             raise RuntimeError("boom")
         return real(run, prefix, *args)
 
-    monkeypatch.setattr(pipeline, "_store_sublayer", stop_in_layer2)
+    monkeypatch.setattr(layer_step, "store_sublayer", stop_in_layer2)
     with pytest.raises(RuntimeError, match="boom"):
         quantize_model(job)
-    monkeypatch.setattr(pipeline, "_store_sublayer", real)
+    monkeypatch.setattr(layer_step, "store_sublayer", real)
     assert layers_done(partial) == 2
 
     with pytest.raises(UserError, match="--resume and --fresh"):
@@ -497,17 +497,17 @@ def test_disk_activations_resume_in_another_place(
     """Spilled activations are the resume state itself (no second copy); a run killed with
     them on disk resumes with them on the device, split over two workers, to the same bytes."""
     out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
-    real = pipeline._store_sublayer
+    real = layer_step.store_sublayer
 
     def kill_in_layer3(run, prefix, *args):
         if prefix.endswith(".3"):
             raise Killed
         return real(run, prefix, *args)
 
-    monkeypatch.setattr(pipeline, "_store_sublayer", kill_in_layer3)
+    monkeypatch.setattr(layer_step, "store_sublayer", kill_in_layer3)
     with pytest.raises(Killed):
         quantize_model(small_job(deep_model, out, calib_text, activations="disk"))
-    monkeypatch.setattr(pipeline, "_store_sublayer", real)
+    monkeypatch.setattr(layer_step, "store_sublayer", real)
     state = progress(partial)
     assert state["state"]["layers_done"] == 3
     listed = state["state"]["activations"]
@@ -541,7 +541,7 @@ def test_bad_device_lists_are_refused(deep_model, calib_text, tmp_path, capsys):
 
 def test_row_plan_covers_every_row_once_and_balances():
     for counts, n in [([7, 1, 1], 2), ([5], 3), ([3, 3], 4), ([2], 1), ([1, 1], 3)]:
-        plan = pipeline._row_plan(counts, n)
+        plan = layer_step.row_plan(counts, n)
         assert len(plan) == n
         for m, rows in enumerate(counts):
             got = sorted((a, b) for per in plan for mm, a, b in per if mm == m)
@@ -555,13 +555,13 @@ def test_a_device_list_really_splits_the_rows(deep_model, calib_text, tmp_path, 
     two-worker run quantizes half-weights, from two threads."""
     import threading
 
-    real, calls = pipeline.quantize_weight, []
+    real, calls = layer_step.quantize_weight, []
 
     def spy(W, prep, s, rows=None):
         calls.append((threading.get_ident(), rows, W.shape[0]))
         return real(W, prep, s, rows)
 
-    monkeypatch.setattr(pipeline, "quantize_weight", spy)
+    monkeypatch.setattr(layer_step, "quantize_weight", spy)
     quantize_model(small_job(deep_model, tmp_path / "ckpt", calib_text, device="cpu,cpu"))
     # Worker threads, not the caller's. (How many distinct ids they show is up to the thread
     # pool, which may reuse an idle thread for the second half and recycle ids between groups.)

@@ -1,0 +1,282 @@
+"""The quantization job (what the user asked for) and the state of one run of it.
+
+:class:`QuantizeJob` holds every setting of a run; the ``leanquant quantize`` flags are built
+from its fields and :class:`~quantizer.gptq.GPTQSettings`' (quantizer/flags.py). Beside it:
+the per-sublayer report, the run's summary (``quantize_report.json``), the checkpoint's
+``quantization_config`` for the job, its calibration windows, and the fingerprint a resumed
+run must share with the run it continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from leanquant_serve.format import LeanQuantConfig
+
+from .activations import PLACES
+from .data import check_seqlen, model_vocab_size, random_windows, text_tokens
+from .errors import UserError, check_counts
+from .flags import BOS_HELP, parse_size, setting
+from .gptq import GPTQSettings, QuantizedWeight
+from .source import SourceModel
+
+if TYPE_CHECKING:
+    from .journal import JournaledWriter
+
+REPORT_FILE = "quantize_report.json"
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # of layer forwards and of stored activations
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """Everything one quantization run needs. The ``leanquant quantize`` flags are built from
+    these fields and :class:`GPTQSettings`' (quantizer/flags.py): one default per setting."""
+
+    model: Path
+    out: Path
+    settings: GPTQSettings = field(default_factory=GPTQSettings)
+    # round-to-nearest: no calibration, no error feedback
+    rtn: bool = setting(False, "round to nearest: no calibration, no GPTQ updates")
+    calib: str | None = setting(  # text source, see data.load_text
+        None,
+        "calibration text: a .txt/.jsonl file or folder, wiki-sample, wikitext2 or c4",
+        show_default=False,
+    )
+    nsamples: int = setting(128, "calibration windows")
+    seqlen: int = setting(2048, "tokens per calibration window, BOS included")
+    batch_size: int = setting(1, "calibration windows per forward")
+    # begin each calibration window with the tokenizer's BOS token if the tokenizer adds one
+    # to a text (see data.py); False: text tokens only (--no-bos)
+    bos: bool = setting(True, BOS_HELP)
+    # compute device, or a comma-separated list (cuda:0,cuda:1): the first runs the layer
+    # forwards and holds the activations; every one takes rows of each group's GPTQ work,
+    # and the second accumulates and factors the Hessians
+    device: str = setting(
+        "cpu",
+        "cpu, cuda, cuda:1, or a list such as cuda:0,cuda:1: the first runs the layer "
+        "forwards, the second accumulates and factors the Hessians, and each group's rows are "
+        "split over all of them (the result is the same for any list)",
+        flags=("--device", "--devices"),
+    )
+    dtype: str = setting(  # dtype for layer forwards
+        "float32",
+        "dtype of layer forwards (and of the calibration activations unless --act-dtype)",
+        choices=DTYPES,
+    )
+    activations: str = setting(  # where calibration activations live: device | cpu | disk
+        "device",
+        "where the calibration activations (nsamples x seqlen x hidden) live between uses: "
+        "on the first device (fastest), in host RAM, or spilled to the partial output folder "
+        "one batch at a time (host memory: one batch)",
+        choices=PLACES,
+    )
+    act_dtype: str | None = setting(  # their stored dtype (None: dtype)
+        None,
+        "dtype the calibration activations are stored in (default: --dtype); bfloat16 "
+        "halves them (8.6 GB for 405B at 128 x 2048)",
+        choices=DTYPES,
+        show_default=False,
+    )
+    # regexes of linear sublayers (relative to a layer) to leave unquantized
+    skip: tuple[str, ...] = setting(
+        (),
+        "regex of sublayer names (e.g. 'mlp\\.down_proj') to leave unquantized; repeatable",
+        repeat=True,
+        show_default=False,
+    )
+    overwrite: bool = setting(False, "replace an existing output folder")
+    max_shard_bytes: int = setting(
+        4 * 1024**3,
+        "largest checkpoint shard, e.g. 4GiB (default), 500MB or a byte count",
+        flags=("--max-shard-size",),
+        type=parse_size,
+        metavar="SIZE",
+        show_default=False,
+    )
+    # An existing partial run of ``out`` is refused unless one of these is set.
+    resume: bool = setting(  # continue it after its last finished layer (or start if none)
+        False,
+        "continue the partial run of OUT (kept in .OUT.partial next to it after a failure "
+        "or kill) after its last finished layer; the model, calibration data and settings "
+        "must be the same. The result is byte-identical to an uninterrupted run. Without a "
+        "partial run, starts one",
+    )
+    fresh: bool = setting(  # discard it and start over
+        False,
+        "discard a partial run of OUT and start over (without --resume or --fresh, an "
+        "existing partial run is an error)",
+    )
+
+    def __post_init__(self) -> None:
+        """Settings that no model can make right, refused before anything is read."""
+        check_counts(
+            nsamples=self.nsamples,
+            seqlen=self.seqlen,
+            batch_size=self.batch_size,
+            max_shard_size=self.max_shard_bytes,
+        )
+        if self.resume and self.fresh:
+            raise UserError("--resume and --fresh exclude each other")
+        for p in self.skip:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise UserError(f"--skip {p!r} is not a valid regular expression: {e}") from e
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return [torch.device(d.strip()) for d in self.device.split(",")]
+
+
+@dataclass
+class SublayerReport:
+    name: str
+    shape: tuple[int, int]
+    loss: float
+    seconds: float
+    damp: float
+    cholesky_retries: int
+    # inputs that are zero in every calibration token (None: --rtn, no calibration); their
+    # weights are kept and rounded to nearest, see gptq.prepare
+    dead_inputs: int | None = None
+
+
+@dataclass
+class Summary:
+    out: str
+    seconds: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int  # the largest over the devices
+    total_loss: float
+    cholesky_retries: int
+    layers: list[list[SublayerReport]] = field(default_factory=list)
+    activation_bytes: int = 0  # of one layer's calibration inputs, as stored
+    bos_token_id: int | None = None  # what every calibration window begins with (None: text)
+
+
+def summary_from_dict(d: dict) -> Summary:
+    d = dict(d)
+    d["layers"] = [
+        [SublayerReport(**{**r, "shape": tuple(r["shape"])}) for r in layer]
+        for layer in d["layers"]
+    ]
+    return Summary(**d)
+
+
+def checkpoint_config(job: QuantizeJob, not_converted: list[str]) -> LeanQuantConfig:
+    s = job.settings
+    method = "rtn" if job.rtn else ("gptq" if s.fit == "minmax" else "leanquant")
+    meta = {
+        "method": method,
+        "grid_fit": s.fit,  # informational: loaders read the tensors and ``grid``
+        "damp": s.damp,
+        "exponent": s.exponent,
+        "blocksize": s.blocksize,
+        "T": s.T,
+        "shrink": s.shrink,
+        "seed": s.seed,
+    }
+    if not job.rtn:
+        meta.update(calib=job.calib, nsamples=job.nsamples, seqlen=job.seqlen)
+    return LeanQuantConfig(
+        bits=s.bits,
+        group_size=s.group_size,
+        grid=s.stored_grid,
+        table=s.stored_table,
+        desc_act=s.actorder and not job.rtn,
+        static_groups=s.static_groups,
+        modules_to_not_convert=tuple(not_converted),
+        quantizer=meta,
+    )
+
+
+def calibration_windows(job: QuantizeJob, config) -> tuple[Tensor, int | None]:
+    """The calibration windows (nsamples, seqlen) drawn with the job's seed, and the BOS id
+    each begins with (None: none; see data.py). ``config``: the model's."""
+    if job.calib is None:
+        raise UserError(
+            "--calib is required (a text file, folder, wiki-sample or a hub dataset name), or use --rtn"
+        )
+    if job.nsamples % job.batch_size:
+        raise UserError(
+            f"--nsamples {job.nsamples} is not a multiple of --batch-size {job.batch_size}"
+        )
+    check_seqlen(job.seqlen, config, job.model)
+    tokens, bos = text_tokens(
+        job.model, job.calib, "calib", bos=job.bos, vocab_size=model_vocab_size(config)
+    )
+    return random_windows(tokens, job.nsamples, job.seqlen, job.settings.seed, bos), bos
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(job: QuantizeJob, src: SourceModel, windows: Tensor | None) -> dict:
+    """What a resumed run must share with the run it continues (as JSON data).
+
+    The source model is identified by its resolved path, config.json and tensor names per
+    file (not the tensor bytes, which would mean reading the whole model, and not the file
+    sizes or times, so that a corrupt shard can be replaced and the run resumed)."""
+    fp = {
+        "model": str(Path(job.model).resolve()),
+        "model_config_sha256": _sha256((Path(job.model) / "config.json").read_bytes()),
+        "model_tensors_sha256": _sha256(json.dumps(sorted(src.weight_map.items())).encode()),
+        "settings": asdict(job.settings),
+        "rtn": job.rtn,
+        "calib": None if job.rtn else job.calib,
+        "nsamples": None if job.rtn else job.nsamples,
+        "seqlen": None if job.rtn else job.seqlen,
+        "batch_size": None if job.rtn else job.batch_size,
+        "calib_windows_sha256": None if windows is None else _sha256(windows.numpy().tobytes()),
+        "device": job.devices[0].type,  # not the count: rows split exactly across devices
+        "dtype": job.dtype,
+        "act_dtype": job.act_dtype or job.dtype,  # not where they live: that changes no value
+        "skip": list(job.skip),
+        "max_shard_bytes": job.max_shard_bytes,
+    }
+    return json.loads(json.dumps(fp))
+
+
+@dataclass
+class Run:
+    """One quantization run: what the per-layer loop works with."""
+
+    job: QuantizeJob
+    src: SourceModel
+    writer: JournaledWriter
+    model: nn.Module
+    layers_name: str
+    layers: nn.ModuleList
+    head_name: str | None
+    qcfg: LeanQuantConfig
+    outer_names: list[str]  # tensors outside the decoder layers, stored unchanged
+    windows: Tensor | None  # calibration windows (None: RTN)
+    bos_token_id: int | None  # their first token, if the tokenizer's BOS
+    fingerprint: dict
+    devices: list[torch.device]
+    dtype: torch.dtype
+    observer: Callable[[str, QuantizedWeight], None] | None
+    t0: float
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the layer forwards and of ``--activations device``."""
+        return self.devices[0]
+
+    @property
+    def hessian_device(self) -> torch.device:
+        """Where Hessians are accumulated and factored: the second device if there is one."""
+        return self.devices[1] if len(self.devices) > 1 else self.devices[0]
+

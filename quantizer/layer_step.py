@@ -1,0 +1,216 @@
+"""One decoder layer's step: load it, quantize its linears group by group in true-sequential
+order (the GPTQ loop of quantizer/gptq.py, rows split over the devices), check each stored
+form through the reference dequantizer, advance the calibration inputs through the quantized
+layer, hand every tensor to the writer and free the layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from leanquant_serve.format import dequantize_linear, pack_linear
+
+from .activations import Activations
+from .capture import hessian, layer_forward, load_layer
+from .errors import UserError
+from .gptq import CholeskyError, Hessian, QuantizedWeight, prepare, quantize_weight
+from .grids import FP16_MAX, ROW_COUPLED_GRIDS, FP16RangeError
+from .job import Run, SublayerReport
+from .model_walk import find_linears, sequential_groups
+
+log = logging.getLogger(__name__)
+
+def quantize_layer(
+    run: Run, i: int, acts: Activations | None, kwargs: dict
+) -> list[SublayerReport]:
+    """Load decoder layer ``i``, quantize its linears group by group (Hessians from ``acts``,
+    whose inputs then advance through the quantized layer), hand every tensor to the writer
+    and free the layer; returns its sublayer reports."""
+    job, src, writer = run.job, run.src, run.writer
+    prefix, layer = f"{run.layers_name}.{i}", run.layers[i]
+    linears = find_linears(layer, job.skip)
+    quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
+    layer_names = src.names(prefix + ".")
+    stored = load_layer(
+        src, layer, prefix, run.device, run.dtype, set(layer_names) - quantized_weights
+    )
+    results: list[tuple[dict[str, Tensor], SublayerReport]] = []
+    sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
+    if acts is None:
+        for name in linears:
+            results += quantize_group(run, prefix, [name], linears, None)
+            sub.update()
+    else:
+        run_first = functools.partial(layer_forward, layer, acts.first(), kwargs)
+        for group in sequential_groups(linears, run_first):
+            h = hessian(layer, linears[group[0]], acts, kwargs, run.hessian_device)
+            if not torch.isfinite(h.H).all():
+                raise UserError(
+                    f"{prefix}.{group[0]}: the Hessian of its calibration inputs has "
+                    f"NaN/Inf (the activations entering layer {i} overflowed or are NaN;"
+                    " try --dtype float32 or other calibration data)"
+                )
+            results += quantize_group(run, prefix, group, linears, h)
+            sub.update(len(group))
+            del h
+        with torch.no_grad():  # inputs of the next layer, through the quantized layer
+            step = functools.partial(layer_forward, layer, kwargs=kwargs)
+            finite = acts.advance(step, keep=i + 1 < len(run.layers))
+        if not finite:
+            raise UserError(
+                f"{prefix}: the quantized layer's outputs contain NaN/Inf "
+                "(try --dtype float32, a larger --damp or other calibration data)"
+            )
+    sub.close()
+
+    rest = {
+        n: stored[n] if n in stored else src.get(n)
+        for n in layer_names
+        if n not in quantized_weights
+    }
+    writer.add(rest)
+    del stored, rest
+    for tensors, _ in results:
+        writer.add(tensors)
+    layer.to("meta")  # free the layer
+    return [r for _, r in results]
+
+
+def row_plan(row_counts: list[int], n_devices: int) -> list[list[tuple[int, int, int]]]:
+    """Split the group's weights, stacked by rows, into ``n_devices`` equal row ranges:
+    per device, (member, first row, end row) slices. Rows are independent given H."""
+    total = sum(row_counts)
+    bounds = [round(k * total / n_devices) for k in range(n_devices + 1)]
+    offsets = [sum(row_counts[:m]) for m in range(len(row_counts))]
+    plan: list[list[tuple[int, int, int]]] = []
+    for lo, hi in itertools.pairwise(bounds):
+        plan.append(
+            [
+                (m, max(lo - off, 0), min(hi - off, n))
+                for m, (off, n) in enumerate(zip(offsets, row_counts, strict=True))
+                if max(lo - off, 0) < min(hi - off, n)
+            ]
+        )
+    return plan
+
+
+def quantize_group(
+    run: Run, prefix: str, group: list[str], linears: dict[str, nn.Linear], h: Hessian | None
+) -> list[tuple[dict[str, Tensor], SublayerReport]]:
+    """Quantize the sublayers of ``group`` (they share the input, hence H) in place; returns
+    each one's checkpoint tensors and report.
+
+    H is factored once, on the Hessian device; the group's rows are then split evenly over
+    the devices, each quantizing its slices with its own copy of U (in threads: GPU kernels
+    run concurrently). The slices give exactly the rows a single device would."""
+    s = run.job.settings
+    t = time.time()
+    try:
+        prep = None if h is None else prepare(h, s)
+    except CholeskyError as e:
+        raise UserError(f"{prefix}.{'/'.join(group)}: {e}; raise --damp") from e
+    dead = None if prep is None else int(prep.dead.sum())
+    if dead:
+        log.info(
+            "%s.%s: %d of %d inputs are zero in every calibration token (weights kept, rounded "
+            "to nearest)", prefix, "/".join(group), dead, len(prep.dead),
+        )  # fmt: skip
+    weights = [linears[n].weight.data for n in group]
+    # A row-coupled grid (one parameter per group shared by all rows) is fitted on whole
+    # weights: its rows stay on the first device (the Hessian still goes to the second).
+    row_devices = 1 if s.fit in ROW_COUPLED_GRIDS else len(run.devices)
+    plan = row_plan([w.shape[0] for w in weights], row_devices)
+
+    def one(m: int, a: int, b: int, device: torch.device, p) -> QuantizedWeight:
+        try:
+            return quantize_weight(weights[m][a:b].to(device), p, s, rows=(a, len(weights[m])))
+        except FP16RangeError as e:
+            raise fp16_range_error(prefix, group[m], weights[m], e, h is None) from e
+
+    def work(device: torch.device, slices: list[tuple[int, int, int]]):
+        p = None if prep is None else prep.to(device)  # U copied to each device
+        # the thread's current CUDA device, for anything allocated without an explicit device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return [(m, a, one(m, a, b, device, p)) for m, a, b in slices]
+
+    if len(plan) == 1:
+        done = [work(run.devices[0], plan[0])]
+    else:
+        with ThreadPoolExecutor(len(run.devices)) as pool:
+            done = list(pool.map(work, run.devices, plan))
+    prep = None  # free U before the results are packed
+    seconds = (time.time() - t) / len(group)
+    # Devices take consecutive row ranges, so the slices arrive in row order.
+    parts: list[list[QuantizedWeight]] = [[] for _ in group]
+    for m, _, r in (x for per_device in done for x in per_device):
+        parts[m].append(r)
+    stored = []
+    for m, name in enumerate(group):  # one whole weight at a time
+        r = QuantizedWeight.cat(parts[m], run.device)
+        stored.append(store_sublayer(run, prefix, name, linears[name], r, seconds, dead))
+    return stored
+
+
+def fp16_range_error(prefix: str, name: str, W: Tensor, e: FP16RangeError, rtn: bool) -> UserError:
+    """The one-line error for a weight whose grid cannot be stored in fp16: names the tensor,
+    the value needed, and whether the weights themselves or GPTQ's updates of them need it."""
+    full, largest = f"{prefix}.{name}.weight", float(W.abs().max())
+    need = f"an fp16 {e.what} of {e.value:.3g} (fp16 holds at most {FP16_MAX:.0f})"
+    if not rtn and e.largest_w > largest:  # the fit saw weights larger than the source's
+        return UserError(
+            f"{full}: GPTQ's error updates grew its weights from |w| <= {largest:.3g} to "
+            f"{e.largest_w:.3g}, which would need {need}; try a larger --damp"
+        )
+    return UserError(
+        f"{full}: its values exceed what an fp16 {e.what} can represent: weights up to "
+        f"|w| = {e.largest_w:.3g} would need {need}; leave it unquantized with "
+        f"--skip '{name}' or rescale the model"
+    )
+
+
+def store_sublayer(
+    run: Run,
+    prefix: str,
+    name: str,
+    m: nn.Linear,
+    r: QuantizedWeight,
+    seconds: float,
+    dead_inputs: int | None,
+) -> tuple[dict[str, Tensor], SublayerReport]:
+    """Set sublayer ``name``'s weight to Q; returns its checkpoint tensors and report
+    (``dead_inputs``: its inputs that were zero in every calibration token)."""
+    full, qcfg = f"{prefix}.{name}", run.qcfg
+    if not torch.isfinite(r.Q).all():
+        raise UserError(f"{full}: quantization produced NaN/Inf (check the calibration data)")
+    m.weight.data = r.Q.to(m.weight.dtype)  # later sublayers see the quantized output
+    if qcfg.grid == "nonuniform":
+        grid = {"lut": r.lut}
+    else:
+        grid = {"scales": r.scales, "zeros": r.zeros}
+        if qcfg.uses_g_idx:
+            grid["g_idx"] = r.g_idx
+    packed = pack_linear(qcfg, r.codes, **grid)
+    # Check the stored form against the loop's own result through the reference dequantizer
+    # (our equivalent of exllamav2 reloading each converted layer through its kernel).
+    err = (dequantize_linear(qcfg, packed, torch.float32) - r.Q.float()).abs().max()
+    if err > 1e-6 * r.Q.abs().max().clamp_min(1e-30):
+        raise RuntimeError(
+            f"{full}: stored tensors dequantize {err:.3g} away from Q (a packing bug)"
+        )
+    tensors = {f"{full}.{k}": v for k, v in packed.items()}
+    if run.observer is not None:
+        run.observer(full, r)
+    report = SublayerReport(
+        name, tuple(m.weight.shape), r.loss, seconds, r.damp, r.retries, dead_inputs
+    )
+    return tensors, report
+

@@ -31,7 +31,8 @@ from torch import Tensor
 from leanquant_serve.format import SUPPORTED_BITS, group_misfit
 
 from .flags import setting
-from .grids import GRID_NAMES, AffineParams, GridParams, RowRandom, fit_grid
+from .grids import GRID_NAMES, AffineParams, GridParams, RowRandom, TableParams, fit_grid
+from .tables import DEFAULT_SF_NU, TABLE_BITS, TABLE_FITS, quantile_table
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,15 @@ class GPTQSettings:
     bits: int = setting(4, "bits per weight", choices=SUPPORTED_BITS)
     group_size: int = setting(128, "columns per group; -1: one group per row")
     # Which grid fit (quantizer/grids.py): minmax (GPTQ) | affine (LeanQuant_aff) | nonuniform
-    # (LeanQuant_nu) | exl2 (LeanQuant's objective on the EXL2 ladder). Not the stored grid
-    # kind: the checkpoint stores affine or nonuniform (:attr:`stored_grid`).
+    # (LeanQuant_nu) | exl2 (LeanQuant's objective on the EXL2 ladder) | nf / sf (NormalFloat /
+    # Student-Float table, LeanQuant's scale per group). Not the stored grid kind: the
+    # checkpoint stores affine, nonuniform or table (:attr:`stored_grid`).
     fit: str = setting(
         "affine",
         "grid fit. affine/nonuniform: LeanQuant's learned grids; exl2: LeanQuant's objective "
         "inside exllamav2's EXL2 grid family (exact `export exllamav2` at 2/3/4/8 bits, stored "
-        "as affine); minmax: plain GPTQ",
+        "as affine); nf/sf: NormalFloat/Student-Float tables (2-4 bits) with LeanQuant's "
+        "scale per group (nf at 4 bits, group 64: exact `export bnb-nf4`); minmax: plain GPTQ",
         flags=("--grid",),
         choices=GRID_NAMES,
     )
@@ -96,6 +99,9 @@ class GPTQSettings:
         show_default=False,
     )
     kmeans_iters: int = 100
+    sf_nu: float = setting(
+        DEFAULT_SF_NU, "Student's t degrees of freedom ν of --grid sf's table (SF4: 5)"
+    )
     seed: int = setting(0, "random seed (calibration windows, k-means++ draws)")
 
     def __post_init__(self) -> None:
@@ -107,6 +113,12 @@ class GPTQSettings:
             raise ValueError(
                 "--grid nonuniform stores one table per output row: use --group-size -1"
             )
+        if self.fit in TABLE_FITS and self.bits not in TABLE_BITS:
+            raise ValueError(
+                f"--grid {self.fit} supports --bits {', '.join(map(str, TABLE_BITS))}, got {self.bits}"
+            )
+        if not 0 < self.sf_nu < float("inf"):  # also refuses NaN
+            raise ValueError(f"--sf-nu must be a positive finite number, got {self.sf_nu}")
         from .errors import check_counts  # (a ValueError too)
 
         check_counts(T=self.T)
@@ -119,9 +131,24 @@ class GPTQSettings:
 
     @property
     def stored_grid(self) -> str:
-        """The grid kind the checkpoint stores (``quantization_config["grid"]``): every fit but
-        the per-row table is an affine grid."""
-        return "nonuniform" if self.fit == "nonuniform" else "affine"
+        """The grid kind the checkpoint stores (``quantization_config["grid"]``): the per-row
+        table, the scaled fixed table (nf, sf), else an affine grid."""
+        if self.fit == "nonuniform":
+            return "nonuniform"
+        return "table" if self.fit in TABLE_FITS else "affine"
+
+    @property
+    def table(self):
+        """The fixed table of an nf/sf fit, float32 (2^bits,) (quantizer/tables.py); else None."""
+        if self.fit not in TABLE_FITS:
+            return None
+        return quantile_table(self.fit, self.bits, self.sf_nu)
+
+    @property
+    def stored_table(self) -> tuple[float, ...] | None:
+        """``quantization_config["table"]``: the fixed table's float32 values (nf/sf), else None."""
+        t = self.table
+        return None if t is None else tuple(t.tolist())
 
 
 @dataclass
@@ -130,7 +157,7 @@ class QuantizedWeight:
 
     codes: Tensor  # (rows, columns) integer codes (uint8 from the column loop)
     Q: Tensor  # (rows, columns) fp32 dequantized weight, exactly what the codes + grid give
-    scales: Tensor | None  # (n_groups, rows) affine only
+    scales: Tensor | None  # (n_groups, rows) affine and table
     zeros: Tensor | None  # (n_groups, rows) int32, affine only
     lut: Tensor | None  # (rows, 2^bits), nonuniform only
     g_idx: Tensor | None  # (columns,) int32, only for act-order with dynamic groups
@@ -255,8 +282,17 @@ def quantize_weight(
     W = W.detach().to(torch.float32).clone()
     first, total = rows if rows is not None else (0, n_rows)
     gen = RowRandom(torch.Generator(device=W.device).manual_seed(s.seed), first, total)
+    table = s.table
     fit = lambda Wg, d: fit_grid(  # noqa: E731
-        s.fit, Wg, d, s.bits, T=s.T, shrink=s.shrink, kmeans_iters=s.kmeans_iters, generator=gen
+        s.fit,
+        Wg,
+        d,
+        s.bits,
+        T=s.T,
+        shrink=s.shrink,
+        kmeans_iters=s.kmeans_iters,
+        generator=gen,
+        table=table,
     )
 
     if H is None:  # RTN: every column weighs the same, no Hessian, no updates: no column loop
@@ -333,10 +369,13 @@ def _result(
     damp: float,
     retries: int,
 ) -> QuantizedWeight:
-    """Collect the fitted grids into the stored form: a per-row table or (n_groups, rows) scales/zeros."""
+    """Collect the fitted grids into the stored form: a per-row table, (n_groups, rows) scales
+    (fixed tables) or (n_groups, rows) scales/zeros."""
     scales = zeros = lut = None
     if s.fit == "nonuniform":
         lut = groups[0].lut
+    elif isinstance(groups[0], TableParams):
+        scales = torch.stack([g.scale for g in groups])
     else:
         scales, zeros = _stack(groups)
         zeros = zeros.to(torch.int32)

@@ -15,6 +15,9 @@ The learned grids minimise, per row, the loss-error-aware objective
 - ``exl2``: the same loss-error-aware objective minimised inside exllamav2's EXL2 grid family
   (fixed zero 2^(b−1); per group one fp16 maximum M shared by all rows, per row one of 16
   scales (i+1)²·M/256), so ``leanquant export exllamav2`` writes EXL2 tensors exactly.
+- ``nf`` / ``sf``: a fixed NormalFloat / Student-Float table t (quantizer/tables.py) times one
+  learned scale per (row, group): the scale minimising L, found by a search over multiples of
+  the row's absmax (absmax itself always a candidate), where QLoRA/bitsandbytes take absmax.
 
 Every grid returns parameters whose values are exactly representable in fp16, so
 the values the loop rounds to are the values the checkpoint stores; a parameter beyond fp16's
@@ -33,7 +36,7 @@ from torch import Tensor
 
 from leanquant_serve.format.exl2 import EXL2_SCALE_LEVELS, exl2_scales
 
-GRID_NAMES = ("minmax", "affine", "nonuniform", "exl2")
+GRID_NAMES = ("minmax", "affine", "nonuniform", "exl2", "nf", "sf")
 # Grids whose rows must be fitted together: one parameter is shared by all rows of a group.
 ROW_COUPLED_GRIDS = ("exl2",)
 # Default shrink limit of the affine range search, as a fraction of T (LeanQuant appendix);
@@ -114,7 +117,27 @@ class LUTParams:
         return (codes[:, 0], q[:, 0]) if col else (codes, q)
 
 
-GridParams = AffineParams | LUTParams
+@dataclass
+class TableParams:
+    """Per-row scaled fixed table: q(w) = scale · t[c], c the table entry nearest to w / scale.
+
+    The value is formed as float32(t[c]) · float32(scale), one rounding: the reference
+    dequantizer's arithmetic and bitsandbytes' ``dequantize_4bit``'s."""
+
+    scale: Tensor  # (rows,) fp32, fp16-representable, > 0
+    table: Tensor  # (2^b,) fp32, ascending, in [-1, 1], with an exact 0
+
+    def __post_init__(self) -> None:
+        self._mids = ((self.table[1:] + self.table[:-1]) / 2).contiguous()  # decision boundaries
+
+    def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Round w, shaped (rows,) or (rows, k), to the grid; returns (codes, dequantized values)."""
+        scale = self.scale if w.dim() == 1 else self.scale[:, None]
+        codes = torch.searchsorted(self._mids, (w / scale).contiguous())
+        return codes.to(torch.int32), self.table[codes] * scale
+
+
+GridParams = AffineParams | LUTParams | TableParams
 
 
 def weighted_loss(W: Tensor, Q: Tensor, d: Tensor) -> Tensor:
@@ -270,6 +293,81 @@ def fit_exl2(
     c = int(total.argmin())  # first of equals: deterministic
     scale = ladders[c][best[c]]
     return AffineParams(scale, torch.full_like(scale, zero), maxq)
+
+
+# ----------------------------------------------------------------------------- nf / sf
+
+# Coarse candidates s = m · absmax of the scale search (m = 1: absmax, bitsandbytes' choice);
+# then TABLE_REFINE rounds of 2·TABLE_RADIUS+1 candidates around each row's best, step / 8 each.
+TABLE_COARSE = tuple(round(0.30 + 0.025 * k, 3) for k in range(37))  # 0.30 .. 1.20
+TABLE_REFINE, TABLE_RADIUS = 2, 8
+TABLE_MIN_SCALE = 2.0**-24  # fp16's smallest positive value: a scale is never 0
+
+
+def table_objective(W: Tensor, d: Tensor, table: Tensor, scale: Tensor) -> Tensor:
+    """L = Σ_j d_j (w_j − s·t[q_j])² per row and candidate: W (rows, cols), d (cols,),
+    scale (rows, n) → (rows, n), with q_j the entry nearest to w_j / s (fp32)."""
+    mids = ((table[1:] + table[:-1]) / 2).contiguous()
+    w, s = W[:, None, :], scale[:, :, None]
+    q = table[torch.searchsorted(mids, (w / s).contiguous())] * s
+    return ((w - q) ** 2 * d).sum(-1)
+
+
+def fit_table(
+    W: Tensor,
+    d: Tensor,
+    table: Tensor,
+    *,
+    coarse: tuple[float, ...] = TABLE_COARSE,
+    refine: int = TABLE_REFINE,
+    radius: int = TABLE_RADIUS,
+    max_chunk_elems: int = 1 << 20,
+) -> TableParams:
+    """The loss-error-aware scale of a fixed table per row of W (rows, cols), weights d (cols,).
+
+    Minimises L = Σ_j d_j (w_j − s·t[q_j])² over fp16 scales s (what the checkpoint stores):
+    first s = fp16(absmax) (absmax = max_j |w_j|, QLoRA's scale, so the result is never worse
+    than absmax on L), then s = fp16(m · absmax) for m in ``coarse``, then ``refine`` rounds of
+    2·radius+1 multiples around each row's best with the step divided by 8 each round; the
+    first candidate with the lowest L wins (deterministic). An all-zero row gets s = 1.
+    Batched over rows, which are independent (a row slice gets the rows the whole weight gets).
+    Raises :class:`FP16RangeError` when absmax exceeds fp16's range.
+    """
+    W, d = W.float(), d.float()
+    table = table.float().to(W.device)
+    rows = W.shape[0]
+    absmax = W.abs().amax(1)
+    absmax = torch.where(absmax == 0, 1.0, absmax)  # all-zero row: any scale is exact
+    base = stored_fp16(absmax, "scale", W).clamp_min(TABLE_MIN_SCALE)
+    best_s, best_loss = base, torch.full((rows,), math.inf, device=W.device)
+
+    def evaluate(scale: Tensor) -> None:
+        """Score fp16-rounded candidate scales (rows, n); keep each row's first best."""
+        nonlocal best_s, best_loss
+        scale = _fp16_exact(scale.clamp(TABLE_MIN_SCALE, FP16_MAX))
+        n, cols = scale.shape[1], W.shape[1]
+        step = max(1, max_chunk_elems // (n * cols))
+        loss = torch.cat(
+            [
+                table_objective(W[r : r + step], d, table, scale[r : r + step])
+                for r in range(0, rows, step)
+            ]
+        )
+        idx = loss.argmin(dim=1, keepdim=True)  # the first of equals
+        lmin = loss.gather(1, idx)[:, 0]
+        better = lmin < best_loss
+        best_loss = torch.where(better, lmin, best_loss)
+        best_s = torch.where(better, scale.gather(1, idx)[:, 0], best_s)
+
+    evaluate(base[:, None])  # absmax first: it wins every tie
+    m = torch.tensor(coarse, device=W.device)
+    evaluate(absmax[:, None] * m)
+    step = (coarse[1] - coarse[0]) if len(coarse) > 1 else 0.05
+    offsets = torch.arange(-radius, radius + 1, device=W.device, dtype=torch.float32)
+    for _ in range(refine):
+        step /= 8
+        evaluate(best_s[:, None] + offsets * (step * absmax[:, None]))
+    return TableParams(best_s, table)
 
 
 # ----------------------------------------------------------------------------- nonuniform
@@ -607,8 +705,10 @@ def fit_grid(
     shrink: float | None = None,
     kmeans_iters: int = 100,
     generator: torch.Generator | RowRandom | None = None,
+    table: Tensor | None = None,
 ) -> GridParams:
-    """Fit the grid ``name`` on W (rows, cols) with column importance d (cols,)."""
+    """Fit the grid ``name`` on W (rows, cols) with column importance d (cols,); ``table``: the
+    fixed table of ``nf``/``sf`` (quantizer/tables.py)."""
     if name == "minmax":
         return fit_minmax(W, bits)
     if name == "affine":
@@ -617,4 +717,8 @@ def fit_grid(
         return fit_nonuniform(W, d, bits, max_iter=kmeans_iters, generator=generator)
     if name == "exl2":
         return fit_exl2(W, d, bits)
+    if name in ("nf", "sf"):
+        if table is None or table.numel() != 2**bits:
+            raise ValueError(f"grid {name!r} needs its 2^{bits}-entry table")
+        return fit_table(W, d, table)
     raise ValueError(f"grid must be one of {', '.join(GRID_NAMES)}, got {name!r}")

@@ -3,18 +3,21 @@
 Layout convention used throughout ``leanquant_serve.format``: a linear weight W is
 (out_features, in_features) = (rows, columns); codes are integers in [0, 2**bits).
 Groups run along the input dimension (columns); each (group, row) pair has its own
-affine grid, or each row has its own 2**bits-entry table (non-uniform grid).
+affine grid, or each row has its own 2**bits-entry table (non-uniform grid), or each
+(group, row) pair has its own scale of one fixed 2**bits-entry table (table grid: NormalFloat,
+Student-Float).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-GRIDS = ("affine", "nonuniform")
+GRIDS = ("affine", "nonuniform", "table")
 CHECKPOINT_FORMAT = "leanquant/v1"
 KNOWN_CHECKPOINT_FORMATS = (CHECKPOINT_FORMAT,)
 QUANT_METHOD = "leanquant"
@@ -41,13 +44,37 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _table_misfit(table: object, bits: int) -> str | None:
+    """Why ``table`` is not a table grid's table (None: it is): 2**bits JSON numbers, each a
+    float32 value, finite, strictly ascending, within [-1, 1]."""
+    if not isinstance(table, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in table
+    ):
+        return f"{table!r} is not a list of numbers"
+    if len(table) != 1 << bits:
+        return f"{len(table)} entries, expected 2**bits = {1 << bits}"
+    values = [float(v) for v in table]
+    if not all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in values):
+        return "entries must be finite and within [-1, 1]"
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        return "entries must be strictly ascending"
+    import struct
+
+    if any(struct.unpack("f", struct.pack("f", v))[0] != v for v in values):
+        return "entries must be float32 values"
+    return None
+
+
 @dataclass(frozen=True)
 class LeanQuantConfig:
     """Settings a loader needs to interpret the quantized tensors of a checkpoint.
 
     ``group_size == -1`` means one group per output row (per channel). ``grid`` is how the
-    grid is stored: "affine" (fp16 scale + integer zero per (group, row)) or "nonuniform"
-    (fp16 per-row table of 2**bits values). ``static_groups`` means groups were fitted up front
+    grid is stored: "affine" (fp16 scale + integer zero per (group, row)), "nonuniform"
+    (fp16 per-row table of 2**bits values) or "table" (fp16 scale per (group, row) times one
+    fixed table: ``table``, 2**bits float32 values, strictly ascending, in [-1, 1]; given for
+    "table" only, and then written to ``quantization_config``; NormalFloat / Student-Float
+    tables, quantizer/tables.py). ``static_groups`` means groups were fitted up front
     in the original column order, so no ``g_idx`` is stored even with ``desc_act``.
     ``modules_to_not_convert`` lists module names (exact, or prefixes at a "." boundary) kept
     in the original dtype. ``quantizer`` is free-form JSON metadata about how the
@@ -63,6 +90,7 @@ class LeanQuantConfig:
     checkpoint_format: str = CHECKPOINT_FORMAT
     quant_method: str = QUANT_METHOD
     quantizer: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    table: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
@@ -75,6 +103,13 @@ class LeanQuantConfig:
             raise _fail("grid", f"{self.grid!r} is not one of {', '.join(GRIDS)}")
         if self.grid == "nonuniform" and self.group_size != -1:
             raise _fail("group_size", f"{self.group_size} with grid 'nonuniform' (needs -1)")
+        if self.grid == "table":
+            why = _table_misfit(self.table, self.bits)
+            if why:
+                raise _fail("table", why if self.table is not None else "missing (grid 'table')")
+            object.__setattr__(self, "table", tuple(float(v) for v in self.table))
+        elif self.table is not None:
+            raise _fail("table", f"given with grid {self.grid!r} (only grid 'table' has one)")
         for name in ("desc_act", "static_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"{getattr(self, name)!r} is not a bool")
@@ -103,7 +138,7 @@ class LeanQuantConfig:
     def uses_g_idx(self) -> bool:
         """Whether the checkpoint stores ``g_idx`` (act-order with dynamic groups)."""
         return (
-            self.grid == "affine"
+            self.grid in ("affine", "table")
             and self.desc_act
             and not self.static_groups
             and self.group_size != -1
@@ -129,6 +164,10 @@ class LeanQuantConfig:
         """The JSON object stored as ``config.json["quantization_config"]``."""
         d = asdict(self)
         d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        if self.table is None:
+            del d["table"]  # only table grids have one (other checkpoints' bytes unchanged)
+        else:
+            d["table"] = list(self.table)
         return d
 
     @classmethod

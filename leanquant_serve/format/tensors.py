@@ -5,11 +5,14 @@ codes q are (out, in) integers in [0, 2**bits). A quantized linear ``prefix`` is
 ``prefix + "." + suffix``:
 
 - ``qweight``      int32 (in * bits // 32, out): q transposed to (in, out), packed along dim 0.
-- ``scales``       float16 (n_groups, out)                               [affine]
+- ``scales``       float16 (n_groups, out)                               [affine, table]
 - ``zero_points``  int32 (n_groups, out * bits // 32): integer zero points z packed along
   dim 1, stored as the true z; w = (q - z) * s                          [affine]
-- ``g_idx``        int32 (in,): group of each input column               [affine, cfg.uses_g_idx]
+- ``g_idx``        int32 (in,): group of each input column               [cfg.uses_g_idx]
 - ``lut``          float16 (out, 2**bits): w[o, i] = lut[o, q[o, i]]     [nonuniform]
+
+A table grid stores ``qweight`` and ``scales`` (and ``g_idx``) only: w[o, i] =
+float32(table[q[o, i]]) · float32(s[g, o]), the table from ``quantization_config.table``.
 
 The zero points are deliberately not named ``qzeros``: loaders that key on GPTQ tensor names
 (exllamav2) assume GPTQ v1's stored z - 1 and would silently load every zero off by one;
@@ -60,6 +63,12 @@ def _specs(
     specs = {"qweight": TensorSpec((in_features * cfg.bits // 32, out_features), torch.int32)}
     if cfg.grid == "nonuniform":
         specs["lut"] = TensorSpec((out_features, 1 << cfg.bits), torch.float16)
+        return specs
+    groups = cfg.n_groups(in_features)
+    if cfg.grid == "table":
+        specs["scales"] = TensorSpec((groups, out_features), torch.float16)
+        if cfg.uses_g_idx:
+            specs["g_idx"] = TensorSpec((in_features,), torch.int32)
         return specs
     if out_features % n:
         raise FormatError(
@@ -115,14 +124,15 @@ def pack_linear(
 
     ``codes`` (out, in) int; affine: ``scales`` (n_groups, out) float and ``zeros``
     (n_groups, out) int in [0, 2**bits), plus ``g_idx`` (in,) int iff ``cfg.uses_g_idx``;
-    nonuniform: ``lut`` (out, 2**bits) float. Floats are cast to float16.
+    table: ``scales`` (and ``g_idx``) as affine, no zeros; nonuniform: ``lut`` (out, 2**bits)
+    float. Floats are cast to float16.
     """
     if codes.dim() != 2:
         raise FormatError(f"codes: shape {tuple(codes.shape)} is not (out_features, in_features)")
     out_features, in_features = codes.shape
     specs = linear_specs(cfg, in_features, out_features)
     given = {"scales": scales, "zeros": zeros, "lut": lut, "g_idx": g_idx}
-    wanted = {"lut"} if cfg.grid == "nonuniform" else {"scales", "zeros"}
+    wanted = {"nonuniform": {"lut"}, "table": {"scales"}}.get(cfg.grid, {"scales", "zeros"})
     if cfg.uses_g_idx:
         wanted.add("g_idx")
     for arg, value in given.items():
@@ -138,10 +148,11 @@ def pack_linear(
         return out
     groups = specs["scales"].shape[0]
     _check_arg("scales", scales, specs["scales"].shape, integer=False)
-    _check_arg("zeros", zeros, (groups, out_features), integer=True)
-    check_code_range("zeros", zeros, cfg.bits)
     out["scales"] = _to_fp16("scales", scales)
-    out["zero_points"] = pack_codes(zeros, cfg.bits, dim=1)
+    if cfg.grid == "affine":
+        _check_arg("zeros", zeros, (groups, out_features), integer=True)
+        check_code_range("zeros", zeros, cfg.bits)
+        out["zero_points"] = pack_codes(zeros, cfg.bits, dim=1)
     if g_idx is not None:
         _check_arg("g_idx", g_idx, (in_features,), integer=True)
         _check_g_idx(g_idx, groups)
@@ -196,7 +207,7 @@ def scales_on_every_rank(cfg: LeanQuantConfig) -> bool:
     """The contract's scale-replication rule for a row-parallel (input-split) shard: per-channel
     and act-order (``g_idx``) affine layers keep every group's scales and zero points on every
     rank; otherwise a rank holds the groups of its input slice."""
-    return cfg.grid == "affine" and (cfg.group_size == -1 or cfg.uses_g_idx)
+    return cfg.grid in ("affine", "table") and (cfg.group_size == -1 or cfg.uses_g_idx)
 
 
 SHARD_WORDS_IN, SHARD_GROUPS, SHARD_WORDS_OUT = "qweight words", "groups", "zero_point words"
@@ -222,15 +233,16 @@ def shard_misfits(cfg: LeanQuantConfig, in_part: int, out_parts: Sequence[int] =
 
 def unpack_linear(cfg: LeanQuantConfig, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of :func:`pack_linear`: ``codes`` (out, in) int32 and, as the grid has them,
-    ``scales`` (n_groups, out) fp16, ``zeros`` (n_groups, out) int32, ``g_idx`` (in,) int32,
-    ``lut`` (out, 2**bits) fp16."""
+    ``scales`` (n_groups, out) fp16, ``zeros`` (n_groups, out) int32 (affine), ``g_idx`` (in,)
+    int32, ``lut`` (out, 2**bits) fp16."""
     check_linear(cfg, "", tensors)
     out = {"codes": unpack_codes(tensors["qweight"], cfg.bits, dim=0).t().contiguous()}
     if cfg.grid == "nonuniform":
         out["lut"] = tensors["lut"]
         return out
     out["scales"] = tensors["scales"]
-    out["zeros"] = unpack_codes(tensors["zero_points"], cfg.bits, dim=1)
+    if cfg.grid == "affine":
+        out["zeros"] = unpack_codes(tensors["zero_points"], cfg.bits, dim=1)
     if "g_idx" in tensors:
         _check_g_idx(tensors["g_idx"], out["scales"].shape[0])
         out["g_idx"] = tensors["g_idx"]
@@ -243,7 +255,9 @@ def dequantize_linear(
     """The reference dequantizer: dense (out, in) weight of one stored linear.
 
     Affine: w[o, i] = (q[o, i] - z[g, o]) * s[g, o] with g = g_idx[i], or i // group_size without
-    ``g_idx``. Nonuniform: w[o, i] = lut[o, q[o, i]]. Computed in fp32, then cast to ``dtype``.
+    ``g_idx``. Table: w[o, i] = table[q[o, i]] * s[g, o] (the float32 product of the float32
+    table entry and the fp16 scale, as bitsandbytes' ``dequantize_4bit`` forms it). Nonuniform:
+    w[o, i] = lut[o, q[o, i]]. Computed in fp32, then cast to ``dtype``.
     """
     u = unpack_linear(cfg, tensors)
     q = u["codes"]
@@ -257,5 +271,8 @@ def dequantize_linear(
     else:
         g = torch.arange(in_features, device=q.device) // cfg.group_size
     s = u["scales"].float().t()[:, g]  # (out, in)
+    if cfg.grid == "table":
+        table = torch.tensor(cfg.table, dtype=torch.float32, device=q.device)
+        return (table[q.long()] * s).to(dtype)
     z = u["zeros"].t()[:, g]
     return ((q - z).float() * s).to(dtype)

@@ -52,6 +52,44 @@ def dequantize_lut_t(
     return torch.gather(lut.to(dtype).t(), 0, q.long())  # lut^T is (2**bits, out)
 
 
+def dequantize_table_t(
+    qweight: Tensor,
+    scales: Tensor,
+    table: Tensor,
+    bits: int,
+    g_idx: Tensor | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Tensor:
+    """W^T (in, out) with W^T[i, o] = table[q[i, o]] * s[g(i), o] for a table grid
+    (NormalFloat / Student-Float): ``table`` float32 (2**bits,), ``scales`` fp16 (G, out).
+
+    Formed as the float32 product of the table entry and the scale, then cast to ``dtype``:
+    the reference dequantizer's arithmetic, bit for bit."""
+    q = unpack_codes(qweight, bits, dim=0).long()  # (in, out)
+    t = table.to(device=q.device, dtype=torch.float32)[q]
+    s = scales.float()
+    if g_idx is not None:
+        w = t * s[g_idx.long()]
+    else:
+        n_groups, out = s.shape
+        w = (t.view(n_groups, -1, out) * s[:, None]).view(-1, out)
+    return w.to(dtype)
+
+
+def table_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    table: Tensor,
+    bits: int,
+    g_idx: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = x W^T + b for a table-grid weight, dequantized for this call."""
+    y = x @ dequantize_table_t(qweight, scales, table, bits, g_idx, x.dtype)
+    return y if bias is None else y + bias
+
+
 def affine_matmul(
     x: Tensor,
     qweight: Tensor,

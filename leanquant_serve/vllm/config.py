@@ -15,7 +15,11 @@ from vllm.model_executor.layers.quantization.base_config import (
 
 from ..format import Checkpoint, FormatError, LeanQuantConfig
 from . import NAME
-from .linear import LeanQuantAffineLinearMethod, LeanQuantLUTLinearMethod
+from .linear import (
+    LeanQuantAffineLinearMethod,
+    LeanQuantLUTLinearMethod,
+    LeanQuantTableLinearMethod,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so it is shown
 
@@ -104,4 +108,6 @@ class LeanQuantVLLMConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         if self.qcfg.grid == "nonuniform":
             return LeanQuantLUTLinearMethod(self)
+        if self.qcfg.grid == "table":
+            return LeanQuantTableLinearMethod(self)
         return LeanQuantAffineLinearMethod(self)

@@ -19,6 +19,9 @@ Stored layouts, and what happens at load (``process_weights_after_loading``):
 - ``g_idx`` (act-order with dynamic groups): vLLM 0.32+ kernels no longer take it, so such
   layers run the portable path (quantize with static groups, the default, to avoid that).
 - ``lut`` (out, 2**b) fp16, sharded with the output.
+- table grids (NormalFloat / Student-Float): ``qweight`` and ``scales`` as affine (no zero
+  points), the fixed table from ``quantization_config.table``; no vLLM kernel takes a
+  per-group scale of a fixed table, so they run the portable path everywhere.
 
 The portable path has two modes, chosen by ``LEANQUANT_PORTABLE``: ``per-call`` dequantizes
 each weight for every forward (memory stays that of the packed codes: the default on GPUs,
@@ -208,6 +211,32 @@ class _LeanQuantLinearMethod(LinearMethodBase):
                 f"multiples of {n}, so {qcfg.bits}-bit words of zero_points would be split"
             )
 
+    def _scales(self, layer, input_size: int, in_part: int, out_part: int, loader) -> bool:
+        """Register ``scales`` (G, out) fp16: groups follow the input shard, except per-channel
+        and act-order (g_idx) layers, whose scales every rank holds whole (returned: True)."""
+        qcfg = self.qcfg
+        replicated = scales_on_every_rank(qcfg)
+        n_groups = qcfg.n_groups(input_size) if replicated else in_part // qcfg.group_size
+        scales = torch.empty(n_groups, out_part, dtype=torch.float16)
+        s_loader = _named_loader(loader, f"{layer.prefix}.scales")
+        if replicated:
+            param = ChannelQuantScaleParameter(data=scales, output_dim=1, weight_loader=s_loader)
+        else:
+            param = GroupQuantScaleParameter(
+                data=scales, input_dim=0, output_dim=1, weight_loader=s_loader
+            )
+        layer.register_parameter("scales", param)
+        return replicated
+
+    def _g_idx(self, layer, in_part: int, loader) -> None:
+        """Register ``g_idx`` (in,) int32 when the checkpoint stores it."""
+        if self.qcfg.uses_g_idx:
+            g_idx = RowvLLMParameter(
+                data=torch.empty(in_part, dtype=torch.int32), input_dim=0,
+                weight_loader=_g_idx_loader(loader, f"{layer.prefix}.g_idx"),
+            )
+            layer.register_parameter("g_idx", g_idx)
+
     def _qweight(self, layer, in_part: int, out_part: int, loader) -> PackedvLLMParameter:
         return PackedvLLMParameter(
             data=torch.empty(in_part * self.qcfg.bits // 32, out_part, dtype=torch.int32),
@@ -385,3 +414,52 @@ class LeanQuantLUTLinearMethod(_LeanQuantLinearMethod):
         if self.portable == "dense":
             return _dense_apply(layer, x, bias)
         return portable.lut_matmul(x, layer.qweight, layer.lut, self.qcfg.bits, bias)
+
+
+@register_weight_loader_v2_supported_method
+class LeanQuantTableLinearMethod(_LeanQuantLinearMethod):
+    """w = table[q] * s per (group, output row): a fixed NormalFloat / Student-Float table
+    (``quantization_config.table``) with a learned fp16 scale per group. Portable path only."""
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        in_part, out_part = input_size_per_partition, sum(output_partition_sizes)
+        self._check_partition(layer, in_part, output_partition_sizes)
+        loader = extra_weight_attrs["weight_loader"]
+        layer.register_parameter("qweight", self._qweight(layer, in_part, out_part, loader))
+        self._scales(layer, input_size, in_part, out_part, loader)
+        self._g_idx(layer, in_part, loader)
+        self.act_dtype = params_dtype
+        self.portable = portable_mode()
+        layer.leanquant_kernel = f"{PORTABLE} ({self.portable})"
+        _log_once(
+            f"table {self.qcfg.bits}-bit g{self.qcfg.group_size} layers use {layer.leanquant_kernel}",
+            "no vLLM kernel takes a fixed table with a per-group scale",
+        )
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        table = torch.tensor(self.qcfg.table, dtype=torch.float32, device=layer.qweight.device)
+        if self.portable == "dense":
+            w_t = portable.dequantize_table_t(
+                layer.qweight, layer.scales, table, self.qcfg.bits,
+                getattr(layer, "g_idx", None), self.act_dtype,
+            )
+            _densify(layer, w_t, ("qweight", "scales", "g_idx"))
+            return
+        layer.leanquant_table = table
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.portable == "dense":
+            return _dense_apply(layer, x, bias)
+        return portable.table_matmul(
+            x, layer.qweight, layer.scales, layer.leanquant_table, self.qcfg.bits,
+            getattr(layer, "g_idx", None), bias,
+        )

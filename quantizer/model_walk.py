@@ -107,7 +107,9 @@ def sequential_groups(linears: dict[str, nn.Linear], run: Callable[[], object]) 
     groups: list[list[str]] = []
     last_key = None
     for name, x, version in calls:
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), version)
+        # meta tensors (a skeleton traced without weights) all have data_ptr 0: the object
+        # itself, kept alive in ``calls``, identifies them
+        key = (id(x) if x.is_meta else x.data_ptr(), tuple(x.shape), x.stride(), version)
         if any(name in g for g in groups):
             continue  # called twice: keep its first position
         if groups and key == last_key:
@@ -119,3 +121,25 @@ def sequential_groups(linears: dict[str, nn.Linear], run: Callable[[], object]) 
     if missing:
         raise UserError(f"linear sublayers never called in a forward pass: {sorted(missing)}")
     return groups
+
+
+def shared_input_groups(model: nn.Module) -> list[list[str]]:
+    """Linears of ``model`` that read one input tensor (e.g. q/k/v, gate/up of every Llama
+    block), as lists of full module names with two or more members, in execution order.
+
+    Read off one forward pass of four tokens; ``model`` may be a meta-device skeleton (built from
+    its config under ``torch.device("meta")``), so no weights are needed. Engines that fuse such
+    siblings into one layer (vLLM's ``qkv_proj``, ``gate_up_proj``) need them quantized alike.
+    Raises UserError if the model cannot run that pass (e.g. an op without a meta kernel).
+    """
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, 4, dtype=torch.long, device=device)
+    try:
+        groups = sequential_groups(linears, lambda: model(input_ids=ids))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+        raise UserError(
+            f"cannot trace {type(model).__name__} to find the linears that share an input: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
+    return [g for g in groups if len(g) > 1]

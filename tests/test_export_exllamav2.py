@@ -629,13 +629,13 @@ def test_load_exllamav2_wiring_with_a_stand_in_module(checkpoint, monkeypatch, t
 def test_the_fused_parts_rule_names_the_engine_and_the_parts():
     """One rule for both exporters (leanquant_serve.export.check_fused_parts): parts an engine
     handles together are all quantized or none; dense-only and fully quantized groups pass."""
-    from leanquant_serve.exllamav2.export import QUANTIZED_TOGETHER, TOGETHER_WHY
+    from leanquant_serve.exllamav2.export import TOGETHER_WHY, quantized_together
     from leanquant_serve.export import check_fused_parts
 
     attn = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     mlp = [f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    check_fused_parts(set(attn), attn + mlp, QUANTIZED_TOGETHER, TOGETHER_WHY)
-    check_fused_parts({mlp[2]}, attn + mlp, QUANTIZED_TOGETHER, TOGETHER_WHY)
+    check_fused_parts(set(attn), quantized_together(attn + mlp), TOGETHER_WHY)
+    check_fused_parts({mlp[2]}, quantized_together(attn + mlp), TOGETHER_WHY)
     with pytest.raises(ExportError, match=r"self_attn: q_proj, k_proj, v_proj, o_proj are "
                        r"quantized only in part; exllamav2 needs all or none"):  # fmt: skip
-        check_fused_parts(set(attn[:3]), attn + mlp, QUANTIZED_TOGETHER, TOGETHER_WHY)
+        check_fused_parts(set(attn[:3]), quantized_together(attn + mlp), TOGETHER_WHY)

@@ -28,7 +28,12 @@ from quantizer import layer_step, pipeline
 from quantizer.data import load_text, random_windows, tokenize
 from quantizer.errors import UserError
 from quantizer.gptq import GPTQSettings
-from quantizer.model_walk import find_decoder_layers, find_linears, sequential_groups
+from quantizer.model_walk import (
+    find_decoder_layers,
+    find_linears,
+    sequential_groups,
+    shared_input_groups,
+)
 from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
 
 NSAMPLES, SEQLEN = 8, 48  # SEQLEN exceeds the sliding window (16) of Mistral and Gemma
@@ -244,6 +249,40 @@ def test_true_sequential_groups(arch, tiny_model):
         ["mlp.gate_proj", "mlp.up_proj"],
         ["mlp.down_proj"],
     ]
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_shared_input_groups_of_a_skeleton_match_the_real_model(arch, tiny_model):
+    """The exporters' and the plugin's fused groups come from one traced pass of a weightless
+    (meta) skeleton; they must be the real model's multi-member sequential groups, every layer."""
+    model = load_original(tiny_model(arch))
+    name, layers = find_decoder_layers(model)
+    want = []
+    for i, layer in enumerate(layers):
+        groups = sequential_groups(find_linears(layer), lambda: model(input_ids=input_ids(64)))
+        want += [[f"{name}.{i}.{n}" for n in g] for g in groups if len(g) > 1]
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+    assert shared_input_groups(skeleton) == want
+    assert len(want) == 2 * len(layers)  # q/k/v and gate/up of every layer
+
+
+def test_shared_input_groups_say_when_a_model_cannot_be_traced():
+    class NoMeta(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, input_ids):
+            x = torch.zeros(1, 4, device=input_ids.device)
+            float(x.sum())  # data-dependent: no meta kernel gives a value
+            return self.a(x) + self.b(x)
+
+    with torch.device("meta"):
+        m = NoMeta()
+    with pytest.raises(UserError, match=r"cannot trace NoMeta to find the linears that share"):
+        shared_input_groups(m)
+    assert shared_input_groups(NoMeta()) == [["a", "b"]]
 
 
 class SharedAndReused(nn.Module):

@@ -54,8 +54,8 @@ QUANT_METHOD = "compressed-tensors"
 TARGET_VERSION = "0.17.0"  # the compressed-tensors release whose layout this writes
 ZERO_POINT_BITS = (4, 8)  # asymmetric: vLLM's zero-point kernels (uint4, uint8)
 SYMMETRIC_BITS = (2, 4, 8)  # of LeanQuant's 2/3/4/8; 3-bit: see the module docstring
-# vLLM fuses these sibling linears; it refuses a fused layer whose parts are quantized differently.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# vLLM fuses sibling linears that read one input (qkv_proj, gate_up_proj); it refuses a fused
+# layer whose parts are quantized differently.
 FUSED_WHY = "vLLM fuses them and needs one scheme for all"
 
 
@@ -111,21 +111,30 @@ def quantization_config(
     }
 
 
-def _linear_modules(hf_config: Mapping[str, Any], path: Path) -> list[str]:
-    """Names of every ``nn.Linear`` of the architecture, from a meta-device skeleton."""
-    from accelerate import init_empty_weights  # heavy imports, only needed here
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _linear_modules(hf_config: Mapping[str, Any], path: Path) -> tuple[list[str], list[list[str]]]:
+    """Names of every ``nn.Linear`` of the architecture, and those that read one input (what
+    vLLM fuses), from a meta-device skeleton traced once (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy imports, only needed here
+
+    from quantizer.model_walk import shared_input_groups
 
     config_dict = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     if "model_type" not in config_dict:
         raise FormatError(f"{path / 'config.json'}: no model_type")
     try:
         config = AutoConfig.for_model(**config_dict)
-        with init_empty_weights(include_buffers=True):
-            model = AutoModelForCausalLM.from_config(config)
+        # bfloat16: the dtype every kernel a trace may reach accepts (grouped MoE matmuls
+        # take nothing else); no memory is allocated on the meta device
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     except (ValueError, KeyError) as e:
         raise ExportError(f"{path}: cannot build the architecture to list its linears ({e})") from e
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        groups = shared_input_groups(model)
+    except ValueError as e:  # UserError
+        raise ExportError(f"{path}: {e}") from e
+    return linears, groups
 
 
 def _layer_zeros(src: Checkpoint, prefix: str) -> torch.Tensor:
@@ -195,12 +204,12 @@ class CompressedTensorsExporter(Exporter):
         super().__init__(src, prefixes)
         cfg = src.qcfg
         self.symmetric = _plan(src, prefixes)
-        linears = _linear_modules(src.hf_config, src.path)
+        linears, fused = _linear_modules(src.hf_config, src.path)
         strays = sorted(set(prefixes) - set(linears))
         if strays:
             raise ExportError(f"{strays[0]}: quantized, but not an nn.Linear of the architecture")
         quantized = set(prefixes)
-        check_fused_parts(quantized, linears, FUSED_SIBLINGS, FUSED_WHY)
+        check_fused_parts(quantized, fused, FUSED_WHY)
         ignore = [n for n in linears if n not in quantized]
         actorder = "weight" if cfg.desc_act else None  # dynamic groups were refused in _plan
         self.qconfig = quantization_config(

@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,22 @@ LOADABLE_DTYPES = (torch.int32, torch.int16, torch.float16, torch.bfloat16, torc
 # exllamav2 asserts "Partially quantized attention layer" / "... MLP layer".
 QUANTIZED_TOGETHER = (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj"))
 TOGETHER_WHY = "exllamav2 needs all or none of them quantized"
+
+
+def quantized_together(present: Iterable[str]) -> list[list[str]]:
+    """The linears of ``present`` (full names) that exllamav2 loads as one module, grouped per
+    parent: its attention (q/k/v/o) and its MLP's gate/up. These are exllamav2's own module keys
+    (its architecture table addresses every layer by them), so the table is the engine's fact,
+    not a guess about the model; a model without these names is not one exllamav2 loads."""
+    present = set(present)
+    parents = sorted({n.rpartition(".")[0] for n in present})
+    groups = []
+    for parent in parents:
+        for keys in QUANTIZED_TOGETHER:
+            parts = [f"{parent}.{k}" for k in keys if f"{parent}.{k}" in present]
+            if len(parts) > 1:
+                groups.append(parts)
+    return groups
 CHECKPOINT_FORMAT = "gptq"  # v1 semantics: stored zero = z - 1 (not "gptq_v2")
 
 # EXL2 (exllamav2's own format)
@@ -407,7 +423,7 @@ def _plan(src: Checkpoint, prefixes: list[str], format: str) -> dict[str, bool]:
                 "(stloader.convert_dtype: I32, I16, F16, BF16, F32)"
             )
     present = {n.rpartition(".")[0] for n in names if n.endswith((".weight", ".qweight"))}
-    check_fused_parts(set(prefixes), present, QUANTIZED_TOGETHER, TOGETHER_WHY)
+    check_fused_parts(set(prefixes), quantized_together(present), TOGETHER_WHY)
     check = _exl2_check_layout if format == "exl2" else _check_layout
     with_g_idx = {}
     for prefix in prefixes:

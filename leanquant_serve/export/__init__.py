@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..format import QUANT_SUFFIXES, Checkpoint, CheckpointWriter
+from ..format import QUANT_SUFFIXES, Checkpoint, CheckpointWriter, fused_misfit
 
 
 class ExportError(ValueError):
@@ -74,26 +74,15 @@ def export(
     return exporter, out, qconfig
 
 
-def check_fused_parts(
-    quantized: set[str], present: Iterable[str], groups: Iterable[Sequence[str]], why: str
-) -> None:
-    """The rule for layers an engine handles as one (fused, or asserted together): their parts
-    are all quantized or none. ``groups`` name the parts relative to their parent module;
-    ``why`` ends the message (the engine's reason)."""
-    present, seen = set(present), set()
-    for name in sorted(present):
-        parent, dot, leaf = name.rpartition(".")
-        for group in groups:
-            if leaf not in group or (parent, tuple(group)) in seen:
-                continue
-            seen.add((parent, tuple(group)))
-            parts = [f"{parent}{dot}{g}" for g in group if f"{parent}{dot}{g}" in present]
-            done = [p in quantized for p in parts]
-            if any(done) and not all(done):
-                raise ExportError(
-                    f"{parent}: {', '.join(p.rpartition('.')[2] for p in parts)} are quantized "
-                    f"only in part; {why}"
-                )
+def check_fused_parts(quantized: set[str], groups: Iterable[Sequence[str]], why: str) -> None:
+    """Every exporter's application of the contract's fused-parts rule
+    (:func:`~leanquant_serve.format.fused_misfit`): ``groups`` (full module names) are the
+    linears the target engine runs as one layer; ``why`` ends the message (the engine's
+    reason). Raises ExportError naming the first group quantized only in part."""
+    for group in groups:
+        misfit = fused_misfit(group, quantized)
+        if misfit:
+            raise ExportError(f"{misfit}; {why}")
 
 
 def open_source(src_dir: Path | str, out_dir: Path | str) -> tuple[Checkpoint, Path, list[str]]:

@@ -18,6 +18,7 @@ from .config import (
     SUPPORTED_BITS,
     FormatError,
     LeanQuantConfig,
+    fused_misfit,
     group_misfit,
 )
 from .packing import chunk_size, pack_codes, unpack_codes
@@ -46,6 +47,7 @@ __all__ = [
     "check_output",
     "chunk_size",
     "dequantize_linear",
+    "fused_misfit",
     "group_misfit",
     "infer_linear_shape",
     "linear_specs",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -38,6 +38,21 @@ def group_misfit(group_size: int, in_features: int) -> str | None:
     if group_size != -1 and in_features % group_size:
         return f"in_features={in_features} is not a multiple of group_size={group_size}"
     return None
+
+
+def fused_misfit(parts: Sequence[str], quantized: Container[str]) -> str | None:
+    """The rule "linears an engine runs as one layer are all quantized or none" (vLLM fuses
+    q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``; exllamav2 loads a block's
+    attention as one module), for every place that applies it (the vLLM plugin at load, each
+    exporter before writing): None when it holds, else which parts break it. ``parts``: full
+    module names; ``quantized``: the names stored quantized."""
+    done = [p in quantized for p in parts]
+    if not any(done) or all(done):
+        return None
+    parent = parts[0].rpartition(".")[0]
+    same = all(p.rpartition(".")[0] == parent for p in parts)
+    names = [p.rpartition(".")[2] if same else p for p in parts]
+    return f"{parent if same else 'layers'}: {', '.join(names)} are quantized only in part"
 
 
 def _is_int(x: object) -> bool:

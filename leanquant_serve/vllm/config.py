@@ -13,7 +13,7 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
-from ..format import Checkpoint, FormatError, LeanQuantConfig
+from ..format import Checkpoint, FormatError, LeanQuantConfig, fused_misfit
 from . import NAME
 from .linear import (
     LeanQuantAffineLinearMethod,
@@ -93,13 +93,13 @@ class LeanQuantVLLMConfig(QuantizationConfig):
         parts = self.packed_modules_mapping.get(name, [name])
         names = [f"{parent}.{p}" if parent else p for p in parts]
         if self.quantized is None:
-            flags = [not self.qcfg.is_skipped(n) for n in names]
+            quantized = {n for n in names if not self.qcfg.is_skipped(n)}
         else:
-            flags = [n in self.quantized for n in names]
-        if any(flags) != all(flags):
-            mixed = ", ".join(f"{n} ({'quantized' if f else 'dense'})" for n, f in zip(names, flags, strict=True))
+            quantized = self.quantized
+        if fused_misfit(names, quantized):  # the contract's rule, in vLLM's words
+            mixed = ", ".join(f"{n} ({'quantized' if n in quantized else 'dense'})" for n in names)
             raise FormatError(f"{prefix}: vLLM fuses {mixed}; they must all be quantized or none")
-        return all(flags)
+        return names[0] in quantized
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if not isinstance(layer, LinearBase):

@@ -115,6 +115,16 @@ def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
     )
 
 
+def _cmd_export_bnb_nf4(a: argparse.Namespace) -> None:
+    from leanquant_serve.bitsandbytes.export import export_bnb_nf4
+
+    r = _export(a, export_bnb_nf4, "as bitsandbytes NF4")
+    print(
+        f"wrote {r.out}: {r.layers} linears as bitsandbytes NF4, blocksize {r.blocksize}, "
+        f"compute dtype {r.quantization_config['bnb_4bit_compute_dtype']}"
+    )
+
+
 def _cmd_export_exllamav2(a: argparse.Namespace) -> None:
     from leanquant_serve.exllamav2.export import export_exllamav2
 
@@ -221,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     xe.add_argument("out", help="output folder (written only when complete)")
     xe.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     xe.set_defaults(func=_cmd_export_exllamav2)
+    xb = formats.add_parser(
+        "bnb-nf4",
+        help="bitsandbytes pre-quantized NF4 (from --grid nf --bits 4, groups of 64), loaded by "
+        "transformers with bitsandbytes, exactly",
+    )
+    xb.add_argument("checkpoint", help="LeanQuant checkpoint folder (--grid nf --bits 4)")
+    xb.add_argument("out", help="output folder (written only when complete)")
+    xb.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    xb.set_defaults(func=_cmd_export_bnb_nf4)
 
     f = sub.add_parser("fetch-assets", help="fetch the offline SmolLM2 model and Wikipedia sample")
     f.set_defaults(func=_cmd_fetch_assets)

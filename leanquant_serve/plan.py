@@ -1,65 +1,32 @@
 """``leanquant plan``: will a LeanQuant checkpoint of this model serve on these GPUs?
 
 Everything here is arithmetic on the model's architecture; nothing is loaded or measured.
+This module is the engine-neutral core: the model's shapes, the checkpoint's bytes, the
+inputs and the result (:class:`PlanInput`, :class:`Plan`, :class:`PlanError`,
+:func:`format_plan`). Each engine's part sits next to that engine's code and is dispatched
+to by :func:`plan`: :mod:`leanquant_serve.vllm.plan` (tensor and pipeline parallel, vLLM's
+memory budget) and :mod:`leanquant_serve.exllamav2.plan` (exllamav2's layer split).
+
+**Shapes** come from transformers itself: the config dict (a preset of :data:`PRESETS`, a
+``config.json``, or a model/checkpoint folder) goes through the model type's own config class
+(``transformers.AutoConfig.for_model``), so its defaults (``head_dim``,
+``num_key_value_heads``, ``tie_word_embeddings``) are transformers'. A decoder layer is built
+from that config on the ``meta`` device (no memory) and its ``nn.Linear`` sublayers and other
+parameters (norms) are read off it with the quantizer's own walkers
+(:func:`quantizer.model_walk.find_decoder_layers`, :func:`~quantizer.model_walk.find_linears`);
+which linears share one input (and so one Hessian, one act-order permutation, one ``g_idx``)
+is read off one forward pass of that meta-device model, as the quantizer learns it
+(:func:`~quantizer.model_walk.sequential_groups`). No projection name appears here.
 
 **Weights** are counted tensor by tensor from the checkpoint contract
 (:func:`leanquant_serve.format.linear_specs`): per quantized linear ``qweight`` int32
 (in·b/32, out), ``scales`` fp16 (G, out), ``zero_points`` int32 (G, out·b/32) (affine), ``g_idx``
 int32 (in,) (act-order with dynamic groups only) or ``lut`` fp16 (out, 2^b) (non-uniform).
 Embeddings, ``lm_head``, norms, biases and linears listed in ``modules_to_not_convert`` are
-16-bit (2 bytes an element). ``--bits 16`` plans the unquantized 16-bit model.
-
-**vLLM** (``--engine vllm``) shards as its Llama-family model code does: column-parallel
-q/k/v/gate/up split their outputs over the tensor-parallel ranks, row-parallel o/down split
-their inputs (so each rank stores the groups of its slice of the input), the embedding and
-``lm_head`` are vocab-parallel (vocabulary padded to a multiple of 64, then split), norms and
-row-parallel biases are replicated, and when there are fewer KV heads than ranks each rank
-holds one whole KV head (replicated ``tp / kv_heads`` times). Per-channel and act-order
-(``g_idx``) layers keep every group's scales and zeros on every rank, and the fused
-``qkv_proj`` / ``gate_up_proj`` hold one ``g_idx`` (as ``leanquant_serve.vllm.linear`` builds
-them; ``tests/test_plan.py`` compares with vLLM's layers rank by rank). GPUs beyond the
-tensor-parallel size form pipeline stages (``--pipeline-parallel-size gpus/tp``), with layers split as
-``vllm.distributed.utils.get_pp_indices`` does; the embedding lives on the first stage and
-``lm_head`` + final norm on the last. Memory, per GPU, as vLLM 0.32's worker computes it
-(``gpu_worker.determine_available_memory``)::
-
-    budget   = ceil(gpu_mem · gpu_memory_utilization)
-    kv bytes = budget − weights − reserve
-    blocks   = kv bytes // (block_size · KV bytes per token)   (block_size 16, vLLM's default)
-    capacity = blocks · block_size tokens  (the smallest over pipeline stages)
-    KV bytes per token = 2 (K and V) · layers on this GPU · KV heads on this GPU · head_dim · dtype bytes
-
-and ``max_model_len × concurrency`` fits when ``blocks ≥ concurrency · ceil(max_model_len /
-block_size)`` (every sequence at full length at once: the worst case; vLLM only *requires*
-one full-length sequence to fit and preempts beyond that).
-
-The **reserve** is an estimate, not a measurement (no GPU was used to write this module); it
-stands for what vLLM's profile run finds inside the budget besides the weights:
-
-- activations of one profile forward: ``max_num_batched_tokens × 2 B × (4·hidden +
-  2·(q + k + v widths per rank) + 3·intermediate per rank)`` (hidden/residual buffers, the
-  fused QKV and gate/up outputs, the activation);
-- sampler: ``max_num_seqs × vocab × 4 B × 4`` (fp32 logits and working copies);
-- CUDA graphs: 1 GiB (vLLM 0.32 subtracts its CUDA-graph estimate from the KV budget by
-  default; 0 with ``--enforce-eager``);
-- other non-torch growth (cuBLAS/attention workspaces) and allocator fragmentation: 1 GiB.
-
-``--reserve-gib`` replaces the sum. The CUDA context and NCCL communicators exist before
-vLLM's memory snapshot, so they are *outside* the budget: vLLM refuses to start unless the
-free memory at startup covers the budget, so ``(1 − utilization) · gpu_mem`` must hold them
-(assumed 1 GiB; a warning says when it does not).
-
-**exllamav2** (``--engine exllamav2``): the layer split of the GPTQ tensors (4-bit affine)
-``leanquant export exllamav2`` writes. Not modelled: EXL2 exports of ``--grid exl2``
-checkpoints and exllamav2's tensor parallelism (``load_tp``), which needs them. Modelled as its ``load_autosplit`` does: modules fill GPU 0, then GPU
-1, ... in order, each decoder layer with its weights and its share of the KV cache;
-``lm_head`` and the final norm go after the last layer; the token embedding stays in host
-RAM. Budget per GPU = ``gpu_mem − reserve`` (exllamav2 has no utilization setting): the
-reserve is the CUDA context (1 GiB assumed) + scratch for a ``max_chunk_size`` = 2048-token
-prefill chunk (same width formula as above, unsharded). Quantized caches (fp8, q8/q6/q4) also
-keep one fp16 layer-sized K/V buffer per GPU. Capacity is rounded down to whole 256-token pages
-(the dynamic generator's page size). Its GPU footprint per linear is taken to be the GPTQ
-tensors' bytes (the same shapes as the LeanQuant tensors).
+16-bit (2 bytes an element). ``--bits 16`` plans the unquantized 16-bit model. A row-parallel
+shard holds its slice of ``qweight`` (and ``g_idx``) and, unless the contract's
+:func:`~leanquant_serve.format.tensors.scales_on_every_rank` says otherwise, the groups of its
+input slice.
 
 Nothing here accounts for speculative decoding, LoRA adapters, multimodal encoders, prefix
 caching beyond the KV pool itself, or memory taken by other processes on the GPUs.
@@ -67,54 +34,31 @@ caching beyond the KV pool itself, or memory taken by other processes on the GPU
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from leanquant_serve.format import FormatError, LeanQuantConfig, chunk_size, linear_specs
-from leanquant_serve.format.tensors import (
-    SHARD_GROUPS,
-    SHARD_WORDS_IN,
-    SHARD_WORDS_OUT,
-    scales_on_every_rank,
-    shard_misfits,
-)
+from leanquant_serve.format import FormatError, LeanQuantConfig, linear_specs
+from leanquant_serve.format.tensors import scales_on_every_rank
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GiB = 1 << 30
 ELEMENT_16BIT = 2  # bytes of an fp16/bf16 element: embeddings, lm_head, norms, biases
-ENGINES = ("vllm", "exllamav2")
 PLAN_BITS = (2, 3, 4, 8, 16)  # 16: the unquantized model, for comparison
-
-# KV cache dtypes: bytes per cached element (K or V).
-VLLM_KV_DTYPES = {"fp16": 2.0, "bf16": 2.0, "fp8": 1.0}
-# exllamav2: ExLlamaV2Cache (fp16), ExLlamaV2Cache_8bit (fp8), ExLlamaV2Cache_Q8/Q6/Q4: codes
-# (K bytes, V bytes per element) + one fp16 scale per 32 elements for each of K and V.
-EXL2_KV_DTYPES = {
-    "fp16": (2.0, 2.0, 0.0),
-    "fp8": (1.0, 1.0, 0.0),
-    "q8": (1.0, 1.0, 2 / 32),
-    "q6": (1.0, 0.5, 2 / 32),
-    "q4": (0.5, 0.5, 2 / 32),
+# Each engine's part of the planner: a module with KV_DTYPES and plan_engine(inp, a, cfg, common).
+_ENGINE_PARTS = {
+    "vllm": "leanquant_serve.vllm.plan",
+    "exllamav2": "leanquant_serve.exllamav2.plan",
 }
-EXL2_CACHE_CLASS = {
-    "fp16": "ExLlamaV2Cache",
-    "fp8": "ExLlamaV2Cache_8bit",
-    "q8": "ExLlamaV2Cache_Q8",
-    "q6": "ExLlamaV2Cache_Q6",
-    "q4": "ExLlamaV2Cache_Q4",
-}
-
-VLLM_BLOCK_SIZE = 16
-VLLM_VOCAB_PADDING = 64
-VLLM_CUDA_GRAPHS = 1 * GiB
-VLLM_NON_TORCH = 1 * GiB
-VLLM_OUTSIDE_BUDGET = 1 * GiB  # CUDA context + NCCL, before vLLM's memory snapshot
-EXL2_CONTEXT = 1 * GiB
-EXL2_CHUNK = 2048  # ExLlamaV2DynamicGenerator's default max_chunk_size
-EXL2_PAGE = 256  # ExLlamaV2DynamicGenerator's page size
+ENGINES = tuple(_ENGINE_PARTS)
 
 _LLAMA31 = {
     "architectures": ["LlamaForCausalLM"],
@@ -167,26 +111,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# model_type -> (hidden-sized norms per layer, head_dim-sized norms per layer (q_norm/k_norm),
-# q/k/v bias rule, o_proj bias rule, tie_word_embeddings default). A bias rule is True/False or
-# the config key that decides.
-_FAMILIES: dict[str, tuple[int, int, bool | str, bool | str, bool]] = {
-    "llama": (2, 0, "attention_bias", "attention_bias", False),
-    "mistral": (2, 0, False, False, False),
-    "qwen2": (2, 0, True, False, False),
-    "qwen3": (2, 2, "attention_bias", "attention_bias", False),
-    "gemma2": (4, 0, "attention_bias", "attention_bias", True),
-    "gemma3_text": (4, 2, "attention_bias", "attention_bias", True),
-}
-
 
 class PlanError(ValueError):
     """Inputs that cannot be planned (bad model, settings or parallel layout); the message says why."""
 
 
 @dataclass(frozen=True)
+class LayerLinear:
+    """One ``nn.Linear`` of a decoder layer, as the model built from its config has it."""
+
+    name: str  # path inside a decoder layer, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+    bias: bool
+    group: int  # index, in forward order, of the input it reads (linears fed one tensor share it)
+    first_in_group: bool  # the first linear of its group in forward order
+
+
+@dataclass(frozen=True)
 class Architecture:
-    """The sizes of a dense decoder-only transformer of the Llama family."""
+    """The sizes of a dense decoder-only transformer, read from transformers' config class
+    and a decoder layer built from it (see the module docstring)."""
 
     name: str
     model_type: str
@@ -199,81 +144,158 @@ class Architecture:
     vocab_size: int
     max_position_embeddings: int
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    layer_norms: int = 2
-    head_norms: int = 0
+    qkv_bias: bool = False  # any bias in the first input group (attention's input projections)
+    o_bias: bool = False  # a bias in the second group
+    mlp_bias: bool = False  # any bias in the later groups
+    layer_norms: int = 0  # hidden-sized non-linear parameters per layer (norms)
+    head_norms: int = 0  # head_dim-sized non-linear parameters per layer (q_norm / k_norm)
+    # Not part of the summary (:meth:`summary`): the layer itself.
+    layers_name: str = field(default="model.layers", repr=False)  # the decoder stack's path
+    linears: tuple[LayerLinear, ...] = field(default=(), repr=False)  # forward order
+    layer_16bit_elements: int = field(default=0, repr=False)  # the layer's other parameters
 
     @classmethod
     def from_config(cls, d: Mapping[str, Any], name: str = "model") -> Architecture:
-        mt = d.get("model_type")
-        if mt not in _FAMILIES:
-            raise PlanError(
-                f"{name}: model_type {mt!r} is not supported by plan "
-                f"(supported: {', '.join(sorted(_FAMILIES))}; MoE and multimodal configs are not)"
-            )
-        norms, head_norms, qkv_rule, o_rule, tie_default = _FAMILIES[mt]
+        """Shapes of the model of config dict ``d`` (``name`` labels errors). Raises
+        :class:`PlanError` for a model type transformers does not know, one outside the
+        quantizer's tested set, or a config its class refuses."""
+        return _architecture(json.dumps(dict(d), sort_keys=True, default=str), name)
 
-        def need(key: str) -> int:
-            v = d.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise PlanError(f"{name}: config.{key} is {v!r}, not a positive integer")
-            return v
+    def summary(self) -> dict[str, Any]:
+        """The sizes as ``Plan.architecture`` reports them (the layer's linears left out)."""
+        skip = {"layers_name", "linears", "layer_16bit_elements"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv_heads = d.get("num_key_value_heads") or heads
-        head_dim = d.get("head_dim") or hidden // heads
 
-        def rule(r: bool | str) -> bool:
-            return bool(d.get(r, False)) if isinstance(r, str) else r
+def _config_class(d: Mapping[str, Any], name: str) -> PretrainedConfig:
+    """``d`` through its model type's transformers config class."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        arch = cls(
-            name=name,
-            model_type=mt,
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            vocab_size=need("vocab_size"),
-            max_position_embeddings=need("max_position_embeddings"),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
-            qkv_bias=rule(qkv_rule),
-            o_bias=rule(o_rule),
-            mlp_bias=bool(d.get("mlp_bias", False)) if mt == "llama" else False,
-            layer_norms=norms,
-            head_norms=head_norms,
+    from quantizer.model_walk import TESTED_MODEL_TYPES
+
+    mt = d.get("model_type")
+    if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
+        raise PlanError(
+            f"{name}: model_type {mt!r} is not a model type transformers "
+            f"{transformers.__version__} knows"
         )
-        if heads % kv_heads:
-            raise PlanError(
-                f"{name}: {heads} attention heads are not a multiple of {kv_heads} KV heads"
-            )
-        return arch
+    if mt not in TESTED_MODEL_TYPES:
+        raise PlanError(
+            f"{name}: model_type {mt!r} is not supported by plan "
+            f"(supported: {', '.join(sorted(TESTED_MODEL_TYPES))}; MoE and multimodal configs "
+            "are not)"
+        )
+    kwargs = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
+    try:
+        return AutoConfig.for_model(mt, **kwargs)
+    except Exception as e:  # transformers' validators raise many types, for a user's config
+        raise PlanError(f"{name}: transformers' {mt} config refuses it: {_one_line(e)}") from None
 
 
-@dataclass(frozen=True)
-class _Linear:
-    name: str  # path inside a decoder layer, e.g. "self_attn.q_proj"
-    in_features: int
-    out_features: int
-    split: str  # "column", "kv" (column over KV heads, replicated below tp) or "row"
-    bias: bool
+def _one_line(e: BaseException) -> str:
+    """``e`` as one line: its type and its message's words."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def _layer_linears(a: Architecture) -> list[_Linear]:
-    q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-    h, i = a.hidden_size, a.intermediate_size
-    return [
-        _Linear("self_attn.q_proj", h, q, "column", a.qkv_bias),
-        _Linear("self_attn.k_proj", h, kv, "kv", a.qkv_bias),
-        _Linear("self_attn.v_proj", h, kv, "kv", a.qkv_bias),
-        _Linear("self_attn.o_proj", q, h, "row", a.o_bias),
-        _Linear("mlp.gate_proj", h, i, "column", a.mlp_bias),
-        _Linear("mlp.up_proj", h, i, "column", a.mlp_bias),
-        _Linear("mlp.down_proj", i, h, "row", a.mlp_bias),
-    ]
+def _with(config: PretrainedConfig, **sizes: int) -> PretrainedConfig:
+    """A copy of ``config`` with other sizes (and ``layer_types`` cut to the layer count)."""
+    c = copy.deepcopy(config)
+    for k, v in sizes.items():
+        setattr(c, k, v)
+    if isinstance(getattr(c, "layer_types", None), list):
+        c.layer_types = c.layer_types[: c.num_hidden_layers]
+    return c
+
+
+def _input_groups(model: Any, layer: Any) -> list[list[str]]:
+    """``layer``'s linears in forward order, grouped by the input they share, read off one
+    forward pass of the meta-device ``model`` by the quantizer's own grouping
+    (``quantizer.model_walk.sequential_groups``)."""
+    import torch
+
+    from quantizer.model_walk import find_linears, sequential_groups
+
+    ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
+    return sequential_groups(find_linears(layer), lambda: model(input_ids=ids))
+
+
+@functools.lru_cache(maxsize=32)
+def _architecture(config_json: str, name: str) -> Architecture:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantizer.errors import UserError
+    from quantizer.model_walk import find_decoder_layers, find_linears
+
+    d = json.loads(config_json)
+    config = _config_class(d, name)
+
+    def need(key: str) -> int:
+        v = getattr(config, key, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise PlanError(f"{name}: config.{key} is {v!r}, not a positive integer")
+        return v
+
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        raise PlanError(
+            f"{name}: {heads} attention heads are not a multiple of {kv_heads} KV heads"
+        )
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    sizes = {k: need(k) for k in ("intermediate_size", "num_hidden_layers", "vocab_size")}
+    max_pos = need("max_position_embeddings")
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = AutoModelForCausalLM.from_config(_with(config, num_hidden_layers=1))
+        layers_name, layers = find_decoder_layers(model)
+        layer = layers[0]
+        found = find_linears(layer)
+        groups = _input_groups(model, layer)
+    except UserError as e:  # the quantizer's walkers: not a model it could quantize either
+        raise PlanError(f"{name}: {e}") from None
+    except Exception as e:  # what transformers raises for a config it cannot build varies
+        raise PlanError(
+            f"{name}: transformers cannot build its {d['model_type']} layer: {_one_line(e)}"
+        ) from None
+    linears = tuple(
+        LayerLinear(
+            name=n,
+            in_features=found[n].in_features,
+            out_features=found[n].out_features,
+            bias=found[n].bias is not None,
+            group=g,
+            first_in_group=j == 0,
+        )
+        for g, group in enumerate(groups)
+        for j, n in enumerate(group)
+    )
+    in_linears = {f"{n}.{p}" for n, m in found.items() for p, _ in m.named_parameters()}
+    others = [p.numel() for n, p in layer.named_parameters() if n not in in_linears]
+    return Architecture(
+        name=name,
+        model_type=d["model_type"],
+        hidden_size=hidden,
+        intermediate_size=sizes["intermediate_size"],
+        num_layers=sizes["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=sizes["vocab_size"],
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=any(lin.bias for lin in linears if lin.group == 0),
+        o_bias=any(lin.bias for lin in linears if lin.group == 1),
+        mlp_bias=any(lin.bias for lin in linears if lin.group >= 2),
+        layer_norms=sum(n == hidden for n in others),
+        head_norms=sum(n == head_dim and n != hidden for n in others),
+        layers_name=layers_name,
+        linears=linears,
+        layer_16bit_elements=sum(others),
+    )
 
 
 @dataclass(frozen=True)
@@ -362,7 +384,7 @@ def _tensor_bytes(cfg: LeanQuantConfig, in_f: int, out_f: int, where: str) -> in
     return sum(math.prod(s.shape) * s.dtype.itemsize for s in specs.values())
 
 
-def _linear_bytes(
+def linear_bytes(
     cfg: LeanQuantConfig | None, name: str, in_f: int, out_f: int, bias: int, in_full: int
 ) -> int:
     """Bytes of one (rank's shard of a) linear with an (out_f, in_f) weight and a
@@ -370,7 +392,8 @@ def _linear_bytes(
 
     A row-parallel shard (in_f < in_full) holds its slice of ``qweight`` (and ``g_idx``) and,
     normally, the groups of its input slice; per-channel and act-order (``g_idx``) layers keep
-    every group's scales and zeros on every rank (as ``leanquant_serve.vllm.linear`` builds them).
+    every group's scales and zeros on every rank (the contract's ``scales_on_every_rank``, which
+    ``leanquant_serve.vllm.linear`` follows too).
     """
     if cfg is None or cfg.is_skipped(name):
         return (in_f * out_f + bias) * ELEMENT_16BIT
@@ -384,100 +407,47 @@ def _linear_bytes(
     return w + bias * ELEMENT_16BIT
 
 
-def _tp_shape(a: Architecture, lin: _Linear, tp: int) -> tuple[int, int, int]:
-    """(in, out, bias elements) of one rank's shard of ``lin`` at tensor-parallel size ``tp``."""
-    if lin.split == "column":
-        out = lin.out_features // tp
-        return lin.in_features, out, out if lin.bias else 0
-    if lin.split == "kv":
-        out = max(1, a.num_kv_heads // tp) * a.head_dim
-        return lin.in_features, out, out if lin.bias else 0
-    return lin.in_features // tp, lin.out_features, lin.out_features if lin.bias else 0
+@dataclass(frozen=True)
+class Shard:
+    """How an engine holds a decoder layer's linears on one GPU (see the engine parts):
+    ``shape(lin)`` gives (in, out, bias elements) of the part on this GPU, ``shares_g_idx(lin)``
+    whether ``lin`` is fused into a layer whose one ``g_idx`` is counted with another part."""
+
+    shape: Callable[[LayerLinear], tuple[int, int, int]]
+    shares_g_idx: Callable[[LayerLinear], bool] = lambda _lin: False
 
 
-def _check_tp(a: Architecture, cfg: LeanQuantConfig | None, tp: int) -> None:
-    if a.num_heads % tp:
-        raise PlanError(
-            f"tensor parallel size {tp} does not divide the {a.num_heads} attention heads"
-        )
-    kv = a.num_kv_heads
-    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-        raise PlanError(
-            f"tensor parallel size {tp} and {kv} KV heads: one must divide the other "
-            "(vLLM splits KV heads over ranks, or replicates whole heads)"
-        )
-    if a.intermediate_size % tp:
-        raise PlanError(
-            f"tensor parallel size {tp} does not divide intermediate_size={a.intermediate_size}"
-        )
-    padded = -(-a.vocab_size // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
-    if padded % tp:
-        raise PlanError(
-            f"tensor parallel size {tp} does not divide the padded vocabulary {padded} "
-            f"(vocab_size {a.vocab_size} padded to a multiple of {VLLM_VOCAB_PADDING})"
-        )
-    if cfg is None:
-        return
-    n = chunk_size(cfg.bits)
-    for lin in _layer_linears(a):  # the plugin's rule (format.shard_misfits), before any GPU
-        in_r, out_r, _ = _tp_shape(a, lin, tp)
-        if lin.split == "row":
-            problems = shard_misfits(cfg, in_r)
-            if SHARD_GROUPS in problems:
-                raise PlanError(
-                    f"{lin.name}: group size {cfg.group_size} does not divide the {in_r} input "
-                    f"features per rank ({lin.in_features} / tensor parallel size {tp}): "
-                    "a rank would hold part of a group"
-                )
-            if SHARD_WORDS_IN in problems:
-                raise PlanError(
-                    f"{lin.name}: {in_r} input features per rank are not a multiple of {n}, "
-                    f"so {cfg.bits}-bit words of qweight would be split over ranks"
-                )
-        elif SHARD_WORDS_OUT in shard_misfits(cfg, lin.in_features, [out_r]):
-            raise PlanError(
-                f"{lin.name}: {out_r} output features per rank are not a multiple of {n}, so "
-                f"{cfg.bits}-bit words of zero_points would be split over ranks"
-            )
+def _whole(lin: LayerLinear) -> tuple[int, int, int]:
+    return lin.in_features, lin.out_features, lin.out_features if lin.bias else 0
 
 
-# Parts of vLLM's fused layers (qkv_proj, gate_up_proj) that share the first part's g_idx.
-_SHARES_G_IDX = ("self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj")
+WHOLE = Shard(_whole)  # every linear whole: the checkpoint, or an engine without TP
 
 
-def _layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, layer: int, tp: int | None) -> int:
-    """Bytes of decoder layer ``layer``: the whole layer (tp None) or one rank's shard."""
-    total = (
-        a.layer_norms * a.hidden_size * ELEMENT_16BIT + a.head_norms * a.head_dim * ELEMENT_16BIT
-    )
-    for lin in _layer_linears(a):
-        name = f"model.layers.{layer}.{lin.name}"
-        if tp is None:
-            in_f, out_f, bias = (
-                lin.in_features,
-                lin.out_features,
-                lin.out_features if lin.bias else 0,
-            )
-        else:
-            in_f, out_f, bias = _tp_shape(a, lin, tp)
-        total += _linear_bytes(cfg, name, in_f, out_f, bias, lin.in_features)
-        if tp is not None and lin.name in _SHARES_G_IDX and cfg and cfg.uses_g_idx:
-            if not cfg.is_skipped(name):  # vLLM's fused qkv_proj / gate_up_proj: one g_idx
-                total -= in_f * 4
+def layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, layer: int, shard: Shard) -> int:
+    """Bytes of decoder layer ``layer`` as ``shard`` holds it on one GPU."""
+    total = a.layer_16bit_elements * ELEMENT_16BIT  # norms: 16-bit, on every GPU
+    for lin in a.linears:
+        name = f"{a.layers_name}.{layer}.{lin.name}"
+        in_f, out_f, bias = shard.shape(lin)
+        total += linear_bytes(cfg, name, in_f, out_f, bias, lin.in_features)
+        if cfg and cfg.uses_g_idx and shard.shares_g_idx(lin) and not cfg.is_skipped(name):
+            total -= in_f * 4  # int32 g_idx, held once by the fused layer
     return total
 
 
-def _all_layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, tp: int | None) -> list[int]:
+def all_layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, shard: Shard) -> list[int]:
     """Per-layer bytes; layers differ only where a checkpoint leaves some linears unquantized."""
-    if cfg is None or not any(m.startswith("model.layers.") for m in cfg.modules_to_not_convert):
-        return [_layer_bytes(a, cfg, 0, tp)] * a.num_layers
-    return [_layer_bytes(a, cfg, i, tp) for i in range(a.num_layers)]
+    prefix = a.layers_name + "."
+    if cfg is None or not any(m.startswith(prefix) for m in cfg.modules_to_not_convert):
+        return [layer_bytes(a, cfg, 0, shard)] * a.num_layers
+    return [layer_bytes(a, cfg, i, shard) for i in range(a.num_layers)]
 
 
 def checkpoint_bytes(a: Architecture, cfg: LeanQuantConfig | None) -> dict[str, int]:
     """Bytes of every tensor the checkpoint stores (headers and tokenizer files not included)."""
     emb = a.vocab_size * a.hidden_size * ELEMENT_16BIT
-    layers = sum(_all_layer_bytes(a, cfg, None))
+    layers = sum(all_layer_bytes(a, cfg, WHOLE))
     head = 0 if a.tie_word_embeddings else emb
     norm = a.hidden_size * ELEMENT_16BIT
     return {
@@ -489,26 +459,13 @@ def checkpoint_bytes(a: Architecture, cfg: LeanQuantConfig | None) -> dict[str, 
     }
 
 
-def _pp_partitions(layers: int, pp: int) -> list[int]:
-    """Layers per pipeline stage, as vllm.distributed.utils.get_pp_indices splits them."""
-    parts = [layers // pp] * pp
-    for i in range(2, layers % pp + 2):
-        parts[-i] += 1
-    return parts
-
-
-def _activation_bytes(a: Architecture, tokens: int, tp: int) -> int:
-    q = a.num_heads * a.head_dim // tp
-    kv = max(1, a.num_kv_heads // tp) * a.head_dim
-    width = 4 * a.hidden_size + 2 * (q + 2 * kv) + 3 * (a.intermediate_size // tp)
+def activation_bytes(a: Architecture, tokens: int, heads: int, kv_heads: int, inter: int) -> int:
+    """Activations of one forward over ``tokens`` tokens on a GPU holding ``heads`` query
+    heads, ``kv_heads`` KV heads and ``inter`` intermediate features: ``tokens × 2 B ×
+    (4·hidden + 2·(q + k + v widths) + 3·intermediate)`` (hidden/residual buffers, the fused
+    QKV and gate/up outputs, the activation). An estimate, both engines' reserve."""
+    width = 4 * a.hidden_size + 2 * (heads + 2 * kv_heads) * a.head_dim + 3 * inter
     return tokens * ELEMENT_16BIT * width
-
-
-def vllm_default_batched_tokens(gpu_mem_gib: float) -> int:
-    """``vllm serve``'s default max_num_batched_tokens in 0.32 (EngineArgs, by GPU memory)."""
-    if gpu_mem_gib >= 160:
-        return 16384
-    return 8192 if gpu_mem_gib >= 70 else 2048
 
 
 @dataclass
@@ -581,7 +538,7 @@ def _validate(inp: PlanInput) -> None:
         raise PlanError(f"--reserve-gib {inp.reserve_gib!r}: must be >= 0")
     if inp.max_num_batched_tokens is not None and inp.max_num_batched_tokens < 1:
         raise PlanError(f"--max-num-batched-tokens {inp.max_num_batched_tokens!r}: must be >= 1")
-    kv = VLLM_KV_DTYPES if inp.engine == "vllm" else EXL2_KV_DTYPES
+    kv = _engine_part(inp.engine).KV_DTYPES
     if inp.kv_dtype not in kv:
         raise PlanError(
             f"--kv-dtype {inp.kv_dtype!r}: not one of {', '.join(kv)} for engine {inp.engine}"
@@ -600,7 +557,7 @@ def plan(inp: PlanInput) -> Plan:
             f"{a.max_position_embeddings} (vLLM refuses it)"
         )
     if cfg is not None:  # the unsharded checkpoint must exist first
-        for lin in _layer_linears(a):
+        for lin in a.linears:
             _tensor_bytes(cfg, lin.in_features, lin.out_features, lin.name)
     quant = (
         {"bits": 16, "note": "unquantized 16-bit weights"}
@@ -615,7 +572,7 @@ def plan(inp: PlanInput) -> Plan:
     )
     common = {
         "model": name,
-        "architecture": asdict(a),
+        "architecture": a.summary(),
         "quantization": quant,
         "gpus": inp.gpus,
         "gpu_mem_bytes": int(inp.gpu_mem_gib * GiB),
@@ -624,276 +581,13 @@ def plan(inp: PlanInput) -> Plan:
         "concurrency": inp.concurrency,
         "checkpoint_bytes": checkpoint_bytes(a, cfg),
     }
-    if inp.engine == "vllm":
-        return _plan_vllm(inp, a, cfg, common)
-    return _plan_exllamav2(inp, a, cfg, common)
+    return _engine_part(inp.engine).plan_engine(inp, a, cfg, common)
 
 
-def _plan_vllm(
-    inp: PlanInput, a: Architecture, cfg: LeanQuantConfig | None, common: dict[str, Any]
-) -> Plan:
-    tp = inp.tp if inp.tp is not None else inp.gpus
-    if tp < 1 or inp.gpus % tp:
-        raise PlanError(
-            f"--tp {tp} does not divide --gpus {inp.gpus} (GPUs = tensor parallel × pipeline stages)"
-        )
-    pp = inp.gpus // tp
-    if pp > a.num_layers:
-        raise PlanError(f"{pp} pipeline stages for {a.num_layers} layers")
-    _check_tp(a, cfg, tp)
-    kv_elem = VLLM_KV_DTYPES[inp.kv_dtype]
-    kv_heads_rank = max(1, a.num_kv_heads // tp)
-    batched = inp.max_num_batched_tokens or vllm_default_batched_tokens(inp.gpu_mem_gib)
-    mem = common["gpu_mem_bytes"]
-    budget = math.ceil(mem * inp.gpu_memory_utilization)
-    if inp.reserve_gib is not None:
-        reserve = {"stated (--reserve-gib)": int(inp.reserve_gib * GiB)}
-    else:
-        reserve = {
-            "activations": _activation_bytes(a, batched, tp),
-            "sampler": inp.concurrency * a.vocab_size * 4 * 4,
-            "cuda_graphs": 0 if inp.enforce_eager else VLLM_CUDA_GRAPHS,
-            "non_torch_and_fragmentation": VLLM_NON_TORCH,
-        }
-    reserve_total = sum(reserve.values())
-
-    layer_bytes = _all_layer_bytes(a, cfg, tp)
-    vocab_rank = -(-a.vocab_size // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING // tp
-    emb_rank = vocab_rank * a.hidden_size * ELEMENT_16BIT
-    parts = _pp_partitions(a.num_layers, pp)
-    block_tokens = VLLM_BLOCK_SIZE
-    per_gpu: list[GPUPlan] = []
-    start = 0
-    for s, n in enumerate(parts):
-        w = sum(layer_bytes[start : start + n])
-        start += n
-        if s == 0:
-            w += emb_rank
-        if s == pp - 1:
-            w += a.hidden_size * ELEMENT_16BIT  # final norm
-            if not (a.tie_word_embeddings and pp == 1):
-                w += emb_rank  # lm_head (a tied one is a second copy on the last stage)
-        kv_tok = int(2 * n * kv_heads_rank * a.head_dim * kv_elem)
-        kv_bytes = budget - w - reserve_total
-        blocks = max(0, kv_bytes) // (block_tokens * kv_tok)
-        ranks = f"ranks {s * tp}-{s * tp + tp - 1}" if tp > 1 else f"rank {s}"
-        per_gpu.append(
-            GPUPlan(
-                gpu=f"stage {s} ({ranks})" if pp > 1 else f"each of {tp} ({ranks})",
-                layers=n,
-                weight_bytes=w,
-                kv_bytes_per_token=kv_tok,
-                budget_bytes=budget,
-                reserve_bytes=reserve_total,
-                kv_cache_bytes=kv_bytes,
-                capacity_tokens=blocks * block_tokens,
-            )
-        )
-    capacity = min(g.capacity_tokens for g in per_gpu)
-    seq_blocks = -(-inp.max_model_len // block_tokens)
-    required = inp.concurrency * seq_blocks * block_tokens
-
-    args = [
-        "--tensor-parallel-size",
-        str(tp),
-        *(["--pipeline-parallel-size", str(pp)] if pp > 1 else []),
-        "--max-model-len",
-        str(inp.max_model_len),
-        "--max-num-seqs",
-        str(inp.concurrency),
-        "--max-num-batched-tokens",
-        str(batched),
-        "--gpu-memory-utilization",
-        f"{inp.gpu_memory_utilization:g}",
-        "--dtype",
-        "float16",
-        *(["--kv-cache-dtype", "fp8"] if inp.kv_dtype == "fp8" else []),
-        *(["--enforce-eager"] if inp.enforce_eager else []),
-    ]
-    assumptions = [
-        f"weights: LeanQuant tensors as stored, sharded as vLLM shards them (tp={tp}, pp={pp}); "
-        "embeddings, lm_head, norms and biases 16-bit",
-        f"KV heads per GPU: {kv_heads_rank} of {a.num_kv_heads}"
-        + (f" (each replicated on {tp // a.num_kv_heads} ranks)" if a.num_kv_heads < tp else ""),
-        f"budget = ceil({inp.gpu_mem_gib:g} GiB × gpu_memory_utilization {inp.gpu_memory_utilization:g})",
-        "reserve inside the budget is an ESTIMATE, not a measurement: "
-        + (
-            f"{inp.reserve_gib:g} GiB as given by --reserve-gib"
-            if inp.reserve_gib is not None
-            else f"activations of a {batched}-token profile forward "
-            "(tokens × 2 B × (4·hidden + 2·qkv width per rank + 3·intermediate per rank)), "
-            f"sampler {inp.concurrency} seqs × vocab × 16 B, "
-            + ("no CUDA graphs (--enforce-eager), " if inp.enforce_eager else "CUDA graphs 1 GiB, ")
-            + "non-torch workspaces + fragmentation 1 GiB"
-        ),
-        f"KV cache in blocks of {block_tokens} tokens; fits = every one of {inp.concurrency} "
-        f"sequences at max_model_len {inp.max_model_len} at once (worst case)",
-        "CUDA context + NCCL (~1 GiB assumed) sit outside the budget, in the "
-        f"(1 − {inp.gpu_memory_utilization:g}) share",
-        "no speculative decoding, LoRA, or other processes on the GPUs",
-    ]
-    warnings = []
-    if (1 - inp.gpu_memory_utilization) * mem < VLLM_OUTSIDE_BUDGET:
-        warnings.append(
-            f"(1 − gpu_memory_utilization) × gpu_mem = "
-            f"{(1 - inp.gpu_memory_utilization) * mem / GiB:.2f} GiB may not hold the CUDA "
-            "context and NCCL buffers (~1 GiB): vLLM refuses to start when free memory is below "
-            "the budget"
-        )
-    if cfg is not None and cfg.grid == "nonuniform":
-        warnings.append("non-uniform (LUT) layers run this project's Triton kernel on GPUs")
-    return Plan(
-        engine="vllm",
-        tp=tp,
-        pp=pp,
-        gpu_memory_utilization=inp.gpu_memory_utilization,
-        per_gpu=per_gpu,
-        weight_bytes_per_gpu=max(g.weight_bytes for g in per_gpu),
-        kv_bytes_per_token_per_gpu=max(g.kv_bytes_per_token for g in per_gpu),
-        capacity_tokens=capacity,
-        required_tokens=required,
-        fits=capacity >= required,
-        fits_one_sequence=capacity >= seq_blocks * block_tokens,
-        margin_tokens=capacity - required,
-        margin_bytes=min(g.kv_cache_bytes - required * g.kv_bytes_per_token for g in per_gpu),
-        max_full_length_sequences=capacity // (seq_blocks * block_tokens),
-        reserve=reserve,
-        engine_args=args,
-        assumptions=assumptions,
-        warnings=warnings,
-        **common,
-    )
-
-
-def _plan_exllamav2(
-    inp: PlanInput, a: Architecture, cfg: LeanQuantConfig | None, common: dict[str, Any]
-) -> Plan:
-    if inp.tp not in (None, 1):
-        raise PlanError(
-            "--engine exllamav2 models the layer split (gpu_split) of GPTQ exports; "
-            "exllamav2's tensor parallelism (EXL2 exports of --grid exl2 checkpoints) is not "
-            "modelled; leave --tp out"
-        )
-    if cfg is None or cfg.bits != 4 or cfg.grid != "affine":
-        raise PlanError(
-            "--engine exllamav2 models GPTQ exports: 4 bits with an affine grid only "
-            f"(got {'16-bit' if cfg is None else f'{cfg.bits}-bit {cfg.grid}'})"
-        )
-    g = cfg.group_size
-    if g != -1 and (g < 32 or g & (g - 1)):
-        raise PlanError(f"--group-size {g}: exllamav2 needs a power of two >= 32 (or -1)")
-    k_b, v_b, scale_b = EXL2_KV_DTYPES[inp.kv_dtype]
-    kv_layer = a.num_kv_heads * a.head_dim * (k_b + v_b + 2 * scale_b)  # B per token per layer
-    temp_per_token = 0 if inp.kv_dtype == "fp16" else 2 * a.num_kv_heads * a.head_dim * 2
-    mem = common["gpu_mem_bytes"]
-    scratch = _activation_bytes(a, EXL2_CHUNK, 1)
-    if inp.reserve_gib is not None:
-        reserve = {"stated (--reserve-gib)": int(inp.reserve_gib * GiB)}
-    else:
-        reserve = {"cuda_context": EXL2_CONTEXT, "scratch": scratch}
-    reserve_total = sum(reserve.values())
-    budget = mem - reserve_total
-    layer_bytes = _all_layer_bytes(a, cfg, None)
-    head = a.vocab_size * a.hidden_size * ELEMENT_16BIT + a.hidden_size * ELEMENT_16BIT
-    modules = [(w, True) for w in layer_bytes] + [(head, False)]
-
-    def fill(cap: int) -> list[tuple[int, int]] | None:
-        """Weights-only greedy fill in module order, at most ``cap`` bytes per GPU (as
-        exllamav2 fills each gpu_split allocation): (layers, weight bytes) per GPU, or None."""
-        layers, weights, dev = [0] * inp.gpus, [0] * inp.gpus, 0
-        for w, is_layer in modules:
-            while dev < inp.gpus and weights[dev] + w > cap:
-                dev += 1
-            if dev == inp.gpus:
-                return None
-            layers[dev] += is_layer
-            weights[dev] += w
-        return list(zip(layers, weights, strict=True))
-
-    # Even split: the smallest per-GPU cap at which the modules fill the GPUs in order.
-    lo, hi = max(w for w, _ in modules), sum(w for w, _ in modules)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fill(mid) is None:
-            lo = mid + 1
-        else:
-            hi = mid
-    layout = fill(lo)
-    assert layout is not None
-    per_gpu: list[GPUPlan] = []
-    for i, (n, w) in enumerate(layout):
-        kv_tok = int(n * kv_layer)
-        per_token = kv_tok + (temp_per_token if n else 0)
-        free = budget - w
-        cap = max(0, free) // per_token if per_token else (None if free >= 0 else 0)
-        per_gpu.append(
-            GPUPlan(
-                gpu=f"GPU {i}",
-                layers=n,
-                weight_bytes=w,
-                kv_bytes_per_token=kv_tok,
-                budget_bytes=budget,
-                reserve_bytes=reserve_total,
-                kv_cache_bytes=free,
-                capacity_tokens=-1 if cap is None else cap // EXL2_PAGE * EXL2_PAGE,
-            )
-        )
-    capacity = min(g.capacity_tokens for g in per_gpu if g.capacity_tokens >= 0)
-    seq_pages = -(-inp.max_model_len // EXL2_PAGE)
-    required = inp.concurrency * seq_pages * EXL2_PAGE
-    # gpu_split: GiB per GPU for weights plus the scratch exllamav2 counts in each allocation.
-    split = [
-        math.ceil((g.weight_bytes + scratch) / GiB * 4 + 1) / 4 if g.weight_bytes else 0.0
-        for g in per_gpu
-    ]
-    worst = max(per_gpu, key=lambda g: g.kv_bytes_per_token)
-    assumptions = [
-        "exllamav2 layer split (no tensor parallelism), even: decoder layers fill GPU 0, "
-        "GPU 1, ... in order, lm_head + final norm after the last layer; each layer's KV cache "
-        "on its GPU",
-        "token embedding in host RAM (exllamav2's default), not on a GPU",
-        "GPU footprint of a linear = the GPTQ tensors leanquant export exllamav2 writes "
-        "(qweight, qzeros, scales, g_idx if any), the same bytes as the LeanQuant tensors",
-        "reserve per GPU is an ESTIMATE, not a measurement: "
-        + (
-            f"{inp.reserve_gib:g} GiB as given by --reserve-gib"
-            if inp.reserve_gib is not None
-            else f"CUDA context 1 GiB + scratch for a {EXL2_CHUNK}-token prefill chunk "
-            "(tokens × 2 B × (4·hidden + 2·qkv width + 3·intermediate))"
-        ),
-        f"KV cache {EXL2_CACHE_CLASS[inp.kv_dtype]}"
-        + ("" if inp.kv_dtype == "fp16" else " (+ one fp16 layer-sized K/V buffer per GPU)")
-        + f", in pages of {EXL2_PAGE} tokens; capacity = the smallest over GPUs",
-        "gpu_split (GiB): weights + scratch + 0.25, rounded up to 0.25; exllamav2 fills each "
-        "allocation greedily, so with small layers its split may differ slightly",
-        "--gpu-memory-utilization does not apply to exllamav2",
-    ]
-    return Plan(
-        engine="exllamav2",
-        tp=1,
-        pp=inp.gpus,
-        gpu_memory_utilization=None,
-        per_gpu=per_gpu,
-        weight_bytes_per_gpu=max(g.weight_bytes for g in per_gpu),
-        kv_bytes_per_token_per_gpu=worst.kv_bytes_per_token,
-        capacity_tokens=capacity,
-        required_tokens=required,
-        fits=capacity >= required,
-        fits_one_sequence=capacity >= seq_pages * EXL2_PAGE,
-        margin_tokens=capacity - required,
-        margin_bytes=min(
-            g.kv_cache_bytes
-            - required * (g.kv_bytes_per_token + (temp_per_token if g.layers else 0))
-            for g in per_gpu
-        ),
-        max_full_length_sequences=capacity // (seq_pages * EXL2_PAGE),
-        reserve=reserve,
-        host_bytes=a.vocab_size * a.hidden_size * ELEMENT_16BIT,
-        gpu_split_gib=split,
-        assumptions=assumptions,
-        warnings=[],
-        **common,
-    )
+def _engine_part(engine: str) -> Any:
+    """The engine's part of the planner (imported when asked for: the engines' parts import
+    this module)."""
+    return importlib.import_module(_ENGINE_PARTS[engine])
 
 
 def _gb(n: float) -> str:

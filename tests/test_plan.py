@@ -7,17 +7,26 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from conftest import SUPPORTED
+from conftest import ARCHITECTURES, SUPPORTED, VOCAB
 from safetensors import safe_open
 
-from leanquant_serve.format import LeanQuantConfig
-from leanquant_serve.plan import PRESETS, PlanError, PlanInput, format_plan, plan
 from leanquant.cli import main
+from leanquant_serve.format import LeanQuantConfig
+from leanquant_serve.plan import (
+    PRESETS,
+    Architecture,
+    PlanError,
+    PlanInput,
+    format_plan,
+    plan,
+)
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import QuantizeJob, quantize_model
 
@@ -219,6 +228,113 @@ def test_405b_exllamav2_layer_split_by_hand():
     assert p.host_bytes == V * H * 2  # the token embedding stays in host RAM
     assert p.kv_bytes_per_token_per_gpu == 16 * 2 * KV * HD * 2  # 65,536: whole KV heads
     assert p.fits and p.tp == 1 and len(p.gpu_split_gib) == 8
+
+
+# ------------------------------------- shapes from transformers, linears read off the model
+
+
+def test_linears_and_input_groups_are_read_off_the_model():
+    """405B's decoder layer as transformers builds it: seven linears in forward order, grouped
+    by the input they read (the quantizer's groups), plus two hidden-sized RMSNorm weights."""
+    a = Architecture.from_config(PRESETS["llama-3.1-405b"], "405b")
+    got = [(lin.name, lin.in_features, lin.out_features, lin.group) for lin in a.linears]
+    assert got == [
+        ("self_attn.q_proj", H, HEADS * HD, 0),
+        ("self_attn.k_proj", H, KV * HD, 0),
+        ("self_attn.v_proj", H, KV * HD, 0),
+        ("self_attn.o_proj", HEADS * HD, H, 1),
+        ("mlp.gate_proj", H, I, 2),
+        ("mlp.up_proj", H, I, 2),
+        ("mlp.down_proj", I, H, 3),
+    ]
+    assert [lin.first_in_group for lin in a.linears] == [1, 0, 0, 1, 1, 0, 1]
+    assert not any(lin.bias for lin in a.linears)
+    assert a.layers_name == "model.layers" and a.layer_16bit_elements == 2 * H
+
+
+def test_config_defaults_and_layer_shapes_are_transformers_own(tmp_path):
+    """A Gemma 2 config.json without head_dim and tie_word_embeddings: Gemma2Config's defaults
+    (head_dim 256, tied embeddings) decide, not hidden / heads (= 288); its layer has four
+    RMSNorms. Qwen2's q/k/v carry biases, o does not; Qwen3 has q_norm and k_norm."""
+    d = {
+        "model_type": "gemma2",
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "vocab_size": 256000,
+        "max_position_embeddings": 8192,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    p = plan(PlanInput(str(tmp_path), bits=16, max_model_len=4096))
+    a = p.architecture
+    assert (a["head_dim"], a["tie_word_embeddings"], a["layer_norms"]) == (256, True, 4)
+    q, kv = 8 * 256, 4 * 256  # 2048 query and 1024 K/V features, hidden 2304
+    layer = (2304 * (q + 2 * kv) + q * 2304 + 3 * 2304 * 9216 + 4 * 2304) * 2
+    assert p.checkpoint_bytes["decoder_layers"] == 26 * layer
+    assert p.checkpoint_bytes["lm_head"] == 0  # tied
+    assert p.kv_bytes_per_token_per_gpu == 2 * 26 * 4 * 256 * 2
+
+    qwen2 = Architecture.from_config({**PRESETS["llama-3.1-8b"], "model_type": "qwen2"})
+    assert {lin.name: lin.bias for lin in qwen2.linears if lin.group < 2} == {
+        "self_attn.q_proj": True,
+        "self_attn.k_proj": True,
+        "self_attn.v_proj": True,
+        "self_attn.o_proj": False,
+    }
+    assert (qwen2.qkv_bias, qwen2.o_bias) == (True, False)
+    qwen3 = Architecture.from_config({**PRESETS["llama-3.1-8b"], "model_type": "qwen3"})
+    assert qwen3.head_norms == 2 and qwen3.layer_16bit_elements == 2 * 4096 + 2 * 128
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (
+            {"model_type": "no-such-type"},
+            "model_type 'no-such-type' is not a model type transformers",
+        ),
+        ({"hidden_size": "x"}, "transformers' llama config refuses it: "),
+        ({"hidden_act": "no-such-act"}, "transformers cannot build its llama layer: KeyError"),
+    ],
+)
+def test_configs_transformers_refuses_are_one_line(tmp_path, over, message):
+    with pytest.raises(PlanError) as e:
+        plan(PlanInput(str(write_config(tmp_path, **over))))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_input_groups_are_the_layers_vllm_fuses(arch):
+    """The planner counts one g_idx per fused vLLM layer; the layers it takes as fused (the
+    quantizer's shared-input groups of two or more linears) are the ones vLLM's model class
+    fuses (its packed_modules_mapping), for every supported architecture."""
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM
+    from vllm.model_executor.models import ModelRegistry
+
+    config = ARCHITECTURES[arch](VOCAB)
+    a = Architecture.from_config(config.to_dict(), arch)
+    fused = sorted(
+        [lin.name.rpartition(".")[2] for lin in a.linears if lin.group == g]
+        for g in {lin.group for lin in a.linears}
+        if sum(lin.group == g for lin in a.linears) > 1
+    )
+    hf_class = AutoModelForCausalLM._model_mapping[type(config)].__name__
+    vllm_class = ModelRegistry._try_load_model_cls(hf_class)
+    assert fused == sorted(vllm_class.packed_modules_mapping.values())
+
+
+def test_engine_parts_import_no_engine_and_the_contract_no_planner():
+    code = (
+        "import sys, leanquant_serve.format\n"
+        "assert 'leanquant_serve.plan' not in sys.modules\n"
+        "import leanquant_serve.vllm.plan, leanquant_serve.exllamav2.plan\n"
+        "engines = [m for m in ('vllm', 'exllamav2') if m in sys.modules]\n"
+        "assert not engines, engines\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 # ------------------------------------------------------------------------- errors, CLI

@@ -1,0 +1,339 @@
+"""The vLLM part of ``leanquant plan`` (the core, shapes and checkpoint bytes are in
+:mod:`leanquant_serve.plan`): weights, KV cache and capacity per GPU under ``vllm serve``.
+
+**Sharding**, as vLLM's Llama-family model code does it. A decoder layer's linears come in
+Megatron pairs, read off the model (:class:`~leanquant_serve.plan.LayerLinear`'s input
+groups, in forward order): the linears of an even-numbered group (q/k/v, gate/up) read the
+residual stream and are column parallel, fused into one vLLM layer (``qkv_proj``,
+``gate_up_proj``) that holds one ``g_idx`` (as :mod:`leanquant_serve.vllm.linear` builds
+them); each odd-numbered group (o, down) writes back to it and is row parallel (each rank
+stores the groups of its slice of the input). In the first group, the parts of
+``num_key_value_heads × head_dim`` outputs are K and V: when there are fewer KV heads than
+ranks each rank holds one whole KV head (replicated ``tp / kv_heads`` times). The embedding
+and ``lm_head`` are vocab-parallel (vocabulary padded to a multiple of 64, then split), norms
+and row-parallel biases are replicated. Whether a rank's shard keeps whole packed words and
+whole groups, and whether it keeps every group's scales, is the contract's rule
+(:func:`~leanquant_serve.format.tensors.shard_misfits`,
+:func:`~leanquant_serve.format.tensors.scales_on_every_rank`), the one the plugin applies at
+load; vLLM's own head, intermediate and vocabulary splits are written here, once each
+(``tests/test_plan.py`` compares the bytes with vLLM's layers rank by rank).
+
+GPUs beyond the tensor-parallel size form pipeline stages (``--pipeline-parallel-size
+gpus/tp``), with layers split as ``vllm.distributed.utils.get_pp_indices`` does; the embedding
+lives on the first stage and ``lm_head`` + final norm on the last. Memory, per GPU, as vLLM
+0.32's worker computes it (``gpu_worker.determine_available_memory``)::
+
+    budget   = ceil(gpu_mem · gpu_memory_utilization)
+    kv bytes = budget − weights − reserve
+    blocks   = kv bytes // (block_size · KV bytes per token)   (block_size 16, vLLM's default)
+    capacity = blocks · block_size tokens  (the smallest over pipeline stages)
+    KV bytes per token = 2 (K and V) · layers on this GPU · KV heads on this GPU · head_dim · dtype bytes
+
+and ``max_model_len × concurrency`` fits when ``blocks ≥ concurrency · ceil(max_model_len /
+block_size)`` (every sequence at full length at once: the worst case; vLLM only *requires*
+one full-length sequence to fit and preempts beyond that).
+
+The **reserve** is an estimate, not a measurement (no GPU was used to write this module); it
+stands for what vLLM's profile run finds inside the budget besides the weights:
+
+- activations of one profile forward: ``max_num_batched_tokens × 2 B × (4·hidden +
+  2·(q + k + v widths per rank) + 3·intermediate per rank)`` (hidden/residual buffers, the
+  fused QKV and gate/up outputs, the activation; :func:`leanquant_serve.plan.activation_bytes`);
+- sampler: ``max_num_seqs × vocab × 4 B × 4`` (fp32 logits and working copies);
+- CUDA graphs: 1 GiB (vLLM 0.32 subtracts its CUDA-graph estimate from the KV budget by
+  default; 0 with ``--enforce-eager``);
+- other non-torch growth (cuBLAS/attention workspaces) and allocator fragmentation: 1 GiB.
+
+``--reserve-gib`` replaces the sum. The CUDA context and NCCL communicators exist before
+vLLM's memory snapshot, so they are *outside* the budget: vLLM refuses to start unless the
+free memory at startup covers the budget, so ``(1 − utilization) · gpu_mem`` must hold them
+(assumed 1 GiB; a warning says when it does not).
+
+Imports no vLLM: planning runs where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from leanquant_serve.format import LeanQuantConfig, chunk_size
+from leanquant_serve.format.tensors import (
+    SHARD_GROUPS,
+    SHARD_WORDS_IN,
+    SHARD_WORDS_OUT,
+    shard_misfits,
+)
+from leanquant_serve.plan import (
+    ELEMENT_16BIT,
+    Architecture,
+    GiB,
+    GPUPlan,
+    LayerLinear,
+    Plan,
+    PlanError,
+    PlanInput,
+    Shard,
+    activation_bytes,
+    all_layer_bytes,
+)
+
+KV_DTYPES = {"fp16": 2.0, "bf16": 2.0, "fp8": 1.0}  # bytes per cached element (K or V)
+BLOCK_SIZE = 16
+VOCAB_PADDING = 64
+CUDA_GRAPHS = 1 * GiB
+NON_TORCH = 1 * GiB
+OUTSIDE_BUDGET = 1 * GiB  # CUDA context + NCCL, before vLLM's memory snapshot
+
+
+def default_batched_tokens(gpu_mem_gib: float) -> int:
+    """``vllm serve``'s default max_num_batched_tokens in 0.32 (EngineArgs, by GPU memory)."""
+    if gpu_mem_gib >= 160:
+        return 16384
+    return 8192 if gpu_mem_gib >= 70 else 2048
+
+
+def kv_heads_per_rank(a: Architecture, tp: int) -> int:
+    """KV heads on one rank: vLLM splits them over the ranks, or, when there are fewer than
+    ranks, gives each rank one whole head (``QKVParallelLinear``)."""
+    return max(1, a.num_kv_heads // tp)
+
+
+def padded_vocab(a: Architecture) -> int:
+    """The vocabulary as vLLM's ``VocabParallelEmbedding`` pads it before splitting it."""
+    return -(-a.vocab_size // VOCAB_PADDING) * VOCAB_PADDING
+
+
+def _is_row_parallel(lin: LayerLinear) -> bool:
+    """Megatron pairs: even input groups are column parallel, odd ones row parallel."""
+    return lin.group % 2 == 1
+
+
+def _is_kv(a: Architecture, lin: LayerLinear) -> bool:
+    """A K or V part of the first (attention) group: one ``num_key_value_heads × head_dim``
+    output."""
+    return lin.group == 0 and lin.out_features == a.num_kv_heads * a.head_dim
+
+
+def _shard(a: Architecture, tp: int) -> Shard:
+    def shape(lin: LayerLinear) -> tuple[int, int, int]:
+        if _is_row_parallel(lin):
+            return lin.in_features // tp, lin.out_features, lin.out_features if lin.bias else 0
+        out = kv_heads_per_rank(a, tp) * a.head_dim if _is_kv(a, lin) else lin.out_features // tp
+        return lin.in_features, out, out if lin.bias else 0
+
+    def shares_g_idx(lin: LayerLinear) -> bool:  # a later part of a fused column-parallel layer
+        return not _is_row_parallel(lin) and not lin.first_in_group
+
+    return Shard(shape, shares_g_idx)
+
+
+def _check_pairs(a: Architecture) -> None:
+    """The layer must be the column/row pairs vLLM's Llama-family code shards."""
+    groups = 1 + max(lin.group for lin in a.linears)
+    for lin in a.linears:
+        row = _is_row_parallel(lin)
+        if groups % 2 or (lin.out_features if row else lin.in_features) != a.hidden_size:
+            raise PlanError(
+                f"{a.name}: {lin.name} ({lin.in_features} -> {lin.out_features}, input group "
+                f"{lin.group} of {groups}) does not fit vLLM's column/row-parallel pairs "
+                "(column parallel from the hidden size, row parallel back to it)"
+            )
+
+
+def check_tp(a: Architecture, cfg: LeanQuantConfig | None, tp: int) -> None:
+    """Refuse a tensor-parallel size vLLM (its head, intermediate and vocabulary splits) or
+    the checkpoint contract (:func:`~leanquant_serve.format.tensors.shard_misfits`, the
+    plugin's rule at load) would refuse, with the reason."""
+    if a.num_heads % tp:
+        raise PlanError(
+            f"tensor parallel size {tp} does not divide the {a.num_heads} attention heads"
+        )
+    kv = a.num_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise PlanError(
+            f"tensor parallel size {tp} and {kv} KV heads: one must divide the other "
+            "(vLLM splits KV heads over ranks, or replicates whole heads)"
+        )
+    if a.intermediate_size % tp:
+        raise PlanError(
+            f"tensor parallel size {tp} does not divide intermediate_size={a.intermediate_size}"
+        )
+    padded = padded_vocab(a)
+    if padded % tp:
+        raise PlanError(
+            f"tensor parallel size {tp} does not divide the padded vocabulary {padded} "
+            f"(vocab_size {a.vocab_size} padded to a multiple of {VOCAB_PADDING})"
+        )
+    if cfg is None:
+        return
+    n = chunk_size(cfg.bits)
+    shard = _shard(a, tp)
+    for lin in a.linears:
+        in_r, out_r, _ = shard.shape(lin)
+        if _is_row_parallel(lin):
+            problems = shard_misfits(cfg, in_r)
+            if SHARD_GROUPS in problems:
+                raise PlanError(
+                    f"{lin.name}: group size {cfg.group_size} does not divide the {in_r} input "
+                    f"features per rank ({lin.in_features} / tensor parallel size {tp}): "
+                    "a rank would hold part of a group"
+                )
+            if SHARD_WORDS_IN in problems:
+                raise PlanError(
+                    f"{lin.name}: {in_r} input features per rank are not a multiple of {n}, "
+                    f"so {cfg.bits}-bit words of qweight would be split over ranks"
+                )
+        elif SHARD_WORDS_OUT in shard_misfits(cfg, lin.in_features, [out_r]):
+            raise PlanError(
+                f"{lin.name}: {out_r} output features per rank are not a multiple of {n}, so "
+                f"{cfg.bits}-bit words of zero_points would be split over ranks"
+            )
+
+
+def pp_partitions(layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage, as vllm.distributed.utils.get_pp_indices splits them."""
+    parts = [layers // pp] * pp
+    for i in range(2, layers % pp + 2):
+        parts[-i] += 1
+    return parts
+
+
+def plan_engine(
+    inp: PlanInput, a: Architecture, cfg: LeanQuantConfig | None, common: dict[str, Any]
+) -> Plan:
+    """The vLLM plan of ``a`` (see the module docstring); ``common`` holds the core's fields."""
+    tp = inp.tp if inp.tp is not None else inp.gpus
+    if tp < 1 or inp.gpus % tp:
+        raise PlanError(
+            f"--tp {tp} does not divide --gpus {inp.gpus} (GPUs = tensor parallel × pipeline stages)"
+        )
+    pp = inp.gpus // tp
+    if pp > a.num_layers:
+        raise PlanError(f"{pp} pipeline stages for {a.num_layers} layers")
+    _check_pairs(a)
+    check_tp(a, cfg, tp)
+    kv_elem = KV_DTYPES[inp.kv_dtype]
+    kv_heads_rank = kv_heads_per_rank(a, tp)
+    batched = inp.max_num_batched_tokens or default_batched_tokens(inp.gpu_mem_gib)
+    mem = common["gpu_mem_bytes"]
+    budget = math.ceil(mem * inp.gpu_memory_utilization)
+    if inp.reserve_gib is not None:
+        reserve = {"stated (--reserve-gib)": int(inp.reserve_gib * GiB)}
+    else:
+        reserve = {
+            "activations": activation_bytes(
+                a, batched, a.num_heads // tp, kv_heads_rank, a.intermediate_size // tp
+            ),
+            "sampler": inp.concurrency * a.vocab_size * 4 * 4,
+            "cuda_graphs": 0 if inp.enforce_eager else CUDA_GRAPHS,
+            "non_torch_and_fragmentation": NON_TORCH,
+        }
+    reserve_total = sum(reserve.values())
+
+    layer_bytes = all_layer_bytes(a, cfg, _shard(a, tp))
+    vocab_rank = padded_vocab(a) // tp
+    emb_rank = vocab_rank * a.hidden_size * ELEMENT_16BIT
+    parts = pp_partitions(a.num_layers, pp)
+    block_tokens = BLOCK_SIZE
+    per_gpu: list[GPUPlan] = []
+    start = 0
+    for s, n in enumerate(parts):
+        w = sum(layer_bytes[start : start + n])
+        start += n
+        if s == 0:
+            w += emb_rank
+        if s == pp - 1:
+            w += a.hidden_size * ELEMENT_16BIT  # final norm
+            if not (a.tie_word_embeddings and pp == 1):
+                w += emb_rank  # lm_head (a tied one is a second copy on the last stage)
+        kv_tok = int(2 * n * kv_heads_rank * a.head_dim * kv_elem)
+        kv_bytes = budget - w - reserve_total
+        blocks = max(0, kv_bytes) // (block_tokens * kv_tok)
+        ranks = f"ranks {s * tp}-{s * tp + tp - 1}" if tp > 1 else f"rank {s}"
+        per_gpu.append(
+            GPUPlan(
+                gpu=f"stage {s} ({ranks})" if pp > 1 else f"each of {tp} ({ranks})",
+                layers=n,
+                weight_bytes=w,
+                kv_bytes_per_token=kv_tok,
+                budget_bytes=budget,
+                reserve_bytes=reserve_total,
+                kv_cache_bytes=kv_bytes,
+                capacity_tokens=blocks * block_tokens,
+            )
+        )
+    capacity = min(g.capacity_tokens for g in per_gpu)
+    seq_blocks = -(-inp.max_model_len // block_tokens)
+    required = inp.concurrency * seq_blocks * block_tokens
+
+    args = [
+        "--tensor-parallel-size",
+        str(tp),
+        *(["--pipeline-parallel-size", str(pp)] if pp > 1 else []),
+        "--max-model-len",
+        str(inp.max_model_len),
+        "--max-num-seqs",
+        str(inp.concurrency),
+        "--max-num-batched-tokens",
+        str(batched),
+        "--gpu-memory-utilization",
+        f"{inp.gpu_memory_utilization:g}",
+        "--dtype",
+        "float16",
+        *(["--kv-cache-dtype", "fp8"] if inp.kv_dtype == "fp8" else []),
+        *(["--enforce-eager"] if inp.enforce_eager else []),
+    ]
+    assumptions = [
+        f"weights: LeanQuant tensors as stored, sharded as vLLM shards them (tp={tp}, pp={pp}); "
+        "embeddings, lm_head, norms and biases 16-bit",
+        f"KV heads per GPU: {kv_heads_rank} of {a.num_kv_heads}"
+        + (f" (each replicated on {tp // a.num_kv_heads} ranks)" if a.num_kv_heads < tp else ""),
+        f"budget = ceil({inp.gpu_mem_gib:g} GiB × gpu_memory_utilization {inp.gpu_memory_utilization:g})",
+        "reserve inside the budget is an ESTIMATE, not a measurement: "
+        + (
+            f"{inp.reserve_gib:g} GiB as given by --reserve-gib"
+            if inp.reserve_gib is not None
+            else f"activations of a {batched}-token profile forward "
+            "(tokens × 2 B × (4·hidden + 2·qkv width per rank + 3·intermediate per rank)), "
+            f"sampler {inp.concurrency} seqs × vocab × 16 B, "
+            + ("no CUDA graphs (--enforce-eager), " if inp.enforce_eager else "CUDA graphs 1 GiB, ")
+            + "non-torch workspaces + fragmentation 1 GiB"
+        ),
+        f"KV cache in blocks of {block_tokens} tokens; fits = every one of {inp.concurrency} "
+        f"sequences at max_model_len {inp.max_model_len} at once (worst case)",
+        "CUDA context + NCCL (~1 GiB assumed) sit outside the budget, in the "
+        f"(1 − {inp.gpu_memory_utilization:g}) share",
+        "no speculative decoding, LoRA, or other processes on the GPUs",
+    ]
+    warnings = []
+    if (1 - inp.gpu_memory_utilization) * mem < OUTSIDE_BUDGET:
+        warnings.append(
+            f"(1 − gpu_memory_utilization) × gpu_mem = "
+            f"{(1 - inp.gpu_memory_utilization) * mem / GiB:.2f} GiB may not hold the CUDA "
+            "context and NCCL buffers (~1 GiB): vLLM refuses to start when free memory is below "
+            "the budget"
+        )
+    if cfg is not None and cfg.grid == "nonuniform":
+        warnings.append("non-uniform (LUT) layers run this project's Triton kernel on GPUs")
+    return Plan(
+        engine="vllm",
+        tp=tp,
+        pp=pp,
+        gpu_memory_utilization=inp.gpu_memory_utilization,
+        per_gpu=per_gpu,
+        weight_bytes_per_gpu=max(g.weight_bytes for g in per_gpu),
+        kv_bytes_per_token_per_gpu=max(g.kv_bytes_per_token for g in per_gpu),
+        capacity_tokens=capacity,
+        required_tokens=required,
+        fits=capacity >= required,
+        fits_one_sequence=capacity >= seq_blocks * block_tokens,
+        margin_tokens=capacity - required,
+        margin_bytes=min(g.kv_cache_bytes - required * g.kv_bytes_per_token for g in per_gpu),
+        max_full_length_sequences=capacity // (seq_blocks * block_tokens),
+        reserve=reserve,
+        engine_args=args,
+        assumptions=assumptions,
+        warnings=warnings,
+        **common,
+    )

@@ -63,6 +63,13 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         + f"; total loss error {s.total_loss:.4g}, largest layer {worst[0]} {worst[1].name} "
         f"{worst[1].loss:.4g}; Cholesky retries {s.cholesky_retries} (details: quantize_report.json)"
     )
+    refit = [r.refit_loss for layer in s.layers for r in layer if r.refit_loss]
+    if refit:
+        before, after = (sum(x) for x in zip(*refit, strict=True))
+        print(
+            f"refit: layer-wise loss Σ (w − q)ᵀ H (w − q) {before:.4g} -> {after:.4g} "
+            f"({100 * (after / before - 1):+.1f}%)"
+        )
     print(
         "loss error per layer: "
         + ", ".join(f"{i}: {sum(r.loss for r in layer):.3g}" for i, layer in enumerate(s.layers))

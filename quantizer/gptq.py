@@ -32,6 +32,7 @@ from leanquant_serve.format import SUPPORTED_BITS, group_misfit
 
 from .flags import setting
 from .grids import GRID_NAMES, AffineParams, GridParams, RowRandom, TableParams, fit_grid
+from .refit import refit_weight
 from .tables import DEFAULT_SF_NU, TABLE_BITS, TABLE_FITS, quantile_table
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,13 @@ class GPTQSettings:
         DEFAULT_SF_NU, "Student's t degrees of freedom ν of --grid sf's table (SF4: 5)"
     )
     seed: int = setting(0, "random seed (calibration windows, k-means++ draws)")
+    # after the column loop, re-solve each row's grid parameters (codes fixed) against the
+    # full layer-wise loss (w − q)ᵀ H (w − q); kept per row only where it lowers it (refit.py)
+    refit: bool = setting(
+        False,
+        "after the column loop, re-solve each row's scales / LUT entries (codes fixed) for the "
+        "full-Hessian layer-wise loss, kept per row where it helps (quantizer/refit.py)",
+    )
 
     def __post_init__(self) -> None:
         if self.fit not in GRID_NAMES:
@@ -116,6 +124,10 @@ class GPTQSettings:
         if self.fit in TABLE_FITS and self.bits not in TABLE_BITS:
             raise ValueError(
                 f"--grid {self.fit} supports --bits {', '.join(map(str, TABLE_BITS))}, got {self.bits}"
+            )
+        if self.refit and self.fit == "exl2":
+            raise ValueError(
+                "--refit re-solves free scales; --grid exl2's scales must stay on EXL2's ladder"
             )
         if not 0 < self.sf_nu < float("inf"):  # also refuses NaN
             raise ValueError(f"--sf-nu must be a positive finite number, got {self.sf_nu}")
@@ -165,6 +177,8 @@ class QuantizedWeight:
     row_loss: Tensor  # (rows,) the same per row: row slices concatenate to the same sum
     damp: float  # damping λ finally used
     retries: int  # Cholesky retries needed
+    # (rows, 2): each row's layer-wise loss (w − q)ᵀ H (w − q) before and after --refit
+    refit_loss: Tensor | None = None
 
     @staticmethod
     def cat(parts: list[QuantizedWeight], device: torch.device | str) -> QuantizedWeight:
@@ -180,6 +194,7 @@ class QuantizedWeight:
             cat("codes", 0), cat("Q", 0), cat("scales", 1), cat("zeros", 1), cat("lut", 0),
             None if g_idx is None else g_idx.to(device),
             float(row_loss.sum()), row_loss, parts[0].damp, parts[0].retries,
+            cat("refit_loss", 0),
         )  # fmt: skip
 
 
@@ -280,6 +295,7 @@ def quantize_weight(
         raise ValueError(why)
     G = columns if s.group_size == -1 else s.group_size
     W = W.detach().to(torch.float32).clone()
+    W0 = W.clone() if s.refit else None  # the original rows, for the refit's loss
     first, total = rows if rows is not None else (0, n_rows)
     gen = RowRandom(torch.Generator(device=W.device).manual_seed(s.seed), first, total)
     table = s.table
@@ -356,7 +372,14 @@ def quantize_weight(
         codes, Q = codes[:, invperm], Q[:, invperm]
         if s.group_size != -1 and not s.static_groups:
             g_idx = col_group[invperm.cpu()].to(torch.int32)
-    return _result(s, groups, codes, Q, g_idx, losses, prep.damp, prep.retries)
+    result = _result(s, groups, codes, Q, g_idx, losses, prep.damp, prep.retries)
+    if s.refit:  # codes fixed, grid re-solved against the full H (quantizer/refit.py)
+        H_full = torch.cholesky_inverse(U, upper=True)  # H = (UᵀU)⁻¹: the damped H, act-order
+        if perm is not None:
+            H_full = H_full[invperm][:, invperm]
+        result, res = refit_weight(W0, H_full, result, s.stored_grid, s.group_size, table)
+        result.refit_loss = torch.stack([res.loss_before, res.loss_after], 1)
+    return result
 
 
 def _result(

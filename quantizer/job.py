@@ -126,6 +126,8 @@ class QuantizeJob:
             batch_size=self.batch_size,
             max_shard_size=self.max_shard_bytes,
         )
+        if self.rtn and self.settings.refit:
+            raise UserError("--refit needs calibration (a Hessian); it does nothing with --rtn")
         if self.resume and self.fresh:
             raise UserError("--resume and --fresh exclude each other")
         for p in self.skip:
@@ -150,6 +152,9 @@ class SublayerReport:
     # inputs that are zero in every calibration token (None: --rtn, no calibration); their
     # weights are kept and rounded to nearest, see gptq.prepare
     dead_inputs: int | None = None
+    # --refit: the sublayer's layer-wise loss Σ_rows (w − q)ᵀ H (w − q) with the column loop's
+    # grid and after the refit (quantizer/refit.py); absent from the report without --refit
+    refit_loss: tuple[float, float] | None = None
 
 
 @dataclass
@@ -165,10 +170,27 @@ class Summary:
     bos_token_id: int | None = None  # what every calibration window begins with (None: text)
 
 
+def summary_to_dict(summary: Summary) -> dict:
+    """The summary as ``quantize_report.json`` holds it: fields of options that were off
+    (``refit_loss`` without --refit) are left out, so such reports are as before them."""
+    d = asdict(summary)
+    for layer in d["layers"]:
+        for r in layer:
+            if r["refit_loss"] is None:
+                del r["refit_loss"]
+    return d
+
+
 def summary_from_dict(d: dict) -> Summary:
     d = dict(d)
     d["layers"] = [
-        [SublayerReport(**{**r, "shape": tuple(r["shape"])}) for r in layer]
+        [
+            SublayerReport(
+                **{**r, "shape": tuple(r["shape"])},
+                **({"refit_loss": tuple(r["refit_loss"])} if r.get("refit_loss") else {}),
+            )
+            for r in layer
+        ]
         for layer in d["layers"]
     ]
     return Summary(**d)
@@ -187,6 +209,8 @@ def checkpoint_config(job: QuantizeJob, not_converted: list[str]) -> LeanQuantCo
         "shrink": s.shrink,
         "seed": s.seed,
     }
+    if s.refit:  # (only when on: checkpoints made without it keep their bytes)
+        meta["refit"] = True
     if not job.rtn:
         meta.update(calib=job.calib, nsamples=job.nsamples, seqlen=job.seqlen)
     return LeanQuantConfig(

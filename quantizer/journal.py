@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ from torch import Tensor
 from leanquant_serve.format.checkpoint import CONFIG_FILE, CheckpointWriter
 
 from .errors import UserError
-from .job import QuantizeJob, Run, Summary, summary_from_dict
+from .job import QuantizeJob, Run, Summary, summary_from_dict, summary_to_dict
 
 if TYPE_CHECKING:
     from .activations import Activations
@@ -441,7 +440,7 @@ def journal_step(run: Run, i: int, summary: Summary, acts: Activations | None) -
 
 
 def summary_state(summary: Summary) -> dict:
-    return {k: v for k, v in asdict(summary).items() if k != "out"}
+    return {k: v for k, v in summary_to_dict(summary).items() if k != "out"}
 
 
 def summary_from_state(job: QuantizeJob, d: dict) -> Summary:

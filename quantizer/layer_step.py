@@ -209,8 +209,13 @@ def store_sublayer(
     tensors = {f"{full}.{k}": v for k, v in packed.items()}
     if run.observer is not None:
         run.observer(full, r)
+    refit_loss = None
+    if r.refit_loss is not None:  # Σ_rows (w − q)ᵀ H (w − q) before and after --refit
+        before, after = r.refit_loss.sum(0).tolist()
+        refit_loss = (before, after)
+        log.debug("%s: refit lowered the layer-wise loss %.4g -> %.4g", full, before, after)
     report = SublayerReport(
-        name, tuple(m.weight.shape), r.loss, seconds, r.damp, r.retries, dead_inputs
+        name, tuple(m.weight.shape), r.loss, seconds, r.damp, r.retries, dead_inputs, refit_loss
     )
     return tensors, report
 

@@ -27,7 +27,6 @@ import os
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -53,6 +52,7 @@ from .job import (
     checkpoint_config,
     fingerprint,
     summary_from_dict,
+    summary_to_dict,
 )
 from .journal import (
     JournaledWriter,
@@ -295,7 +295,7 @@ def _finish(run: Run, summary: Summary, seconds_before: float) -> Summary:
     summary.peak_gpu_bytes = max(
         (torch.cuda.max_memory_allocated(d) for d in run.devices if d.type == "cuda"), default=0
     )
-    (run.writer.partial / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=1))
+    (run.writer.partial / REPORT_FILE).write_text(json.dumps(summary_to_dict(summary), indent=1))
     run.writer.finalize(run.src.config, run.qcfg, copy_from=run.job.model)
     return summary
 

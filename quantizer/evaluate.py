@@ -1,4 +1,7 @@
-"""Perplexity of an unquantized model or of a LeanQuant checkpoint (through the reference dequantizer)."""
+"""Perplexity of an unquantized model or of a LeanQuant checkpoint (through the reference
+dequantizer), and its distance to a reference model on the same windows: the mean per-token
+KL divergence KL(P_ref ‖ P_model) and the top-1 agreement, the metrics peers publish beside
+perplexity because they separate close methods with fewer tokens."""
 
 from __future__ import annotations
 
@@ -36,6 +39,15 @@ class EvalJob:
     # begin each window with the tokenizer's BOS token if the tokenizer adds one to a text
     # (as lm-eval's add_bos_token; see data.py); False: text tokens only (--no-bos)
     bos: bool = setting(True, BOS_HELP)
+    # a reference model (e.g. the bf16 original): KL(P_ref ‖ P_model) per token and top-1
+    # agreement on the same windows; its own perplexity comes with them
+    ref: str | None = setting(
+        None,
+        "reference model folder (or bundled name) for KL divergence and top-1 agreement on the "
+        "same windows, e.g. the unquantized original",
+        show_default=False,
+        metavar="MODEL",
+    )
 
     def __post_init__(self) -> None:
         """Settings that no model can make right, refused before anything is read."""
@@ -80,6 +92,39 @@ def perplexity(
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def compare(
+    model: nn.Module, ref: nn.Module, windows: Tensor, batch_size: int = 1, device: str = "cpu"
+) -> dict:
+    """Both models on the same windows: each one's perplexity, the mean over scored tokens of
+    KL(P_ref ‖ P_model) = Σ_v p_ref(v) (log p_ref(v) − log p_model(v)) in nats, and the share of
+    tokens where both predict the same top-1 token. Raises UserError if their vocabularies
+    (logit widths) differ."""
+    nll, ref_nll, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
+    for batch in tqdm(windows.split(batch_size), desc="compare", unit="batch", leave=False):
+        ids = batch.to(device)
+        target = ids[:, 1:].reshape(-1)
+        logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        logr = torch.log_softmax(ref(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        if logp.shape[-1] != logr.shape[-1]:
+            raise UserError(
+                f"the reference model has {logr.shape[-1]} logits per token, the model "
+                f"{logp.shape[-1]}: KL needs the same vocabulary"
+            )
+        logp, logr = logp.reshape(-1, logp.shape[-1]), logr.reshape(-1, logr.shape[-1])
+        nll -= logp.gather(1, target[:, None]).sum().item()
+        ref_nll -= logr.gather(1, target[:, None]).sum().item()
+        kl += (logr.exp() * (logr - logp)).sum().item()  # Σ_tokens Σ_v p_ref (log p_ref − log p)
+        agree += int((logp.argmax(1) == logr.argmax(1)).sum())
+        count += target.numel()
+    return {
+        "perplexity": math.exp(nll / count),
+        "ref_perplexity": math.exp(ref_nll / count),
+        "kl_to_ref": kl / count,
+        "top1_agreement": agree / count,
+    }
+
+
 def evaluate(job: EvalJob) -> dict:
     """Perplexity of the model in ``job.model`` on the "eval" split of text source
     ``job.data``. The model, seqlen, text and tokenizer are checked before the weights load."""
@@ -90,14 +135,31 @@ def evaluate(job: EvalJob) -> dict:
         path, job.data, "eval", bos=job.bos, vocab_size=model_vocab_size(config)
     )
     windows = consecutive_windows(tokens, job.seqlen, job.max_windows, bos)
-    model = load_model(path, device=job.device)
-    ppl = perplexity(model, windows, job.batch_size, job.device)
-    return {
+    ref_path = None
+    if job.ref is not None:  # checked before any weights load
+        from .assets import model_path
+
+        ref_path = model_path(job.ref)
+        ref_config = load_config(ref_path)
+        if model_vocab_size(ref_config) != model_vocab_size(config):
+            raise UserError(
+                f"--ref {job.ref}: vocab_size {model_vocab_size(ref_config)} differs from "
+                f"{path}'s {model_vocab_size(config)}: KL needs the same vocabulary"
+            )
+    result = {
         "model": str(path),
         "data": job.data,
         "seqlen": job.seqlen,
         "windows": windows.shape[0],
         "tokens": windows.numel(),
         "bos_token_id": bos,  # what every window begins with (None: text only)
-        "perplexity": ppl,
+    }
+    model = load_model(path, device=job.device)
+    if ref_path is None:
+        return {**result, "perplexity": perplexity(model, windows, job.batch_size, job.device)}
+    ref = load_model(ref_path, device=job.device)
+    return {
+        **result,
+        "ref": str(ref_path),
+        **compare(model, ref, windows, job.batch_size, job.device),
     }

@@ -38,15 +38,15 @@ from leanquant_serve.kernels import lut_triton as lt
 MODULE = "leanquant_serve.kernels.lut_triton"
 
 
-def _interpreted(args, kwargs):
-    """``lut_matmul(*args, **kwargs)`` in the worker, where triton runs interpreted."""
+def _interpreted(args, kwargs, entry="lut_matmul"):
+    """``lut_triton.<entry>(*args, **kwargs)`` in the worker, where triton runs interpreted."""
     torch.set_num_threads(1)
     from triton.runtime.interpreter import InterpretedFunction
 
     from leanquant_serve.kernels import lut_triton
 
     assert isinstance(lut_triton._lut_matmul_kernel, InterpretedFunction)
-    return lut_triton.lut_matmul(*args, **kwargs)
+    return getattr(lut_triton, entry)(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,7 @@ def lut_matmul():
     def run(*args, **kwargs):
         return pool.submit(_interpreted, args, kwargs).result()
 
+    run.table_matmul = lambda *a, **kw: pool.submit(_interpreted, a, kw, "table_matmul").result()
     yield run
     pool.shutdown()
 
@@ -226,6 +227,10 @@ SM90_VARIANTS = [(b, bm, False, "fp16", False) for b in (2, 3, 4, 8) for bm in (
     (3, 16, True, "fp16", False),
     (4, 64, False, "bf16", True),
     (2, 1, False, "bf16", False),
+    # table grids (NF/SF): LUT_IN_REGISTERS slot "table" = shared fp32 table + group scales
+    (4, 1, "table", "fp16", False),
+    (4, 16, "table", "fp16", True),
+    (3, 64, "table", "bf16", False),
 ]
 
 
@@ -244,16 +249,18 @@ def test_compiles_for_h100(variant, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the default; silences its warning
     bits, block_m, regs, xdt, bias = variant
     sig = {name: "i32" for name in fn.arg_names}
-    sig.update(x_ptr=f"*{xdt}", qweight_ptr="*i32", lut_ptr="*fp16", out_ptr=f"*{xdt}")
-    sig["bias_ptr"] = "*fp16"
+    table = regs == "table"  # a table grid: fp32 shared table, fp16 scales per group
+    sig.update(x_ptr=f"*{xdt}", qweight_ptr="*i32", lut_ptr="*fp32" if table else "*fp16")
+    sig.update(out_ptr=f"*{xdt}", bias_ptr="*fp16", scales_ptr="*fp16")
     consts = dict(
         BITS=bits,
         BLOCK_M=block_m,
         BLOCK_N=64,
         BLOCK_K=64,
         HAS_BIAS=bias,
-        LUT_IN_REGISTERS=regs,
+        LUT_IN_REGISTERS=False if table else regs,
         X_IS_FP16=xdt == "fp16",
+        HAS_SCALES=table,
         stride_xk=1,  # unit strides are specialised to constants at launch
         stride_qn=1,
         stride_on=1,
@@ -283,3 +290,58 @@ def test_importable_without_triton():
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# ----------------------------------------------------------------------------- table grids
+
+
+def make_table_linear(bits: int, out_f: int, in_f: int, group_size: int, seed: int):
+    """Stored (qweight, scales, table) of a random table-grid (NF) linear and its fp32 weight."""
+    from quantizer.tables import quantile_table
+
+    g = torch.Generator().manual_seed(seed)
+    table = quantile_table("nf", bits)
+    cfg = LeanQuantConfig(
+        bits=bits, group_size=group_size, grid="table", table=tuple(table.tolist())
+    )
+    codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g)
+    scales = torch.rand(cfg.n_groups(in_f), out_f, generator=g) * 0.1 + 0.01
+    t = pack_linear(cfg, codes, scales=scales)
+    return t["qweight"], t["scales"], table, dequantize_linear(cfg, t)
+
+
+@pytest.mark.parametrize("split", [1, 2], ids=["nosplit", "split"])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 64), (2, -1)])
+def test_table_grid_matches_reference(lut_matmul, bits, group_size, m, split):
+    """Table grids: the shared table (row stride 0) times each (group, row)'s scale, GEMV and
+    tl.dot paths, split or not, with a bias; BLOCK_K = 32 crosses group boundaries at G = 32."""
+    qweight, scales, table, w = make_table_linear(bits, 72, 128, group_size, seed=bits + m)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 128, generator=g).half()
+    b = torch.randn(72, generator=g).half()
+    y = lut_matmul.table_matmul(
+        x, qweight, scales, table, bits, group_size, b, split_k=split, block_k=32
+    )
+    # the GEMV multiplies by the fp32 weight; tl.dot takes fp16 x and W rounded to fp16 (the
+    # portable path's fp16 weight), whose products are exact
+    check_close(y, x, w if m == 1 else w.half().float(), b)
+
+
+def test_table_grid_identity_exact(lut_matmul):
+    """x = I through tl.dot: y = W.T rounded to fp16, every code and every group's scale."""
+    qweight, scales, table, w = make_table_linear(4, 72, 96, 32, seed=3)
+    y = lut_matmul.table_matmul(torch.eye(96, dtype=torch.float16), qweight, scales, table, 4, 32)
+    assert torch.equal(y, w.T.half())
+
+
+@pytest.mark.skipif(lt.triton is None, reason="triton is not installed")
+def test_table_grid_rejects_bad_arguments():
+    qweight, scales, table, _ = make_table_linear(4, 48, 64, 32, seed=0)
+    x = torch.zeros(1, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="scales: shape"):
+        lt.table_matmul(x, qweight, scales[:1], table, 4, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        lt.table_matmul(x, qweight, scales, table, 4, 48)
+    with pytest.raises(ValueError, match="table: shape"):
+        lt.table_matmul(x, qweight, scales, table[:8], 4, 32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -326,3 +327,35 @@ def test_vllm_plugin_serves_table_layers(cfg, world, mode, monkeypatch):
         torch.cat([p[:, per:] for p in parts], 1), x @ w[1].t(), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(down_sum, xi @ w["down"].t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg, act, want",
+    [
+        (table_cfg(4, 32), torch.bfloat16, "leanquant-triton-table"),
+        (table_cfg(3, -1, "sf"), torch.float16, "leanquant-triton-table"),
+        (table_cfg(4, 32), torch.float32, "portable (per-call)"),
+        (table_cfg(2, 32, desc_act=True), torch.bfloat16, "portable (per-call)"),
+    ],
+)
+def test_vllm_plugin_picks_the_triton_kernel_on_cuda(cfg, act, want, monkeypatch):
+    """The CUDA branch, decided here without a GPU: the Triton table kernel for 16-bit
+    activations and contiguous groups; the portable path for float32 or g_idx layers."""
+    pytest.importorskip("vllm")
+    from test_vllm_plugin import HIDDEN, INTER, quant_config, tp_rank
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    from leanquant_serve.kernels import lut_triton
+    from leanquant_serve.vllm import linear, register
+
+    register()
+    monkeypatch.setenv("LEANQUANT_PORTABLE", "per-call")
+    cuda = SimpleNamespace(is_cuda=lambda: True, is_cuda_alike=lambda: True)
+    monkeypatch.setattr(linear, "current_platform", cuda)  # the plugin's view only
+    monkeypatch.setattr(lut_triton, "is_available", lambda device: True)
+    with tp_rank(0, 1):
+        layer = MergedColumnParallelLinear(
+            HIDDEN, [INTER, INTER], bias=False, params_dtype=act, quant_config=quant_config(cfg),
+            prefix="model.layers.0.mlp.gate_up_proj",
+        )  # fmt: skip
+    assert layer.leanquant_kernel == want

@@ -15,6 +15,14 @@ split writes fp32 partial sums to its own slice of a (SPLIT_K, M, N) buffer and 
 them (deterministic, no atomics); split-K is what lets a 1 x 16384 @ 16384 x 16384 call spread
 over all SMs.
 
+The same kernel serves table grids (NormalFloat / Student-Float, grid "table"): one float32
+table of 2**BITS entries shared by every row (passed as ``lut`` with row stride 0) times an fp16
+scale per (group, output row), ``scales`` (G, N) as stored, group g(k) = k // GROUP_SIZE:
+
+    y[m, n] = sum_k x[m, k] * (table[q[k, n]] * scales[k // GROUP_SIZE, n])
+
+the product formed in fp32 as the reference dequantizer forms it (:func:`table_matmul`).
+
 The table lookup is a gather; ``lut_in_registers`` chooses where it reads from: False (default)
 loads lut[n, code] from global memory (L1-resident after the first touch: BLOCK_N rows of
 2**BITS halves), True loads the program's BLOCK_N tables once into registers and uses
@@ -74,15 +82,19 @@ def _lut_matmul_kernel(
     lut_ptr,
     bias_ptr,
     out_ptr,
+    scales_ptr,
     M,
     N,
     K,
     K_PER_SPLIT,
+    GROUP_SIZE,
     stride_xm,
     stride_xk,
     stride_qk,
     stride_qn,
     stride_lut,
+    stride_sg,
+    stride_sn,
     stride_os,
     stride_om,
     stride_on,
@@ -93,8 +105,10 @@ def _lut_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     LUT_IN_REGISTERS: tl.constexpr,
     X_IS_FP16: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
 ):
-    """out[s, m, n] = sum over k in split s of x[m, k] * lut[n, q[k, n]] (+ bias[n] in split 0).
+    """out[s, m, n] = sum over k in split s of x[m, k] * w[k, n] (+ bias[n] in split 0), with
+    w[k, n] = lut[n, q[k, n]], times scales[k // GROUP_SIZE, n] if HAS_SCALES (in fp32).
 
     Grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K). ``out`` is y itself (x's dtype) when
     SPLIT_K == 1, else an fp32 (SPLIT_K, M, N) buffer of partial sums.
@@ -129,6 +143,10 @@ def _lut_matmul_kernel(
             w = tl.gather(table, codes, axis=0)  # w[k, n] = table[codes[k, n], n]
         else:
             w = tl.load(lut_ptr + offs_n[None, :] * stride_lut + codes, mask=mask_kn, other=0.0)
+        if HAS_SCALES:  # table grid: w = table[q] * s[g(k), n], one fp32 product
+            s_ptrs = scales_ptr + (offs_k // GROUP_SIZE)[:, None] * stride_sg
+            s = tl.load(s_ptrs + offs_n[None, :] * stride_sn, mask=mask_kn, other=0.0)
+            w = w.to(tl.float32) * s.to(tl.float32)
         if BLOCK_M == 1:  # decode: GEMV, fp32 products (fp16 x fp16 and bf16 x fp16 are exact)
             x = tl.load(x_ptr + pid_m * stride_xm + offs_k * stride_xk, mask=mask_k, other=0.0)
             acc += x.to(tl.float32)[:, None] * w.to(tl.float32)
@@ -138,8 +156,8 @@ def _lut_matmul_kernel(
                 mask=mask_m[:, None] & mask_k[None, :],
                 other=0.0,
             )
-            if X_IS_FP16:
-                acc = tl.dot(x, w, acc)  # fp16 x fp16 products, fp32 accumulation
+            if X_IS_FP16:  # fp16 x fp16 products, fp32 accumulation (a table grid's w rounded
+                acc = tl.dot(x, w.to(tl.float16), acc)  # to fp16 first, as the portable path)
             else:  # bf16 x: tf32 holds both bf16 x and the fp16 table exactly
                 acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32")
     if BLOCK_M == 1:
@@ -222,6 +240,57 @@ def lut_matmul(
     fp16 as stored; ``bias`` (N,) any float dtype. Returns (..., N) in x's dtype. ``split_k``,
     ``block_n``, ``block_k``: see :func:`launch_plan` (the SM count is 1 off CUDA).
     """
+    n = _check(x, qweight, bits, bias)
+    if tuple(lut.shape) != (n, 1 << bits):
+        raise ValueError(f"lut: shape {tuple(lut.shape)}, expected {(n, 1 << bits)}")
+    lut = lut.contiguous()  # a row's entries adjacent: the kernel reads lut_ptr + n * stride + code
+    return _launch(
+        x, qweight, lut, lut.stride(0), None, 1, bits, bias,
+        split_k, block_n, block_k, lut_in_registers, num_warps,
+    )  # fmt: skip
+
+
+def table_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    table: Tensor,
+    bits: int,
+    group_size: int,
+    bias: Tensor | None = None,
+    *,
+    split_k: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    lut_in_registers: bool = False,
+    num_warps: int = 4,
+) -> Tensor:
+    """y = x @ W^T (+ bias) for a table grid: W[n, k] = table[q[n, k]] * scales[k // G, n].
+
+    ``scales`` (K // G, N) fp16 as stored (G = ``group_size``, -1: one group, G = K);
+    ``table`` (2**bits,) float32 (``quantization_config.table``); groups are contiguous (no
+    ``g_idx``). Other arguments as :func:`lut_matmul`."""
+    n = _check(x, qweight, bits, bias)
+    k = qweight.shape[0] * 32 // bits
+    g = k if group_size == -1 else group_size
+    if g <= 0 or k % g:
+        raise ValueError(f"group_size: {group_size} does not divide K = {k}")
+    if tuple(scales.shape) != (k // g, n):
+        raise ValueError(f"scales: shape {tuple(scales.shape)}, expected {(k // g, n)}")
+    if tuple(table.shape) != (1 << bits,):
+        raise ValueError(f"table: shape {tuple(table.shape)}, expected {(1 << bits,)}")
+    for name, t in (("scales", scales), ("table", table)):
+        if t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, x on {x.device}")
+    table = table.to(torch.float32).contiguous()
+    return _launch(
+        x, qweight, table, 0, scales, g, bits, bias,
+        split_k, block_n, block_k, lut_in_registers, num_warps,
+    )  # fmt: skip
+
+
+def _check(x: Tensor, qweight: Tensor, bits: int, bias: Tensor | None) -> int:
+    """The arguments both entry points share; returns N."""
     if triton is None:
         raise RuntimeError("lut_matmul needs triton, which is not importable here")
     if bits not in SUPPORTED_BITS:
@@ -235,19 +304,35 @@ def lut_matmul(
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"x: last dim {x.shape[-1]}, qweight packs {k} inputs at {bits} bits")
-    if tuple(lut.shape) != (n, 1 << bits):
-        raise ValueError(f"lut: shape {tuple(lut.shape)}, expected {(n, 1 << bits)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected {(n,)}")
-    for name, t in (("qweight", qweight), ("lut", lut), ("bias", bias)):
+    for name, t in (("qweight", qweight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: on {t.device}, x on {x.device}")
+    return n
 
+
+def _launch(
+    x: Tensor,
+    qweight: Tensor,
+    lut: Tensor,
+    stride_lut: int,
+    scales: Tensor | None,
+    group_size: int,
+    bits: int,
+    bias: Tensor | None,
+    split_k: int | None,
+    block_n: int | None,
+    block_k: int | None,
+    lut_in_registers: bool,
+    num_warps: int,
+) -> Tensor:
+    """Plan and launch :func:`_lut_matmul_kernel` on checked arguments."""
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    lut = lut.contiguous()  # a row's entries adjacent: the kernel reads lut_ptr + n * stride + code
     sms = (
         torch.cuda.get_device_properties(x.device).multi_processor_count
         if x.device.type == "cuda"
@@ -266,15 +351,19 @@ def lut_matmul(
         lut,
         bias if bias is not None else out,  # dummy pointer, never read without HAS_BIAS
         out,
+        scales if scales is not None else lut,  # dummy pointer, never read without HAS_SCALES
         m,
         n,
         k,
         plan.k_per_split,
+        group_size,
         x2.stride(0),
         x2.stride(1),
         qweight.stride(0),
         qweight.stride(1),
-        lut.stride(0),
+        stride_lut,
+        scales.stride(0) if scales is not None else 0,
+        scales.stride(1) if scales is not None else 0,
         out.stride(0),
         out.stride(1),
         out.stride(2),
@@ -285,6 +374,7 @@ def lut_matmul(
         HAS_BIAS=bias is not None,
         LUT_IN_REGISTERS=lut_in_registers,
         X_IS_FP16=x.dtype == torch.float16,
+        HAS_SCALES=scales is not None,
         num_warps=num_warps,
     )
     y = out[0] if split_k == 1 else out.sum(0).to(x.dtype)

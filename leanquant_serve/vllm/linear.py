@@ -20,8 +20,9 @@ Stored layouts, and what happens at load (``process_weights_after_loading``):
   layers run the portable path (quantize with static groups, the default, to avoid that).
 - ``lut`` (out, 2**b) fp16, sharded with the output.
 - table grids (NormalFloat / Student-Float): ``qweight`` and ``scales`` as affine (no zero
-  points), the fixed table from ``quantization_config.table``; no vLLM kernel takes a
-  per-group scale of a fixed table, so they run the portable path everywhere.
+  points), the fixed table from ``quantization_config.table``. No vLLM kernel takes a fixed
+  table with a per-group scale: on CUDA this project's Triton kernel runs them (16-bit
+  activations, contiguous groups), elsewhere the portable path.
 
 The portable path has two modes, chosen by ``LEANQUANT_PORTABLE``: ``per-call`` dequantizes
 each weight for every forward (memory stays that of the packed codes: the default on GPUs,
@@ -419,7 +420,8 @@ class LeanQuantLUTLinearMethod(_LeanQuantLinearMethod):
 @register_weight_loader_v2_supported_method
 class LeanQuantTableLinearMethod(_LeanQuantLinearMethod):
     """w = table[q] * s per (group, output row): a fixed NormalFloat / Student-Float table
-    (``quantization_config.table``) with a learned fp16 scale per group. Portable path only."""
+    (``quantization_config.table``) with a learned fp16 scale per group. CUDA: the Triton
+    kernel (``lut_triton.table_matmul``) where it can run; else the portable path."""
 
     def create_weights(
         self,
@@ -438,16 +440,33 @@ class LeanQuantTableLinearMethod(_LeanQuantLinearMethod):
         self._scales(layer, input_size, in_part, out_part, loader)
         self._g_idx(layer, in_part, loader)
         self.act_dtype = params_dtype
+        self.use_triton, reason = self._triton_reason(params_dtype)
         self.portable = portable_mode()
-        layer.leanquant_kernel = f"{PORTABLE} ({self.portable})"
+        layer.leanquant_kernel = (
+            "leanquant-triton-table" if self.use_triton else f"{PORTABLE} ({self.portable})"
+        )
         _log_once(
             f"table {self.qcfg.bits}-bit g{self.qcfg.group_size} layers use {layer.leanquant_kernel}",
-            "no vLLM kernel takes a fixed table with a per-group scale",
+            reason,
         )
+
+    def _triton_reason(self, act: torch.dtype) -> tuple[bool, str | None]:
+        """(whether the Triton kernel runs these layers, why not)."""
+        if not current_platform.is_cuda():
+            return False, "no vLLM kernel takes a fixed table with a per-group scale; ours needs CUDA"
+        if self.qcfg.uses_g_idx:
+            return False, "act-order with dynamic groups (g_idx): the Triton kernel takes contiguous groups"
+        if act not in KERNEL_ACT_DTYPES:
+            return False, f"the Triton kernel computes in float16/bfloat16, not {act}"
+        from ..kernels import lut_triton
+
+        if not lut_triton.is_available(torch.device("cuda")):
+            return False, "triton is not importable"
+        return True, None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         table = torch.tensor(self.qcfg.table, dtype=torch.float32, device=layer.qweight.device)
-        if self.portable == "dense":
+        if not self.use_triton and self.portable == "dense":
             w_t = portable.dequantize_table_t(
                 layer.qweight, layer.scales, table, self.qcfg.bits,
                 getattr(layer, "g_idx", None), self.act_dtype,
@@ -457,6 +476,13 @@ class LeanQuantTableLinearMethod(_LeanQuantLinearMethod):
         layer.leanquant_table = table
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.use_triton:
+            from ..kernels import lut_triton
+
+            return lut_triton.table_matmul(
+                x, layer.qweight, layer.scales, layer.leanquant_table, self.qcfg.bits,
+                self.qcfg.group_size, bias,
+            )
         if self.portable == "dense":
             return _dense_apply(layer, x, bias)
         return portable.table_matmul(

@@ -144,7 +144,8 @@ def _cmd_export_bnb_nf4(a: argparse.Namespace) -> None:
 
     r = _export(a, export_bnb_nf4, "as bitsandbytes NF4")
     print(
-        f"wrote {r.out}: {r.layers} linears as bitsandbytes NF4, blocksize {r.blocksize}, "
+        f"wrote {r.out}: {r.layers} linears as bitsandbytes NF4, blocksize "
+        f"{'/'.join(map(str, r.blocksizes))}, "
         f"compute dtype {r.quantization_config['bnb_4bit_compute_dtype']}"
     )
 

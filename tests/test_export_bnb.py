@@ -28,6 +28,7 @@ KINDS = {
     "nf4-g64": dict(fit="nf", bits=4, group_size=64),
     "nf4-g64-dynamic": dict(fit="nf", bits=4, group_size=64, static_groups=False),
     "nf4-g32": dict(fit="nf", bits=4, group_size=32),
+    "nf4-pc": dict(fit="nf", bits=4, group_size=-1),  # blocksizes 64 (in = 64) and 128 (down)
     "nf3-g64": dict(fit="nf", bits=3, group_size=64),
     "sf4-g64": dict(fit="sf", bits=4, group_size=64),
     "affine-g64": dict(fit="affine", bits=4, group_size=64),
@@ -57,7 +58,7 @@ def checkpoint(tiny_model, calib_text, tmp_path_factory):
 def exported(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bnb") / "nf4"
     r = export_bnb_nf4(checkpoint("nf4-g64"), out)
-    assert r.blocksize == 64 and r.layers == 14
+    assert r.blocksizes == (64,) and r.layers == 14
     return out
 
 
@@ -107,11 +108,19 @@ def test_files_hold_what_bitsandbytes_reads(checkpoint, exported):
         assert tensors[f"{p}.weight"].shape == (out_f * in_f // 2, 1)
 
 
+@pytest.mark.parametrize("kind", ["nf4-g64", "nf4-pc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_bitsandbytes_dequantizes_to_the_reference_bit_for_bit(checkpoint, exported, dtype):
-    src = Checkpoint(checkpoint("nf4-g64"))
+def test_bitsandbytes_dequantizes_to_the_reference_bit_for_bit(
+    kind, dtype, checkpoint, exported, tmp_path
+):
+    src = Checkpoint(checkpoint(kind))
+    if kind == "nf4-g64":
+        out = exported
+    else:  # per-row scales: each layer's blocksize is its in_features
+        out = tmp_path / "bnb"
+        assert export_bnb_nf4(src.path, out).blocksizes == (64, 128)
     tensors = {}
-    for f in exported.glob("*.safetensors"):
+    for f in out.glob("*.safetensors"):
         tensors.update(load_file(f))
     for p in src.quantized_prefixes():
         w = f"{p}.weight"

@@ -24,9 +24,10 @@ would not be exact). ``quantization_config``: transformers' ``BitsAndBytesConfig
 ``load_in_4bit``, ``bnb_4bit_quant_type: nf4``, compute dtype = the model's dtype, and
 ``llm_int8_skip_modules`` = every ``nn.Linear`` of the architecture left unquantized.
 
-Refused (:class:`ExportError`, one line): grids other than ``table``, tables other than NF4,
-bits other than 4, group sizes that are not a bitsandbytes blocksize (64 .. 4096, powers of
-two; -1 only when in_features is one), act-order with dynamic groups (``g_idx``).
+Each layer's blocksize is the group size (per-row scales: in_features) and lives in its own
+``quant_state``, so layers may differ. Refused (:class:`ExportError`, one line): grids other
+than ``table``, tables other than NF4, bits other than 4, blocksizes bitsandbytes does not
+have (64 .. 4096, powers of two), act-order with dynamic groups (``g_idx``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class ExportResult:
     out: Path
     quantization_config: dict[str, Any]
     layers: int  # quantized linears written
-    blocksize: int
+    blocksizes: tuple[int, ...]  # the layers' blocksizes, ascending
 
 
 def _model_dtype(hf_config: Mapping[str, Any]) -> str:
@@ -89,8 +90,9 @@ def pack_nf4(codes: torch.Tensor) -> torch.Tensor:
     return ((q[::2] << 4) | q[1::2]).unsqueeze(1).contiguous()
 
 
-def _blocksize(src: Checkpoint, prefixes: list[str]) -> int:
-    """Check the checkpoint is NF4 that bitsandbytes holds exactly; returns the blocksize."""
+def _blocksizes(src: Checkpoint, prefixes: list[str]) -> dict[str, int]:
+    """Check the checkpoint is NF4 that bitsandbytes holds exactly; returns each layer's
+    blocksize."""
     cfg = src.qcfg
     if cfg.grid != "table":
         raise ExportError(
@@ -105,7 +107,7 @@ def _blocksize(src: Checkpoint, prefixes: list[str]) -> int:
             "table): bitsandbytes' kernels dequantize with their own NF4 values"
         )
     names = set(src.tensor_names())
-    blocksizes = set()
+    blocksizes = {}
     for prefix in prefixes:
         if f"{prefix}.g_idx" in names:
             g_idx = src.get(f"{prefix}.g_idx").long()
@@ -116,16 +118,14 @@ def _blocksize(src: Checkpoint, prefixes: list[str]) -> int:
                 )
         qweight = src.get(f"{prefix}.qweight")
         in_features = qweight.shape[0] * 32 // cfg.bits
-        blocksizes.add(in_features if cfg.group_size == -1 else cfg.group_size)
-    bad = sorted(b for b in blocksizes if b not in BLOCKSIZES)
-    if bad:
-        what = "per-row scales over" if cfg.group_size == -1 else "group size"
-        raise ExportError(
-            f"{what} {bad[0]}: bitsandbytes blocksizes are {', '.join(map(str, BLOCKSIZES))}"
-        )
-    if len(blocksizes) != 1:
-        raise ExportError(f"per-row scales give blocksizes {sorted(blocksizes)}: need one")
-    return blocksizes.pop()
+        size = in_features if cfg.group_size == -1 else cfg.group_size
+        if size not in BLOCKSIZES:
+            what = f"{prefix}: per-row scales over" if cfg.group_size == -1 else "group size"
+            raise ExportError(
+                f"{what} {size}: bitsandbytes blocksizes are {', '.join(map(str, BLOCKSIZES))}"
+            )
+        blocksizes[prefix] = size
+    return blocksizes
 
 
 class BitsAndBytesNF4Exporter(Exporter):
@@ -133,7 +133,7 @@ class BitsAndBytesNF4Exporter(Exporter):
 
     def __init__(self, src: Checkpoint, prefixes: list[str]) -> None:
         super().__init__(src, prefixes)
-        self.blocksize = _blocksize(src, prefixes)
+        self.blocksizes = _blocksizes(src, prefixes)
         self.dtype = _model_dtype(src.hf_config)
         linears, fused = _linear_modules(src.hf_config, src.path)
         strays = sorted(set(prefixes) - set(linears))
@@ -155,7 +155,7 @@ class BitsAndBytesNF4Exporter(Exporter):
             f"{w}.absmax": absmax.contiguous(),
             f"{w}.quant_map": torch.tensor(NF4, dtype=torch.float32),
             f"{w}.quant_state.bitsandbytes__{QUANT_TYPE}": quant_state_bytes(
-                self.blocksize, self.dtype, (out_features, in_features)
+                self.blocksizes[prefix], self.dtype, (out_features, in_features)
             ),
         }
 
@@ -192,4 +192,4 @@ def export_bnb_nf4(
     exporter, out, qconfig = export(BitsAndBytesNF4Exporter, src_dir, out_dir, overwrite=overwrite)
     layers = len(exporter.prefixes)
     log.info("exported %d quantized linears to %s (bitsandbytes nf4)", layers, out)
-    return ExportResult(out, qconfig, layers, exporter.blocksize)
+    return ExportResult(out, qconfig, layers, tuple(sorted(set(exporter.blocksizes.values()))))

@@ -1,14 +1,24 @@
 """Text for calibration and evaluation, as token windows.
 
-A text source is a local file (.txt, .jsonl/.json with a "text" field), a folder of
-such files (read through ``datasets``' local loaders), ``wiki-sample`` (the bundled
-offline Wikipedia sample, see ``assets``), or a hub dataset name (``wikitext2``, ``c4``),
-which needs network access to the Hugging Face hub.
+A text source is a local file (.txt, .jsonl/.json), a folder of such files (read through
+``datasets``' local loaders), a folder written by ``datasets``' ``save_to_disk``, a
+``datasets.Dataset`` object (Python API), ``wiki-sample`` (the bundled offline Wikipedia
+sample, see ``assets``), or a hub dataset name (``wikitext2``, ``c4``), which needs network
+access to the Hugging Face hub. JSON records and dataset rows hold either ``text`` (a
+document) or ``messages`` (a chat: a list of ``{"role", "content"}``), which is rendered with
+the tokenizer's chat template, as llm-compressor's examples do for instruct models.
 
 Windows begin with the tokenizer's BOS token when the tokenizer adds one to a text (decided
 from its output, as lm-eval's ``add_bos_token`` does for the models that need it, e.g. the
 Gemma family), unless ``bos=False`` (``--no-bos``): a window is then [BOS] + seqlen − 1 text
-tokens, so its length stays ``seqlen``.
+tokens, so its length stays ``seqlen``. A chat template that writes its own BOS is rendered
+without it, so no window holds two.
+
+Calibration windows (``--calib-windows``): ``random`` draws them at random offsets of the
+documents joined by blank lines (the GPTQ/LeanQuant recipe; any text, windows may straddle
+documents); ``document`` takes the start of randomly drawn documents long enough for a whole
+window (each window one document from its beginning, as a served prompt begins: use it for
+chat data, where the template's header is what the model sees first).
 """
 
 from __future__ import annotations
@@ -40,19 +50,37 @@ HUB_DATASETS = {
         20_000,
     ),
 }
+CALIB_WINDOWS = ("random", "document")  # --calib-windows
 _LOCAL_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json"}
 
 
-def load_text(source: str, split: str = "calib") -> str:
-    """All text of ``source`` joined by blank lines; ``split`` is "calib" or "eval" for named sources."""
+def load_text(source, split: str = "calib", tokenizer=None) -> str:
+    """All text of ``source`` joined by blank lines; ``split`` is "calib" or "eval" for named
+    sources; ``tokenizer`` renders chat records (see :func:`load_documents`)."""
+    if source == "wiki-sample":  # the file as it is (its articles: blank-line separated)
+        return _wiki_text(split)
+    return "\n\n".join(load_documents(source, split, tokenizer))
+
+
+def _wiki_text(split: str) -> str:
+    from .assets import wiki_splits
+
+    splits = wiki_splits()
+    path = splits.calib if split == "calib" else splits.eval
+    return _nonempty(path.read_text(encoding="utf-8"), "wiki-sample")
+
+
+def load_documents(source, split: str = "calib", tokenizer=None) -> list[str]:
+    """The documents of ``source`` (a name, path or ``datasets.Dataset``), non-empty, in order.
+    Chat records (``messages``) are rendered with ``tokenizer``'s chat template. Raises
+    UserError for a missing, empty or unreadable source."""
     import datasets
 
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return _documents(_one_split(source, split, "the dataset"), "the dataset", tokenizer)
+    source = str(source)
     if source == "wiki-sample":
-        from .assets import wiki_splits
-
-        splits = wiki_splits()
-        path = splits.calib if split == "calib" else splits.eval
-        return _nonempty(path.read_text(encoding="utf-8"), source)
+        return [d for d in _wiki_text(split).split("\n\n") if d.strip()]
     if source in HUB_DATASETS:
         path, name, files, calib_split, eval_split, limit = HUB_DATASETS[source]
         which = calib_split if split == "calib" else eval_split
@@ -61,13 +89,19 @@ def load_text(source: str, split: str = "calib") -> str:
         )
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        return _nonempty("\n\n".join(t for t in ds["text"] if t), source)
+        return _documents(ds, source, tokenizer)
     p = Path(source)
     if not p.exists():
         raise UserError(
             f"text source {source!r} is neither an existing file or folder nor one of "
             f"wiki-sample, {', '.join(HUB_DATASETS)}"
         )
+    if p.is_dir() and any((p / f).is_file() for f in _SAVED_MARKERS):  # save_to_disk
+        try:
+            saved = datasets.load_from_disk(str(p))
+        except (OSError, ValueError, FileNotFoundError) as e:
+            raise UserError(f"cannot read the saved dataset {source}: {_first_line(e)}") from e
+        return _documents(_one_split(saved, split, source), source, tokenizer)
     files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.suffix in _LOCAL_SUFFIXES)
     if not files:
         raise UserError(f"no .txt, .jsonl or .json files in {source}")
@@ -94,9 +128,64 @@ def load_text(source: str, split: str = "calib") -> str:
         datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
-    if "text" not in ds.column_names:
-        raise UserError(f"{source}: JSON records need a 'text' field (found {ds.column_names})")
-    return _nonempty("\n\n".join(t for t in ds["text"] if t), source)
+    return _documents(ds, source, tokenizer)
+
+
+# Files ``datasets``' save_to_disk writes in a Dataset (state.json) or DatasetDict folder.
+_SAVED_MARKERS = ("state.json", "dataset_dict.json")
+
+
+def _one_split(ds, split: str, source: str):
+    """A ``datasets.Dataset`` from a Dataset or DatasetDict: its only split, else "train" for
+    calibration and "test" / "validation" for evaluation."""
+    import datasets
+
+    if isinstance(ds, datasets.Dataset):
+        return ds
+    names = list(ds)
+    wanted = ["train"] if split == "calib" else ["test", "validation"]
+    pick = names[0] if len(names) == 1 else next((w for w in wanted if w in ds), None)
+    if pick is None:
+        raise UserError(
+            f"{source}: splits {names}; none is {' or '.join(wanted)} for "
+            f"{'calibration' if split == 'calib' else 'evaluation'}: save one split"
+        )
+    return ds[pick]
+
+
+def _documents(ds, source: str, tokenizer) -> list[str]:
+    """The non-empty documents of a ``datasets.Dataset`` with a ``text`` or ``messages`` column."""
+    if "text" in ds.column_names:
+        docs = [t for t in ds["text"] if t]
+    elif "messages" in ds.column_names:
+        docs = [render_chat(tokenizer, m, source) for m in ds["messages"] if m]
+    else:
+        raise UserError(
+            f"{source}: records need a 'text' field or a 'messages' list (found "
+            f"{ds.column_names})"
+        )
+    if not any(d.strip() for d in docs):
+        raise _no_text(source)
+    return docs
+
+
+def render_chat(tokenizer, messages, source: str) -> str:
+    """A chat (list of ``{"role", "content"}``) as the tokenizer's chat template writes it, without
+    a leading BOS (windows get theirs from ``bos``). Raises UserError if there is no tokenizer or
+    no template, or the messages do not fit it."""
+    if tokenizer is None:
+        raise UserError(f"{source}: chat records ('messages') need the model's tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{source}: chat records ('messages') but the tokenizer has no chat template; "
+            "use 'text' records"
+        )
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # jinja2 errors, bad roles, ...: the template's own message
+        raise UserError(f"{source}: cannot render a chat record: {_first_line(e)}") from e
+    bos = tokenizer.bos_token
+    return text[len(bos) :] if bos and text.startswith(bos) else text
 
 
 def _first_line(e: BaseException) -> str:
@@ -152,10 +241,22 @@ def text_tokens(
     the id windows begin with: its BOS if ``bos`` and the tokenizer adds one, else None.
     Refuses ids the model's embedding (``vocab_size`` rows) cannot look up."""
     tokenizer = load_tokenizer(model, "calibration" if split == "calib" else "evaluation")
-    tokens = tokenize(tokenizer, load_text(source, split))
+    tokens = tokenize(tokenizer, load_text(source, split, tokenizer))
     bos_id = bos_token_id(tokenizer) if bos else None
     check_token_ids(tokens, bos_id, vocab_size, model)
     return tokens, bos_id
+
+
+def document_tokens(
+    model: Path, source, split: str, *, bos: bool, vocab_size: int
+) -> tuple[list[Tensor], int | None]:
+    """As :func:`text_tokens`, one 1-D tensor per document (for ``--calib-windows document``)."""
+    tokenizer = load_tokenizer(model, "calibration" if split == "calib" else "evaluation")
+    docs = [tokenize(tokenizer, d) for d in load_documents(source, split, tokenizer)]
+    bos_id = bos_token_id(tokenizer) if bos else None
+    for d in docs:
+        check_token_ids(d, bos_id, vocab_size, model)
+    return docs, bos_id
 
 
 def check_token_ids(tokens: Tensor, bos: int | None, vocab_size: int, model: Path) -> None:
@@ -211,6 +312,26 @@ def random_windows(
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - n, (nsamples,), generator=g)
     return _bos_windows(torch.stack([tokens[s : s + n] for s in starts.tolist()]), bos)
+
+
+def document_windows(
+    docs: list[Tensor], nsamples: int, seqlen: int, seed: int, bos: int | None = None
+) -> Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens, each the beginning of a different document
+    drawn at random (with ``seed``) among those long enough for a whole window; with ``bos``,
+    each is [bos] + the document's first seqlen − 1 tokens. Raises UserError if fewer than
+    ``nsamples`` documents are long enough."""
+    n = _text_per_window(seqlen, bos)
+    long_enough = [d for d in docs if d.numel() >= n]
+    if len(long_enough) < nsamples:
+        raise UserError(
+            f"--calib-windows document: {len(long_enough)} of {len(docs)} calibration documents "
+            f"hold a window of --seqlen {seqlen}, fewer than --nsamples {nsamples}: lower "
+            "--seqlen or --nsamples, or use --calib-windows random"
+        )
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(long_enough), generator=g)[:nsamples].tolist()
+    return _bos_windows(torch.stack([long_enough[i][:n] for i in picks]), bos)
 
 
 def consecutive_windows(

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,10 +23,19 @@ from torch import Tensor, nn
 from leanquant_serve.format import LeanQuantConfig
 
 from .activations import PLACES
-from .data import check_seqlen, model_vocab_size, random_windows, text_tokens
+from .data import (
+    CALIB_WINDOWS,
+    check_seqlen,
+    document_tokens,
+    document_windows,
+    model_vocab_size,
+    random_windows,
+    text_tokens,
+)
 from .errors import UserError, check_counts
 from .flags import BOS_HELP, parse_size, setting
 from .gptq import GPTQSettings, QuantizedWeight
+from .moe import CALIBRATION
 from .source import SourceModel
 
 if TYPE_CHECKING:
@@ -48,10 +57,20 @@ class QuantizeJob:
     settings: GPTQSettings = field(default_factory=GPTQSettings)
     # round-to-nearest: no calibration, no error feedback
     rtn: bool = setting(False, "round to nearest: no calibration, no GPTQ updates")
-    calib: str | None = setting(  # text source, see data.load_text
+    # text source, see data.py (the Python API also takes a datasets.Dataset)
+    calib: str | Any | None = setting(
         None,
-        "calibration text: a .txt/.jsonl file or folder, wiki-sample, wikitext2 or c4",
+        "calibration text: a .txt/.jsonl file or folder ('text' or chat 'messages' records), "
+        "a datasets save_to_disk folder, wiki-sample, wikitext2 or c4",
         show_default=False,
+    )
+    # how windows are cut (data.py): random offsets of the joined text, or document starts
+    calib_windows: str = setting(
+        "random",
+        "random: windows at random offsets of the documents joined (any text); document: "
+        "each window the beginning of a different document long enough for it (chat data: "
+        "the model sees the template's start, as when served)",
+        choices=CALIB_WINDOWS,
     )
     nsamples: int = setting(128, "calibration windows")
     seqlen: int = setting(2048, "tokens per calibration window, BOS included")
@@ -95,6 +114,20 @@ class QuantizeJob:
         repeat=True,
         show_default=False,
     )
+    # Mixture-of-Experts calibration (quantizer/moe.py): every calibration token through every
+    # expert for the Hessians (llm-compressor's choice), or only the tokens the router sends
+    moe_calibration: str = setting(
+        "all",
+        "MoE experts' Hessians from every calibration token through every expert (all: the "
+        "experts' input H is shared and factored once per layer) or only the tokens the "
+        "router sends them (routed); the next layer's inputs always use the real routing",
+        choices=CALIBRATION,
+    )
+    moe_min_tokens: int = setting(
+        64,
+        "an expert linear calibrated on fewer tokens than this uses its all-token Hessian "
+        "instead (counted in the report)",
+    )
     overwrite: bool = setting(False, "replace an existing output folder")
     max_shard_bytes: int = setting(
         4 * 1024**3,
@@ -125,7 +158,10 @@ class QuantizeJob:
             seqlen=self.seqlen,
             batch_size=self.batch_size,
             max_shard_size=self.max_shard_bytes,
+            moe_min_tokens=self.moe_min_tokens,
         )
+        if self.moe_calibration not in CALIBRATION:
+            raise UserError(f"--moe-calibration must be one of {', '.join(CALIBRATION)}")
         if self.rtn and self.settings.refit:
             raise UserError("--refit needs calibration (a Hessian); it does nothing with --rtn")
         if self.resume and self.fresh:
@@ -168,12 +204,21 @@ class Summary:
     layers: list[list[SublayerReport]] = field(default_factory=list)
     activation_bytes: int = 0  # of one layer's calibration inputs, as stored
     bos_token_id: int | None = None  # what every calibration window begins with (None: text)
+    # weights of the decoder layers left unquantized: routers by rule, --skip matches
+    # ({"name", "shape", "share" of its layer's parameters, "why"}); absent when none
+    skipped: list[dict] = field(default_factory=list)
+    # MoE expert linears calibrated on fewer than --moe-min-tokens tokens, which used their
+    # all-token Hessian instead ({"name", "tokens"}); absent when none
+    moe_fallbacks: list[dict] = field(default_factory=list)
 
 
 def summary_to_dict(summary: Summary) -> dict:
     """The summary as ``quantize_report.json`` holds it: fields of options that were off
     (``refit_loss`` without --refit) are left out, so such reports are as before them."""
     d = asdict(summary)
+    for key in ("skipped", "moe_fallbacks"):  # reports of dense models stay as before
+        if not d[key]:
+            del d[key]
     for layer in d["layers"]:
         for r in layer:
             if r["refit_loss"] is None:
@@ -212,7 +257,9 @@ def checkpoint_config(job: QuantizeJob, not_converted: list[str]) -> LeanQuantCo
     if s.refit:  # (only when on: checkpoints made without it keep their bytes)
         meta["refit"] = True
     if not job.rtn:
-        meta.update(calib=job.calib, nsamples=job.nsamples, seqlen=job.seqlen)
+        meta.update(calib=calib_name(job.calib), nsamples=job.nsamples, seqlen=job.seqlen)
+        if job.calib_windows != "random":  # (only when not the default: bytes as before)
+            meta["calib_windows"] = job.calib_windows
     return LeanQuantConfig(
         bits=s.bits,
         group_size=s.group_size,
@@ -237,10 +284,22 @@ def calibration_windows(job: QuantizeJob, config) -> tuple[Tensor, int | None]:
             f"--nsamples {job.nsamples} is not a multiple of --batch-size {job.batch_size}"
         )
     check_seqlen(job.seqlen, config, job.model)
-    tokens, bos = text_tokens(
-        job.model, job.calib, "calib", bos=job.bos, vocab_size=model_vocab_size(config)
-    )
+    vocab = model_vocab_size(config)
+    if job.calib_windows == "document":
+        docs, bos = document_tokens(job.model, job.calib, "calib", bos=job.bos, vocab_size=vocab)
+        return document_windows(docs, job.nsamples, job.seqlen, job.settings.seed, bos), bos
+    tokens, bos = text_tokens(job.model, job.calib, "calib", bos=job.bos, vocab_size=vocab)
     return random_windows(tokens, job.nsamples, job.seqlen, job.settings.seed, bos), bos
+
+
+def calib_name(calib) -> str | None:
+    """The calibration source as JSON can hold it: its name or path, or for a
+    ``datasets.Dataset`` object its content fingerprint (``datasets``' own hash)."""
+    if calib is None or isinstance(calib, str):
+        return calib
+    if isinstance(calib, Path):
+        return str(calib)
+    return f"datasets.Dataset:{getattr(calib, '_fingerprint', type(calib).__name__)}"
 
 
 def _sha256(data: bytes) -> str:
@@ -259,7 +318,8 @@ def fingerprint(job: QuantizeJob, src: SourceModel, windows: Tensor | None) -> d
         "model_tensors_sha256": _sha256(json.dumps(sorted(src.weight_map.items())).encode()),
         "settings": asdict(job.settings),
         "rtn": job.rtn,
-        "calib": None if job.rtn else job.calib,
+        "calib": None if job.rtn else calib_name(job.calib),
+        "calib_windows": None if job.rtn else job.calib_windows,
         "nsamples": None if job.rtn else job.nsamples,
         "seqlen": None if job.rtn else job.seqlen,
         "batch_size": None if job.rtn else job.batch_size,
@@ -268,6 +328,8 @@ def fingerprint(job: QuantizeJob, src: SourceModel, windows: Tensor | None) -> d
         "dtype": job.dtype,
         "act_dtype": job.act_dtype or job.dtype,  # not where they live: that changes no value
         "skip": list(job.skip),
+        "moe_calibration": job.moe_calibration,
+        "moe_min_tokens": job.moe_min_tokens,
         "max_shard_bytes": job.max_shard_bytes,
     }
     return json.loads(json.dumps(fp))
@@ -293,6 +355,7 @@ class Run:
     dtype: torch.dtype
     observer: Callable[[str, QuantizedWeight], None] | None
     t0: float
+    skipped: list[dict] = field(default_factory=list)  # Summary.skipped
 
     @property
     def device(self) -> torch.device:

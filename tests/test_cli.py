@@ -316,7 +316,10 @@ def test_json_records_without_a_text_field(capsys, tiny_model, tmp_path):
     code = main(quantize(tiny_model("llama"), tmp_path / "out", "--calib", str(text), *FAST))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0] == f"leanquant: error: {text}: JSON records need a 'text' field (found ['content'])"
+    assert err[0] == (
+        f"leanquant: error: {text}: records need a 'text' field or a 'messages' list "
+        "(found ['content'])"
+    )
 
 
 @pytest.mark.parametrize(

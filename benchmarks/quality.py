@@ -5,7 +5,8 @@ Every quantization runs as its own `leanquant quantize` process (so peak RSS is 
 every evaluation as `leanquant eval`. Calibration: windows from the Wikipedia sample's
 calibration split; perplexity on its disjoint evaluation split. Results go to
 benchmarks/results/quality-<model>.{json,md,png}; finished rows are cached in --work
-(runs/quality-<model>) so an interrupted benchmark resumes; --redo METHODS measures those
+(runs/quality-<model>) so an interrupted benchmark resumes (a killed quantization continues
+after its last finished layer: `leanquant quantize --resume`); --redo METHODS measures those
 methods again (after a change to their code) and keeps the other cached rows.
 
     python benchmarks/quality.py                       # the full table (about an hour on 2 cores)
@@ -194,7 +195,7 @@ def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Names
     out = a.work / f"{setting}-{method}"
     flags = (
         f"--bits {bits} --group-size {g} --calib wiki-sample --nsamples {a.nsamples} "
-        f"--seqlen {a.seqlen} --overwrite"
+        f"--seqlen {a.seqlen} --overwrite --resume"  # a killed row continues, same bytes
     ).split()
     t = time.time()
     p = run(CLI + ["quantize", str(src), str(out), *flags, *METHODS[method]])

@@ -1,12 +1,35 @@
 """``leanquant``: the product's entry points over the quantizer and the engines' packages.
 
 ``leanquant.cli`` is the ``leanquant`` command (``quantize``, ``eval``, ``export``, ``plan``,
-``fetch-assets``): a thin layer that builds its flags from the dataclasses below and calls them,
-so the library and the command share every default and every check.
+``fetch-assets``, ``demo``): a thin layer that builds its flags from the settings dataclasses
+and calls the Python API below, so the library and the command share every default and check
+(and write byte-identical checkpoints).
 
-Python API (the same calls the CLI makes):
+Python API (:mod:`leanquant.api`)::
 
-- :class:`quantizer.pipeline.QuantizeJob` + :func:`quantizer.pipeline.quantize_model`
-- :class:`quantizer.gptq.GPTQSettings` (the grid, bits, groups, act-order, ...)
-- :class:`quantizer.evaluate.EvalJob` + :func:`quantizer.evaluate.evaluate`
+    import leanquant
+    from leanquant import GPTQSettings
+
+    leanquant.quantize("smollm2", "out/w4g64", GPTQSettings(bits=4, group_size=64),
+                       calib="wiki-sample", nsamples=32, seqlen=512)
+    leanquant.evaluate("out/w4g64", ref="smollm2", seqlen=1024, max_windows=16)
+    leanquant.export("compressed-tensors", "out/w4g64", "out/w4g64-ct")
 """
+
+from quantizer.evaluate import EvalJob
+from quantizer.gptq import GPTQSettings
+from quantizer.pipeline import QuantizeJob, Summary
+
+from .api import EXPORT_TARGETS, evaluate, export, quantize, quantize_job
+
+__all__ = [
+    "EXPORT_TARGETS",
+    "EvalJob",
+    "GPTQSettings",
+    "QuantizeJob",
+    "Summary",
+    "evaluate",
+    "export",
+    "quantize",
+    "quantize_job",
+]

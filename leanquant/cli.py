@@ -19,12 +19,6 @@ log = logging.getLogger("leanquant")
 BUNDLED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, fetched offline through pip (see assets)
 
 
-def _model_path(name: str) -> Path:
-    from quantizer.assets import model_path  # a bundled model's name, or a folder
-
-    return model_path(name)
-
-
 def _bundled_model_names() -> list[str]:
     from quantizer.assets import BUNDLED_MODELS
 
@@ -38,13 +32,12 @@ def _bundled_names() -> str:
 def _cmd_quantize(a: argparse.Namespace) -> None:
     from quantizer.pipeline import quantize_model
 
+    from .api import quantize_job
+
     out = Path(a.out)
     try:  # the dataclasses validate their fields and the combinations (UserError: ValueError)
-        job = QuantizeJob(
-            model=_model_path(a.model),
-            out=out,
-            settings=GPTQSettings(**given(a, GPTQSettings)),
-            **given(a, QuantizeJob),
+        job = quantize_job(
+            a.model, out, GPTQSettings(**given(a, GPTQSettings)), **given(a, QuantizeJob)
         )
     except ValueError as e:
         raise UserError(str(e)) from e
@@ -84,10 +77,9 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from quantizer.evaluate import evaluate
+    from .api import evaluate
 
-    job = EvalJob(_model_path(a.model), **given(a, EvalJob))
-    r = evaluate(job)
+    r = evaluate(a.model, **given(a, EvalJob))
     bos = "" if r["bos_token_id"] is None else ", each beginning with BOS"
     ref = (
         ""
@@ -114,23 +106,24 @@ def _cmd_fetch_assets(a: argparse.Namespace) -> None:
     )
 
 
-def _export(a: argparse.Namespace, export, target: str, **kw):
-    """Run ``export(checkpoint, out)`` with the CLI's refusals: an existing output without
-    --overwrite, and what the target cannot hold exactly (ExportError), as one-line errors."""
+def _export(a: argparse.Namespace, name: str, target: str, **kw):
+    """The API's ``export(name, checkpoint, out)`` with the CLI's refusals: an existing output
+    without --overwrite, and what the target cannot hold exactly (ExportError), as one-line
+    errors."""
     from leanquant_serve.export import ExportError
+
+    from .api import export
 
     out = Path(a.out)
     check_output(out, a.overwrite, flag="--overwrite")
     try:
-        return export(a.checkpoint, out, overwrite=a.overwrite, **kw)
+        return export(name, a.checkpoint, out, overwrite=a.overwrite, **kw)
     except ExportError as e:
         raise UserError(f"cannot export {a.checkpoint} {target}: {e}") from e
 
 
 def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
-    from leanquant_serve.compressed_tensors.export import export_compressed_tensors
-
-    r = _export(a, export_compressed_tensors, "as compressed-tensors")
+    r = _export(a, "compressed-tensors", "as compressed-tensors")
     w = r.quantization_config["config_groups"]["group_0"]["weights"]
     grouping = f"group size {w['group_size']}" if w["strategy"] == "group" else "per channel"
     print(
@@ -140,9 +133,7 @@ def _cmd_export_compressed_tensors(a: argparse.Namespace) -> None:
 
 
 def _cmd_export_bnb_nf4(a: argparse.Namespace) -> None:
-    from leanquant_serve.bitsandbytes.export import export_bnb_nf4
-
-    r = _export(a, export_bnb_nf4, "as bitsandbytes NF4")
+    r = _export(a, "bnb-nf4", "as bitsandbytes NF4")
     print(
         f"wrote {r.out}: {r.layers} linears as bitsandbytes NF4, blocksize "
         f"{'/'.join(map(str, r.blocksizes))}, "
@@ -151,9 +142,7 @@ def _cmd_export_bnb_nf4(a: argparse.Namespace) -> None:
 
 
 def _cmd_export_exllamav2(a: argparse.Namespace) -> None:
-    from leanquant_serve.exllamav2.export import export_exllamav2
-
-    r = _export(a, export_exllamav2, "for exllamav2", format=a.target_format)
+    r = _export(a, "exllamav2", "for exllamav2", format=a.target_format)
     g = r.quantization_config["group_size"]
     groups = "per channel" if g == -1 else f"group size {g}"
     if r.format == "exl2":
@@ -321,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--check", action="store_true", help="exit with status 1 if it does not fit")
     pl.set_defaults(func=_cmd_plan)
+
     return p
 
 

@@ -3,18 +3,15 @@
 # and install what they need.
 BIN := .venv/bin
 OUT ?= out/smollm2-leanquant-w4g64
-EVAL := --seqlen 1024 --max-windows 16
 
 .PHONY: env demo test lint bench-quality
 env:
 	bash scripts/setup-env.sh
 
+# fetch assets, quantize (w4 g64 affine, 32 x 512 calibration tokens), evaluate against bf16,
+# vllm serve the checkpoint, ask it a question, summary table: leanquant/demo.py
 demo: env
-	$(BIN)/leanquant fetch-assets
-	$(BIN)/leanquant quantize smollm2 $(OUT) --bits 4 --group-size 64 --grid affine \
-		--calib wiki-sample --nsamples 32 --seqlen 512 --overwrite --fresh
-	$(BIN)/leanquant eval smollm2 $(EVAL)
-	$(BIN)/leanquant eval $(OUT) $(EVAL)
+	$(BIN)/leanquant demo --out $(OUT)
 
 test: env
 	$(BIN)/python -m pytest -q

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from leanquant_serve.vllm.launch import vllm_server  # noqa: E402
+from leanquant_serve.vllm.launch import linear_paths, vllm_server  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 # Fidelity: these prompts' greedy continuations, teacher-forced through the float32 reference
@@ -96,8 +95,7 @@ def bench(model: Path, a: argparse.Namespace, log: Path, env: dict[str, str]) ->
         fid = fidelity(client, model)
         print(f"  |logprob - reference|: mean {fid['mean_abs_dlogprob']:.3f}, max "
               f"{fid['max_abs_dlogprob']:.3f} nats", flush=True)
-    paths = sorted({re.split(r" \((?!dense|per-call)", line.split("layers use ")[1])[0]
-                    for line in log.read_text().splitlines() if "layers use " in line})
+    paths = linear_paths(log.read_text())
     return {"startup_s": startup, "batches": rows, "linear_paths": paths, "engine_rss_gib": rss,
             "fidelity": fid}
 

@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--check", action="store_true", help="exit with status 1 if it does not fit")
     pl.set_defaults(func=_cmd_plan)
 
+    from leanquant.demo import add_parser as add_demo_parser  # quantize, eval, serve, ask
+
+    add_demo_parser(sub)
     return p
 
 

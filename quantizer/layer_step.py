@@ -10,6 +10,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from leanquant_serve.format import dequantize_linear, pack_linear
+from leanquant_serve.format.hf_names import to_checkpoint
 
 from .activations import Activations
 from .capture import hessian, layer_forward, load_layer
@@ -25,26 +27,55 @@ from .errors import UserError
 from .gptq import CholeskyError, Hessian, QuantizedWeight, prepare, quantize_weight
 from .grids import FP16_MAX, ROW_COUPLED_GRIDS, FP16RangeError
 from .job import Run, SublayerReport
-from .model_walk import find_linears, sequential_groups
+from .model_walk import StopForward, find_linears, sequential_groups
+from .moe import (
+    ExpertInputs,
+    ExpertLinear,
+    FusedExperts,
+    call_order,
+    find_fused_experts,
+    route_all,
+    routers,
+)
 
 log = logging.getLogger(__name__)
 
+
+def layer_linears(run: Run, layer: nn.Module, prefix: str):
+    """What of decoder layer ``layer`` is quantized: (its nn.Linear sublayers minus --skip and
+    routers, its fused experts minus --skip, its routers: module name -> why)."""
+    job = run.job
+    fused = find_fused_experts(run.model, layer, prefix)
+    kept = routers(layer, fused)
+    linears = {n: m for n, m in find_linears(layer, job.skip).items() if n not in kept}
+    patterns = [re.compile(p) for p in job.skip]
+    fused = [
+        fe for fe in fused
+        if not any(r.search(fe.name) or r.search(p) for r in patterns for p in fe.params)
+    ]  # fmt: skip
+    return linears, fused, kept
+
+
 def quantize_layer(
     run: Run, i: int, acts: Activations | None, kwargs: dict
-) -> list[SublayerReport]:
-    """Load decoder layer ``i``, quantize its linears group by group (Hessians from ``acts``,
-    whose inputs then advance through the quantized layer), hand every tensor to the writer
-    and free the layer; returns its sublayer reports."""
-    job, src, writer = run.job, run.src, run.writer
+) -> tuple[list[SublayerReport], list[dict]]:
+    """Load decoder layer ``i``, quantize its linears group by group and then its experts
+    (Hessians from ``acts``, whose inputs then advance through the quantized layer), hand
+    every tensor to the writer (under the checkpoint's names, hf_names.to_checkpoint) and
+    free the layer; returns its sublayer reports and its MoE fallbacks."""
+    src, writer = run.src, run.writer
     prefix, layer = f"{run.layers_name}.{i}", run.layers[i]
-    linears = find_linears(layer, job.skip)
+    linears, fused, _ = layer_linears(run, layer, prefix)
     quantized_weights = {f"{prefix}.{n}.weight" for n in linears}
+    quantized_weights |= {f"{prefix}.{p}" for fe in fused for p in fe.params}
     layer_names = src.names(prefix + ".")
     stored = load_layer(
         src, layer, prefix, run.device, run.dtype, set(layer_names) - quantized_weights
     )
     results: list[tuple[dict[str, Tensor], SublayerReport]] = []
-    sub = tqdm(total=len(linears), desc=f"layer {i}", unit="sublayer", leave=False)
+    fallbacks: list[dict] = []
+    n_experts = sum(len(fe.linears) for fe in fused)
+    sub = tqdm(total=len(linears) + n_experts, desc=f"layer {i}", unit="sublayer", leave=False)
     if acts is None:
         for name in linears:
             results += quantize_group(run, prefix, [name], linears, None)
@@ -53,15 +84,14 @@ def quantize_layer(
         run_first = functools.partial(layer_forward, layer, acts.first(), kwargs)
         for group in sequential_groups(linears, run_first):
             h = hessian(layer, linears[group[0]], acts, kwargs, run.hessian_device)
-            if not torch.isfinite(h.H).all():
-                raise UserError(
-                    f"{prefix}.{group[0]}: the Hessian of its calibration inputs has "
-                    f"NaN/Inf (the activations entering layer {i} overflowed or are NaN;"
-                    " try --dtype float32 or other calibration data)"
-                )
+            check_finite(h, f"{prefix}.{group[0]}", i)
             results += quantize_group(run, prefix, group, linears, h)
             sub.update(len(group))
             del h
+    for fe in fused:
+        results += quantize_experts(run, prefix, i, layer, fe, acts, kwargs, fallbacks)
+        sub.update(len(fe.linears))
+    if acts is not None:
         with torch.no_grad():  # inputs of the next layer, through the quantized layer
             step = functools.partial(layer_forward, layer, kwargs=kwargs)
             finite = acts.advance(step, keep=i + 1 < len(run.layers))
@@ -77,12 +107,158 @@ def quantize_layer(
         for n in layer_names
         if n not in quantized_weights
     }
-    writer.add(rest)
+    writer.add(to_checkpoint(run.model, rest))
     del stored, rest
     for tensors, _ in results:
         writer.add(tensors)
     layer.to("meta")  # free the layer
-    return [r for _, r in results]
+    return [r for _, r in results], fallbacks
+
+
+def check_finite(h: Hessian, name: str, i: int) -> None:
+    if not torch.isfinite(h.H).all():
+        raise UserError(
+            f"{name}: the Hessian of its calibration inputs has NaN/Inf (the activations "
+            f"entering layer {i} overflowed or are NaN; try --dtype float32 or other "
+            "calibration data)"
+        )
+
+
+def _as_linear(W: Tensor) -> nn.Linear:
+    """An nn.Linear holding a copy of ``W`` (out, in): what quantize_group works on."""
+    m = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
+    m.weight = nn.Parameter(W.clone(), requires_grad=False)
+    return m
+
+
+def quantize_experts(
+    run: Run,
+    prefix: str,
+    i: int,
+    layer: nn.Module,
+    fe: FusedExperts,
+    acts: Activations | None,
+    kwargs: dict,
+    fallbacks: list[dict],
+) -> list[tuple[dict[str, Tensor], SublayerReport]]:
+    """Quantize every expert linear of ``fe`` (each stored as its own linear), stage by stage
+    in call order (gate/up, then down with the quantized gate/up upstream), writing Q back
+    into the fused parameters. H per stage: ``all``, stage 0: the experts' input, one H for
+    every expert, factored once; otherwise one H per (expert, parameter) from the tokens
+    ``--moe-calibration`` sends, falling back to the expert's all-token H below
+    ``--moe-min-tokens`` tokens (appended to ``fallbacks``)."""
+    job = run.job
+    mods = {lin.name: _as_linear(fe.weight(lin)) for lin in fe.linears}
+    results: list[tuple[dict[str, Tensor], SublayerReport]] = []
+
+    def write_back(lins: list[ExpertLinear]) -> None:
+        for lin in lins:
+            fe.weight(lin).copy_(mods[lin.name].weight.data)
+
+    if acts is None:  # RTN
+        for lin in fe.linears:
+            results += quantize_group(run, prefix, [lin.name], mods, None)
+        write_back(fe.linears)
+        return results
+    stages = call_order(fe, functools.partial(layer_forward, layer, acts.first(), kwargs))
+    feeds = ExpertFeeds(run, layer, fe, acts, kwargs)
+    for stage in sorted(set(stages.values())):
+        params = [p for p, s in stages.items() if s == stage]
+        lins = [lin for lin in fe.linears if lin.param in params]
+        if stage == 0 and job.moe_calibration == "all":
+            h = feeds.input_hessian()
+            check_finite(h, f"{prefix}.{fe.name}", i)
+            results += quantize_group(run, prefix, [lin.name for lin in lins], mods, h)
+        else:
+            hs = feeds.hessians(params, None if job.moe_calibration == "routed" else "all")
+            starved = sorted(
+                {(lin.param, lin.expert) for lin in lins}
+                - {k for k, h in hs.items() if h.n >= job.moe_min_tokens}
+            )
+            for key in starved:
+                tokens = hs[key].n if key in hs else 0
+                fallbacks += [
+                    {"name": f"{prefix}.{lin.name}", "tokens": tokens}
+                    for lin in lins if (lin.param, lin.expert) == key
+                ]  # fmt: skip
+            by_key: dict[tuple[str, int], list[str]] = {}
+            for lin in lins:
+                by_key.setdefault((lin.param, lin.expert), []).append(lin.name)
+            groups = [(by_key[k], hs.pop(k)) for k in by_key if k not in starved]
+            if starved and stage == 0:  # the experts' input: one H for all, factored once
+                groups.append(([n for k in starved for n in by_key[k]], feeds.input_hessian()))
+            elif starved:
+                hs = feeds.hessians(params, "all", {e for _, e in starved})
+                groups += [(by_key[k], hs.pop(k)) for k in starved]
+            for names, h in groups:
+                check_finite(h, f"{prefix}.{names[0]}", i)
+                results += quantize_group(run, prefix, names, mods, h)
+        write_back(lins)
+    return results
+
+
+class ExpertFeeds:
+    """The Hessians of a fused experts module's linears over the calibration inputs: the
+    layer is run up to the experts for every batch, whose input is then fed (under
+    moe.ExpertInputs) as the router sends it, or to every expert."""
+
+    def __init__(self, run: Run, layer: nn.Module, fe: FusedExperts, acts, kwargs) -> None:
+        self.run, self.layer, self.fe, self.acts, self.kwargs = run, layer, fe, acts, kwargs
+        self._input: Hessian | None = None
+
+    def _each_batch(self, feed) -> None:
+        """``feed(args, kwargs)`` with the experts module's inputs, for every batch."""
+
+        def hook(_m, args, kwargs):
+            feed(args, kwargs)
+            raise StopForward
+
+        handle = self.fe.module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for x in self.acts:
+                    try:
+                        layer_forward(self.layer, x, self.kwargs)
+                    except StopForward:
+                        pass
+        finally:
+            handle.remove()
+
+    def input_hessian(self) -> Hessian:
+        """H of the experts' input (every token), computed once per layer."""
+        if self._input is None:
+            first = next(iter(self.fe.params.values()))
+            h = Hessian(first.shape[-1], self.run.hessian_device)
+            self._each_batch(lambda args, kw: h.add_batch(args[0] if args else kw["hidden_states"]))
+            self._input = h
+        return self._input
+
+    def hessians(
+        self, params: list[str], route: str | None, experts: set[int] | None = None
+    ) -> dict[tuple[str, int], Hessian]:
+        """H per (parameter, expert) of ``params``' inputs: routed as the router sends tokens
+        (``route`` None) or with every token sent to every expert ("all"), for ``experts``
+        (default all)."""
+        fe, device = self.fe, self.run.hessian_device
+        hs: dict[tuple[str, int], Hessian] = {}
+        watched = {p: fe.params[p] for p in params}
+
+        def sink(p: str, e: int, x: Tensor) -> None:
+            if experts is None or e in experts:
+                if (p, e) not in hs:
+                    hs[p, e] = Hessian(x.shape[-1], device)
+                hs[p, e].add_batch(x)
+
+        def feed(args, kw):
+            with ExpertInputs(watched, sink):
+                if route is None:
+                    fe.module.forward(*args, **kw)
+                else:
+                    x = args[0] if args else kw["hidden_states"]
+                    route_all(fe, sorted(experts) if experts is not None else None)(x)
+
+        self._each_batch(feed)
+        return hs
 
 
 def row_plan(row_counts: list[int], n_devices: int) -> list[list[tuple[int, int, int]]]:
@@ -218,4 +394,3 @@ def store_sublayer(
         name, tuple(m.weight.shape), r.loss, seconds, r.damp, r.retries, dead_inputs, refit_loss
     )
     return tensors, report
-

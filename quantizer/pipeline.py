@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import re
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from leanquant_serve.format import FormatError, group_misfit, linear_specs
+from leanquant_serve.format.hf_names import to_checkpoint
 
 from .activations import PLACES, Activations
 from .capture import outer_tensors
@@ -63,8 +65,9 @@ from .journal import (
     journal_step,
     resume_point,
 )
-from .layer_step import quantize_layer
+from .layer_step import layer_linears, quantize_layer
 from .model_walk import find_decoder_layers, find_linears
+from .moe import unquantized_large
 from .source import SourceModel, load_config
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ __all__ = [
     "DTYPES", "REPORT_FILE", "QuantizeJob", "Summary", "SublayerReport", "quantize_model",
     "deterministic_algorithms",
 ]  # fmt: skip
+
 
 def quantize_model(
     job: QuantizeJob, observer: Callable[[str, QuantizedWeight], None] | None = None
@@ -132,7 +136,10 @@ def _build_skeleton(job: QuantizeJob, dtype: torch.dtype) -> nn.Module:
     config = load_config(job.model)
     with init_empty_weights(include_buffers=False):
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            # eager experts: quantizer/moe.py reads which expert slice each F.linear uses
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, experts_implementation="eager"
+            )
         except ValueError as e:
             raise UserError(f"unsupported architecture in {job.model}: {e}") from e
     return model.eval()
@@ -158,30 +165,77 @@ def _check_devices(job: QuantizeJob) -> tuple[list[torch.device], torch.dtype]:
     return devices, dtype
 
 
-def _check_shapes(job: QuantizeJob, layer: nn.Module, layer_name: str) -> None:
-    """Fail before any work if a sublayer cannot be stored (group size, packing alignment)."""
+def _check_shapes(job: QuantizeJob, linears: dict[str, tuple[int, int]], layer_name: str) -> None:
+    """Fail before any work if a sublayer ((out, in) by relative name) cannot be stored
+    (group size, packing alignment)."""
     qcfg = checkpoint_config(job, [])
-    for name, m in find_linears(layer, job.skip).items():
-        if group_misfit(job.settings.group_size, m.in_features):
-            fits = [str(g) for g in (32, 64, 128, 256) if not group_misfit(g, m.in_features)]
+    for name, (out_features, in_features) in linears.items():
+        if group_misfit(job.settings.group_size, in_features):
+            fits = [str(g) for g in (32, 64, 128, 256) if not group_misfit(g, in_features)]
             raise UserError(
                 f"--group-size {job.settings.group_size} does not divide in_features "
-                f"{m.in_features} of {layer_name}.{name}: use a divisor such as "
+                f"{in_features} of {layer_name}.{name}: use a divisor such as "
                 f"{', '.join(fits) or '-1'}"
             )
         try:
-            linear_specs(qcfg, m.in_features, m.out_features)
+            linear_specs(qcfg, in_features, out_features)
         except FormatError as e:
             raise UserError(f"{layer_name}.{name}: {e}") from e
+
+
+def _check_coverage(
+    job: QuantizeJob, model: nn.Module, layers_name: str, layers
+) -> tuple[list[str], list[dict]]:
+    """Every decoder layer's plan, checked before any work: shapes of what is quantized, and
+    no large weight left unquantized silently (UserError naming the first, unless --skip
+    keeps it). Returns the unquantized modules (checkpoint names, for modules_to_not_convert)
+    and the report's ``skipped`` entries (routers by rule, --skip matches)."""
+    not_converted, skipped = [], []
+    for i, layer in enumerate(layers):
+        prefix = f"{layers_name}.{i}"
+        linears, fused, kept = layer_linears(_Plan(job, model), layer, prefix)
+        shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
+        for fe in fused:
+            shapes.update({
+                lin.name: (lin.rows[1] - lin.rows[0], fe.params[lin.param].shape[-1])
+                for lin in fe.linears
+            })  # fmt: skip
+        _check_shapes(job, shapes, prefix)
+        quantized = {f"{n}.weight" for n in linears} | {p for fe in fused for p in fe.params}
+        entries, refused = unquantized_large(layer, quantized, kept, job.skip)
+        if refused:
+            name, shape, share = refused[0]
+            raise UserError(
+                f"{prefix}.{name} {tuple(shape)} ({share:.1%} of the layer's parameters) "
+                "would stay unquantized: it is neither a linear nor a recognised expert "
+                f"weight; keep it unquantized with --skip '{re.escape(name)}'"
+                + (f" ({len(refused) - 1} more such weights)" if len(refused) > 1 else "")
+            )
+        params = dict(layer.named_parameters())
+        # checkpoint names of what stays dense (routers, skipped fused experts)
+        dense = {f"{prefix}.{e['name']}": params[e["name"]] for e in entries}
+        skipped += [{**e, "name": f"{prefix}.{e['name']}"} for e in entries]
+        for key in to_checkpoint(model, dense):
+            module = key.rpartition(".")[0]
+            if module not in not_converted:
+                not_converted.append(module)
+    return not_converted, skipped
+
+
+class _Plan:
+    """What layer_linears reads of a run, before the run exists."""
+
+    def __init__(self, job: QuantizeJob, model: nn.Module) -> None:
+        self.job, self.model = job, model
 
 
 def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
     """Check the job against the model, open the output, then the per-layer loop."""
     devices, dtype = _check_devices(job)
     model = _build_skeleton(job, dtype)
+    src.bind(model)
     layers_name, layers = find_decoder_layers(model)
-    for i, layer in enumerate(layers):
-        _check_shapes(job, layer, f"{layers_name}.{i}")
+    dense, skipped_report = _check_coverage(job, model, layers_name, layers)
     out_emb = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is out_emb), None)
     skipped = [  # sorted: set order varies between processes (string hashing)
@@ -189,8 +243,9 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
         for i, layer in enumerate(layers)
         for n in sorted(set(find_linears(layer)) - set(find_linears(layer, job.skip)))
     ]
+    skipped += [n for n in dense if n not in skipped]
     qcfg = checkpoint_config(job, ([head_name] if head_name else []) + skipped)
-    outer_names = [n for n in src.weight_map if not n.startswith(layers_name + ".")]
+    outer_names = [n for n in src.names() if not n.startswith(layers_name + ".")]
     windows, bos = (None, None) if job.rtn else calibration_windows(job, model.config)
     job_fingerprint = fingerprint(job, src, windows)
     writer = _open_writer(job, job_fingerprint)
@@ -198,7 +253,7 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
         return _summary_from_report(job.out / REPORT_FILE)
     run = Run(
         job, src, writer, model, layers_name, layers, head_name, qcfg, outer_names, windows,
-        bos, job_fingerprint, devices, dtype, observer, t0,
+        bos, job_fingerprint, devices, dtype, observer, t0, skipped_report,
     )  # fmt: skip
     with _user_errors(writer), writer:
         return _layers(run)
@@ -251,12 +306,19 @@ def _layers(run: Run) -> Summary:
     """The per-layer loop, from the first layer the partial run in ``run.writer`` has not done:
     resume point, activations, then per layer its quantization and a journal step."""
     start, seconds_before, summary = resume_point(run)
+    summary.skipped = run.skipped
     acts, kwargs = _calibration_inputs(run, start, summary)
     n = len(run.layers)
     bar = tqdm(range(start, n), desc="layers", unit="layer", initial=start, total=n)
     for i in bar:
-        reports = quantize_layer(run, i, acts, kwargs[i])
+        reports, fallbacks = quantize_layer(run, i, acts, kwargs[i])
         summary.layers.append(reports)
+        summary.moe_fallbacks += fallbacks
+        if fallbacks:
+            log.warning(
+                "layer %d: %d expert linears had fewer than %d calibration tokens and used "
+                "their all-token Hessian", i, len(fallbacks), run.job.moe_min_tokens,
+            )  # fmt: skip
         loss = sum(r.loss for r in reports)
         summary.total_loss += loss
         summary.cholesky_retries += sum(r.cholesky_retries for r in reports)
@@ -307,4 +369,3 @@ def _peak_rss() -> int:
 
 def _summary_from_report(path: Path) -> Summary:
     return summary_from_dict(json.loads(path.read_text()))
-

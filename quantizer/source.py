@@ -1,4 +1,7 @@
-"""Reading an unquantized Hugging Face model folder tensor by tensor (never the whole model)."""
+"""Reading an unquantized Hugging Face model folder tensor by tensor (never the whole model),
+under the model's own parameter names: transformers' checkpoint conversion for the
+architecture (renamings, per-expert tensors merged into fused experts) is applied per tensor
+(leanquant_serve.format.hf_names)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import Tensor
+
+from leanquant_serve.format.hf_names import Source, from_checkpoint
 
 from .errors import UserError
 
@@ -32,7 +37,14 @@ class SourceModel:
             raise UserError(
                 f"{self.path} is already quantized ({method}): give an unquantized model"
             )
-        self.weight_map = self._weight_map()
+        self.weight_map = self._weight_map()  # checkpoint key -> file
+        # model tensor name -> how it is read (identity until bind())
+        self.sources: dict[str, Source] = {k: Source([(k, k)]) for k in self.weight_map}
+
+    def bind(self, model) -> None:
+        """Name tensors as ``model`` (a transformers model, e.g. a meta skeleton) names its
+        parameters, through transformers' checkpoint conversion for its architecture."""
+        self.sources = from_checkpoint(model, self.weight_map)
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
@@ -53,10 +65,17 @@ class SourceModel:
         return names
 
     def names(self, prefix: str = "") -> list[str]:
-        return [n for n in self.weight_map if n.startswith(prefix)]
+        """Model tensor names (see bind) beginning with ``prefix``."""
+        return [n for n in self.sources if n.startswith(prefix)]
 
     def get(self, name: str) -> Tensor:
-        """The tensor, read from its shard, which is opened for this read and closed after it:
+        """The model tensor ``name`` (see bind), built from its checkpoint tensors."""
+        if name not in self.sources:
+            raise UserError(f"tensor {name} is missing from {self.path}")
+        return self.sources[name].build(name, self.get_key)
+
+    def get_key(self, name: str) -> Tensor:
+        """The checkpoint tensor ``name``, read from its shard, which is opened for this read and closed after it:
         safetensors memory-maps shards, and every page read stays in this process's resident
         memory until unmapped, so a kept handle would make reading the whole model show as
         RSS of the model's size."""

@@ -18,10 +18,13 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 320  # byte-level alphabet (256) plus a few merges
@@ -72,6 +75,24 @@ ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
 }
 SUPPORTED = tuple(a for a in ARCHITECTURES if a != "gpt2")
 
+# Mixture-of-Experts (tests/test_moe.py): 4 experts of intermediate 64, top-2; Qwen2-MoE adds a
+# shared expert (intermediate 64) with its one-output gate. Kept out of SUPPORTED: the
+# serving tests do not cover MoE layers yet.
+_MOE = dict(_COMMON, intermediate_size=64, num_hidden_layers=2, num_experts_per_tok=2)
+MOE_ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
+    "mixtral": lambda v: MixtralConfig(**_MOE, vocab_size=v, num_local_experts=4),
+    "qwen3_moe": lambda v: Qwen3MoeConfig(
+        **_MOE, vocab_size=v, num_experts=4, moe_intermediate_size=64
+    ),
+    "qwen2_moe": lambda v: Qwen2MoeConfig(
+        **_MOE,
+        vocab_size=v,
+        num_experts=4,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+    ),
+}
+
 # The tensors here are tiny: a second thread only adds contention on a shared machine.
 torch.set_num_threads(1)
 
@@ -114,7 +135,7 @@ def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
         if (arch, nan_in) in cache:
             return cache[arch, nan_in]
         torch.manual_seed(0)
-        config = ARCHITECTURES[arch](len(tokenizer))
+        config = {**ARCHITECTURES, **MOE_ARCHITECTURES}[arch](len(tokenizer))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         with torch.no_grad():  # random init is tiny (std 0.02): spread the norms around 1 too
             for name, p in model.named_parameters():

@@ -398,9 +398,13 @@ def load_reference_model(
 
     Built from ``config.json`` without ``quantization_config``; every model tensor must come
     from the checkpoint with its exact shape, except a tied output embedding
-    (``tie_word_embeddings``), which is re-tied.
+    (``tie_word_embeddings``), which is re-tied. Checkpoint names are mapped to the model's
+    as ``from_pretrained`` maps them (hf_names.from_checkpoint: e.g. Mixtral's per-expert
+    ``experts.{e}.w1/w3`` merged into the fused ``experts.gate_up_proj``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy import, only needed here
+
+    from .hf_names import from_checkpoint
 
     ckpt = Checkpoint(path)
     config_dict = {k: v for k, v in ckpt.hf_config.items() if k != "quantization_config"}
@@ -408,7 +412,8 @@ def load_reference_model(
         raise FormatError(f"{ckpt.path / CONFIG_FILE}: no model_type")
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = ckpt.state_dict(dtype)
+    stored = ckpt.state_dict(dtype)
+    state = {n: src.build(n, stored.pop) for n, src in from_checkpoint(model, list(stored)).items()}
     expected = model.state_dict()
     tied = set()
     if getattr(config, "tie_word_embeddings", False):

@@ -1,0 +1,89 @@
+"""Checkpoint tensor names <-> a transformers model's parameter names, through transformers' own
+checkpoint conversion (``transformers.conversion_mapping`` / ``core_model_loading``: the
+renamings and ``WeightConverter`` s that ``from_pretrained`` applies and ``save_pretrained``
+reverts), so no architecture's rename table is written here.
+
+Example (Mixtral, transformers >= 5): the hub checkpoint holds one tensor per expert
+linear, ``model.layers.0.block_sparse_moe.experts.3.w1.weight`` (I, H), while the model holds
+them fused, ``model.layers.0.mlp.experts.gate_up_proj`` (E, 2I, H); ``from_checkpoint`` maps the
+model's name to the checkpoint keys and the converter that builds it, ``to_checkpoint``
+turns model tensors back into the checkpoint's (hub) names, the names vLLM's model files load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass
+class Source:
+    """How one model tensor is read: its checkpoint keys (in load order) and, when they are
+    merged or reshaped on load, the transformers converter that does it (None: a plain
+    (possibly renamed) single tensor)."""
+
+    keys: list[tuple[str, str]]  # (checkpoint key, the converter's source pattern it matched)
+    converter: object | None = None
+
+    def build(self, name: str, read: Callable[[str], Tensor]) -> Tensor:
+        """The model tensor ``name`` from the checkpoint tensors that ``read(key)`` returns."""
+        if self.converter is None:
+            return read(self.keys[0][0])
+        conv = deepcopy(self.converter)
+        for key, pattern in self.keys:
+            conv.add_tensor(name, key, pattern, lambda key=key: read(key))
+        return conv.convert(name)[name]
+
+
+def from_checkpoint(model: nn.Module, keys: Iterable[str]) -> dict[str, Source]:
+    """For each checkpoint key that ``model`` loads, the model tensor it goes to: a mapping from
+    model tensor name to its :class:`Source`. Keys that match no model tensor keep their own
+    name (as ``from_pretrained`` would report them unexpected, they are carried unchanged).
+    ``model`` may be a meta-device skeleton."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    expected = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    out: dict[str, Source] = {}
+    for key in sorted(keys, key=dot_natural_key):  # the order from_pretrained merges experts in
+        name, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:
+            name, pattern = key, None
+        if name not in expected:
+            name, pattern = key, None
+        src = out.setdefault(name, Source([], by_pattern[pattern] if pattern else None))
+        src.keys.append((key, pattern or key))
+    return out
+
+
+def to_checkpoint(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` (model names) under the checkpoint names ``save_pretrained`` writes for
+    ``model``'s architecture (fused experts split per expert, renamings reverted). The
+    identity for architectures without conversions (every dense model tested here)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = revert_weight_conversion(model, dict(tensors))
+    return {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in out.items()}
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model``'s checkpoint names differ from its parameter names for some tensor."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return bool(get_model_conversion_mapping(model, add_legacy=False))
+
+
+__all__ = ["Source", "from_checkpoint", "is_converted", "to_checkpoint"]

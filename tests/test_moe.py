@@ -1,0 +1,266 @@
+"""Mixture-of-Experts checkpoints (issue 15 items 1-3) on tiny random Mixtral, Qwen3-MoE and
+Qwen2-MoE (shared expert) models, 4 experts, top-2, in the hub layout (one tensor per expert
+linear, what transformers' save_pretrained writes) and the fused layout transformers holds in
+memory (``mlp.experts.gate_up_proj`` (E, 2I, H)).
+
+Expectations are computed independently of the quantizer: expert names from the source
+files' keys, the in-memory quantized model loaded by transformers' own from_pretrained from
+the source tensors with the observed Q substituted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from leanquant_serve.format import Checkpoint, load_reference_model
+from quantizer import layer_step
+from quantizer.errors import UserError
+from quantizer.gptq import GPTQSettings
+from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
+
+NSAMPLES, SEQLEN = 4, 32
+LAYERS, EXPERTS = 2, 4
+# each architecture's per-expert checkpoint linears (vLLM's expert_params_mapping names)
+EXPERT_LINEARS = {
+    "mixtral": r"block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)",
+    "qwen3_moe": r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)",
+    "qwen2_moe": r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)",
+}
+ROUTER = {"mixtral": "block_sparse_moe.gate", "qwen3_moe": "mlp.gate", "qwen2_moe": "mlp.gate"}
+SETTINGS = GPTQSettings(bits=4, group_size=32, blocksize=32)
+
+
+def fused_copy(hub: Path, dest: Path) -> Path:
+    """The hub-layout model ``hub`` saved with the names transformers holds in memory."""
+    shutil.copytree(hub, dest)
+    model = AutoModelForCausalLM.from_pretrained(hub, dtype=torch.bfloat16)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    if not model.config.tie_word_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight.data
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+@dataclass
+class MoeRun:
+    arch: str
+    src: Path
+    hub: Path  # the same weights in the hub layout
+    out: Path
+    Q: dict[str, torch.Tensor]
+    report: dict
+
+
+def quantize(src: Path, out: Path, **kw) -> tuple[dict[str, torch.Tensor], dict]:
+    Q: dict[str, torch.Tensor] = {}
+
+    def observer(name, r):
+        assert name not in Q, f"{name} quantized twice"
+        Q[name] = r.Q.clone()
+
+    job = QuantizeJob(
+        model=src, out=out, settings=SETTINGS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=2,
+        **kw,
+    )  # fmt: skip
+    quantize_model(job, observer)
+    return Q, json.loads((out / REPORT_FILE).read_text())
+
+
+CASES = [
+    ("mixtral", "hub", "all"),
+    ("mixtral", "fused", "routed"),
+    ("qwen3_moe", "hub", "routed"),
+    ("qwen3_moe", "fused", "all"),
+    ("qwen2_moe", "hub", "all"),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+def moe_run(request, tiny_model, calib_text, tmp_path_factory) -> MoeRun:
+    arch, layout, calibration = request.param
+    hub = tiny_model(arch)
+    src = hub if layout == "hub" else fused_copy(hub, tmp_path_factory.mktemp("fused") / "m")
+    out = tmp_path_factory.mktemp("out") / "ckpt"
+    Q, report = quantize(src, out, calib=str(calib_text), moe_calibration=calibration)
+    return MoeRun(arch, src, hub, out, Q, report)
+
+
+def test_source_layouts_differ(moe_run: MoeRun):
+    """The fixture's two layouts really are different files."""
+    keys = set(load_file(moe_run.src / "model.safetensors"))
+    hub = any(re.search(EXPERT_LINEARS[moe_run.arch], k) for k in keys)
+    assert hub == (moe_run.src == moe_run.hub)
+
+
+def test_every_expert_linear_is_quantized_under_the_hub_names(moe_run: MoeRun):
+    ckpt = Checkpoint(moe_run.out)
+    ckpt.validate()
+    names = set(ckpt.tensor_names())
+    hub_experts = {
+        k.removesuffix(".weight")
+        for k in load_file(moe_run.hub / "model.safetensors")
+        if re.search(EXPERT_LINEARS[moe_run.arch], k)
+    }
+    assert len(hub_experts) == LAYERS * EXPERTS * 3
+    for e in hub_experts:
+        assert f"{e}.qweight" in names and f"{e}.scales" in names, e
+        assert f"{e}.weight" not in names, e
+    assert hub_experts <= set(moe_run.Q)
+    assert not any(re.search(r"experts\.(gate_up_proj|down_proj)", n) for n in names)
+    # every weight of at least 2 dimensions in the decoder layers is quantized, except routers
+    dense = {n for n in names if n.endswith(".weight") and ".layers." in n and "norm" not in n}
+    routers = {f"model.layers.{i}.{ROUTER[moe_run.arch]}.weight" for i in range(LAYERS)}
+    if moe_run.arch == "qwen2_moe":
+        routers |= {f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in range(LAYERS)}
+        for i in range(LAYERS):  # the shared expert is a normal MLP: quantized
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                assert f"model.layers.{i}.mlp.shared_expert.{p}.qweight" in names
+    assert dense == routers
+    not_converted = set(ckpt.qcfg.modules_to_not_convert)
+    assert {r.removesuffix(".weight") for r in routers} <= not_converted
+    reported = {s["name"] for s in moe_run.report["skipped"]}
+    assert reported == {r.replace(ROUTER[moe_run.arch], "mlp.gate") for r in routers}
+
+
+def test_reference_model_is_the_source_with_the_observed_weights(moe_run: MoeRun, tmp_path):
+    ckpt = Checkpoint(moe_run.out)
+    for name, Q in moe_run.Q.items():
+        assert torch.equal(ckpt.dequantized_weight(name), Q), name
+    # transformers' own loader builds the expected model from the hub tensors with Q put in
+    expected_dir = shutil.copytree(moe_run.hub, tmp_path / "expected")
+    state = load_file(expected_dir / "model.safetensors")
+    assert {f"{n}.weight" for n in moe_run.Q} <= set(state)
+    state.update({f"{n}.weight": Q.to(torch.float32) for n, Q in moe_run.Q.items()})
+    state = {k: v.to(torch.float32) for k, v in state.items()}
+    save_file(state, expected_dir / "model.safetensors", metadata={"format": "pt"})
+    expected = AutoModelForCausalLM.from_pretrained(expected_dir, dtype=torch.float32).eval()
+    ids = torch.randint(
+        0, expected.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        want = expected(input_ids=ids, use_cache=False).logits
+        got = load_reference_model(moe_run.out)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_report_counts_every_expert_linear(moe_run: MoeRun):
+    reported = {r["name"] for layer in moe_run.report["layers"] for r in layer}
+    per_layer = {m.group(0) for n in reported if (m := re.search(EXPERT_LINEARS[moe_run.arch], n))}
+    assert len(per_layer) == EXPERTS * 3
+    assert all(len(layer) == len(moe_run.report["layers"][0]) for layer in moe_run.report["layers"])
+
+
+@pytest.fixture(scope="module")
+def mixtral_all(tiny_model, calib_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("all") / "ckpt"
+    quantize(tiny_model("mixtral"), out, calib=str(calib_text), moe_calibration="all")
+    return out
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt / "model.safetensors")
+
+
+def test_starved_experts_fall_back_to_their_all_token_hessian(
+    tiny_model, calib_text, tmp_path, mixtral_all
+):
+    """routed with a minimum no expert reaches: every expert linear falls back, is reported,
+    and the checkpoint is exactly the all-token one (the same Hessians)."""
+    out = tmp_path / "starved"
+    _, report = quantize(
+        tiny_model("mixtral"), out, calib=str(calib_text), moe_calibration="routed",
+        moe_min_tokens=NSAMPLES * SEQLEN + 1,
+    )  # fmt: skip
+    fallbacks = report["moe_fallbacks"]
+    assert len(fallbacks) == LAYERS * EXPERTS * 3
+    assert all(0 < f["tokens"] <= NSAMPLES * SEQLEN for f in fallbacks)
+    # top-2 of 4: each token reaches 2 experts, so the routed tokens of one layer's experts
+    # add up to 2 x the calibration tokens (counted once per expert: its w1 entry)
+    w1 = [
+        f["tokens"]
+        for f in fallbacks
+        if f["name"].startswith("model.layers.0.") and f["name"].endswith("w1")
+    ]
+    assert sum(w1) == 2 * NSAMPLES * SEQLEN
+    a, b = _tensors(out), _tensors(mixtral_all)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_routed_and_all_differ_and_both_validate(tiny_model, calib_text, tmp_path, mixtral_all):
+    out = tmp_path / "routed"
+    _, report = quantize(
+        tiny_model("mixtral"),
+        out,
+        calib=str(calib_text),
+        moe_calibration="routed",
+        moe_min_tokens=1,
+    )
+    assert "moe_fallbacks" not in report
+    Checkpoint(out).validate()
+    Checkpoint(mixtral_all).validate()
+    a, b = _tensors(out), _tensors(mixtral_all)
+    experts = [k for k in a if ".experts." in k and k.endswith(".qweight")]
+    assert experts and any(not torch.equal(a[k], b[k]) for k in experts)
+
+
+def test_an_unrecognised_large_weight_is_an_error_unless_skipped(
+    tiny_model, calib_text, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(layer_step, "find_fused_experts", lambda *a: [])  # experts unrecognised
+    with pytest.raises(UserError) as e:
+        quantize(tiny_model("mixtral"), tmp_path / "a", calib=str(calib_text))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert re.search(
+        r"model\.layers\.0\.mlp\.experts\.\w+_proj \(4, \d+, \d+\) \(\d+\.\d% of the layer", msg
+    ), msg
+    assert "--skip" in msg
+    out = tmp_path / "b"
+    _, report = quantize(tiny_model("mixtral"), out, calib=str(calib_text), skip=(r"mlp\.experts",))
+    skipped = {s["name"]: s for s in report["skipped"]}
+    for i in range(LAYERS):
+        for p in ("gate_up_proj", "down_proj"):
+            s = skipped[f"model.layers.{i}.mlp.experts.{p}"]
+            assert s["why"] == "--skip" and 0.01 < s["share"] < 1
+    names = set(Checkpoint(out).tensor_names())
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in names  # dense, hub names
+    assert not any(".experts." in n and n.endswith(".qweight") for n in names)
+    assert (
+        "model.layers.1.block_sparse_moe.experts.0.w1"
+        in Checkpoint(out).qcfg.modules_to_not_convert
+    )
+
+
+def test_skipping_the_experts_keeps_them_dense(tiny_model, calib_text, tmp_path):
+    out = tmp_path / "c"
+    _, report = quantize(
+        tiny_model("qwen3_moe"), out, calib=str(calib_text), skip=(r"mlp\.experts",)
+    )
+    ckpt = Checkpoint(out)
+    ckpt.validate()
+    src = load_file(tiny_model("qwen3_moe") / "model.safetensors")
+    got = _tensors(out)
+    for k, v in src.items():
+        if ".experts." in k:
+            assert torch.equal(got[k], v), k
+    assert any(s["why"] == "--skip" for s in report["skipped"])
+
+
+def test_rtn_quantizes_every_expert(tiny_model, tmp_path):
+    out = tmp_path / "rtn"
+    quantize(tiny_model("qwen3_moe"), out, rtn=True)
+    names = set(Checkpoint(out).tensor_names())
+    assert (
+        sum(1 for n in names if ".experts." in n and n.endswith(".qweight")) == LAYERS * EXPERTS * 3
+    )

@@ -298,9 +298,10 @@ def fit_exl2(
 # ----------------------------------------------------------------------------- nf / sf
 
 # Coarse candidates s = m · absmax of the scale search (m = 1: absmax, bitsandbytes' choice);
-# then TABLE_REFINE rounds of 2·TABLE_RADIUS+1 candidates around each row's best, step / 8 each.
-TABLE_COARSE = tuple(round(0.30 + 0.025 * k, 3) for k in range(37))  # 0.30 .. 1.20
-TABLE_REFINE, TABLE_RADIUS = 2, 8
+# then TABLE_REFINE rounds of 2·TABLE_RADIUS+1 candidates around each row's best, step / 4
+# each; then TABLE_LSQ least-squares steps (codes fixed, s = Σ d w t / Σ d t²).
+TABLE_COARSE = tuple(round(0.30 + 0.05 * k, 2) for k in range(19))  # 0.30 .. 1.20
+TABLE_REFINE, TABLE_RADIUS, TABLE_LSQ = 2, 2, 3
 TABLE_MIN_SCALE = 2.0**-24  # fp16's smallest positive value: a scale is never 0
 
 
@@ -321,6 +322,7 @@ def fit_table(
     coarse: tuple[float, ...] = TABLE_COARSE,
     refine: int = TABLE_REFINE,
     radius: int = TABLE_RADIUS,
+    lsq: int = TABLE_LSQ,
     max_chunk_elems: int = 1 << 20,
 ) -> TableParams:
     """The loss-error-aware scale of a fixed table per row of W (rows, cols), weights d (cols,).
@@ -328,7 +330,9 @@ def fit_table(
     Minimises L = Σ_j d_j (w_j − s·t[q_j])² over fp16 scales s (what the checkpoint stores):
     first s = fp16(absmax) (absmax = max_j |w_j|, QLoRA's scale, so the result is never worse
     than absmax on L), then s = fp16(m · absmax) for m in ``coarse``, then ``refine`` rounds of
-    2·radius+1 multiples around each row's best with the step divided by 8 each round; the
+    2·radius+1 multiples around each row's best with the step divided by 4 each round, then
+    ``lsq`` least-squares steps: with the best scale's codes q fixed, L is a quadratic in s
+    minimised by s = Σ_j d_j w_j t[q_j] / Σ_j d_j t[q_j]² (tried as one more candidate). The
     first candidate with the lowest L wins (deterministic). An all-zero row gets s = 1.
     Batched over rows, which are independent (a row slice gets the rows the whole weight gets).
     Raises :class:`FP16RangeError` when absmax exceeds fp16's range.
@@ -365,8 +369,14 @@ def fit_table(
     step = (coarse[1] - coarse[0]) if len(coarse) > 1 else 0.05
     offsets = torch.arange(-radius, radius + 1, device=W.device, dtype=torch.float32)
     for _ in range(refine):
-        step /= 8
+        step /= 4
         evaluate(best_s[:, None] + offsets * (step * absmax[:, None]))
+    mids = ((table[1:] + table[:-1]) / 2).contiguous()
+    for _ in range(lsq):  # codes of the best scale fixed: s = Σ d w t / Σ d t²
+        t = table[torch.searchsorted(mids, (W / best_s[:, None]).contiguous())]
+        den = (d * t * t).sum(1)
+        s_opt = torch.where(den > 0, (d * W * t).sum(1) / den.clamp_min(1e-30), best_s)
+        evaluate(s_opt[:, None])
     return TableParams(best_s, table)
 
 

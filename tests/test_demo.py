@@ -199,9 +199,9 @@ def test_demo_serves_with_vllm(tmp_path, capsys):
     psutil = pytest.importorskip("psutil")
     from leanquant_serve.vllm.linear import _cpu_wna16_available
 
-    job = demo.DemoJob(
-        out=str(tmp_path / "ckpt"), nsamples=4, seqlen=128, eval_seqlen=128, eval_windows=2,
-        max_tokens=8, serve_bf16=False,
+    job = demo.DemoJob(  # plain GPTQ (min-max grid) with 4 windows: quick, stored as affine
+        out=str(tmp_path / "ckpt"), settings=GPTQSettings(bits=4, group_size=64, fit="minmax"),
+        nsamples=4, seqlen=128, eval_seqlen=128, eval_windows=2, max_tokens=8, serve_bf16=False,
     )
     r = demo.run_demo(job)
     served = r.served["LeanQuant"]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from leanquant_serve.format import dequantize_linear, pack_linear
 from leanquant_serve.format.hf_names import to_checkpoint
 
+from . import moe
 from .activations import Activations
 from .capture import hessian, layer_forward, load_layer
 from .errors import UserError
@@ -166,34 +167,62 @@ def quantize_experts(
         params = [p for p, s in stages.items() if s == stage]
         lins = [lin for lin in fe.linears if lin.param in params]
         if stage == 0 and job.moe_calibration == "all":
-            h = feeds.input_hessian()
+            h = feeds.input_hessian(consume=True)
             check_finite(h, f"{prefix}.{fe.name}", i)
             results += quantize_group(run, prefix, [lin.name for lin in lins], mods, h)
         else:
-            hs = feeds.hessians(params, None if job.moe_calibration == "routed" else "all")
-            starved = sorted(
-                {(lin.param, lin.expert) for lin in lins}
-                - {k for k, h in hs.items() if h.n >= job.moe_min_tokens}
-            )
-            for key in starved:
-                tokens = hs[key].n if key in hs else 0
-                fallbacks += [
-                    {"name": f"{prefix}.{lin.name}", "tokens": tokens}
-                    for lin in lins if (lin.param, lin.expert) == key
-                ]  # fmt: skip
-            by_key: dict[tuple[str, int], list[str]] = {}
-            for lin in lins:
-                by_key.setdefault((lin.param, lin.expert), []).append(lin.name)
-            groups = [(by_key[k], hs.pop(k)) for k in by_key if k not in starved]
-            if starved and stage == 0:  # the experts' input: one H for all, factored once
-                groups.append(([n for k in starved for n in by_key[k]], feeds.input_hessian()))
-            elif starved:
-                hs = feeds.hessians(params, "all", {e for _, e in starved})
-                groups += [(by_key[k], hs.pop(k)) for k in starved]
-            for names, h in groups:
-                check_finite(h, f"{prefix}.{names[0]}", i)
-                results += quantize_group(run, prefix, names, mods, h)
+            # per-expert Hessians, a chunk of experts at a time (at most
+            # moe.EXPERT_HESSIAN_BYTES of them held at once; the same bytes for any chunk)
+            columns = max(fe.params[p].shape[-1] for p in params)
+            per_expert = len(params) * columns * columns * 4
+            chunk = max(1, moe.EXPERT_HESSIAN_BYTES // per_expert)
+            for first in range(0, fe.num_experts, chunk):
+                experts = set(range(first, min(first + chunk, fe.num_experts)))
+                part = [lin for lin in lins if lin.expert in experts]
+                results += _expert_groups(
+                    run, prefix, i, feeds, mods, params, part, experts, stage == 0, fallbacks
+                )
         write_back(lins)
+    return results
+
+
+def _expert_groups(
+    run: Run,
+    prefix: str,
+    i: int,
+    feeds: ExpertFeeds,
+    mods: dict[str, nn.Linear],
+    params: list[str],
+    lins: list[ExpertLinear],
+    experts: set[int],
+    stage0: bool,
+    fallbacks: list[dict],
+) -> list[tuple[dict[str, Tensor], SublayerReport]]:
+    """Quantize ``lins`` (one stage, the given ``experts``; ``stage0``: the stage reading the
+    experts' input) with one H per (parameter, expert) from the tokens --moe-calibration
+    sends; those below --moe-min-tokens use their all-token H instead (appended to
+    ``fallbacks``)."""
+    job = run.job
+    route = None if job.moe_calibration == "routed" else "all"
+    hs = feeds.hessians(params, route, experts)
+    keys = sorted({(lin.param, lin.expert) for lin in lins})
+    starved = [k for k in keys if k not in hs or hs[k].n < job.moe_min_tokens]
+    by_key: dict[tuple[str, int], list[str]] = {}
+    for lin in lins:
+        by_key.setdefault((lin.param, lin.expert), []).append(lin.name)
+    for key in starved:
+        tokens = hs[key].n if key in hs else 0
+        fallbacks += [{"name": f"{prefix}.{n}", "tokens": tokens} for n in by_key[key]]
+    groups = [(by_key[k], hs.pop(k)) for k in keys if k not in starved]
+    if starved and stage0:  # the experts' input: one H for all of them, factored once
+        groups.append(([n for k in starved for n in by_key[k]], feeds.input_hessian()))
+    elif starved:
+        hs = feeds.hessians(params, "all", {e for _, e in starved})
+        groups += [(by_key[k], hs.pop(k)) for k in starved]
+    results = []
+    for names, h in groups:
+        check_finite(h, f"{prefix}.{names[0]}", i)
+        results += quantize_group(run, prefix, names, mods, h)
     return results
 
 
@@ -224,14 +253,20 @@ class ExpertFeeds:
         finally:
             handle.remove()
 
-    def input_hessian(self) -> Hessian:
-        """H of the experts' input (every token), computed once per layer."""
+    def input_hessian(self, consume: bool = False) -> Hessian:
+        """H of the experts' input (every token), accumulated once per layer. quantize_group
+        consumes the H it is given: a copy unless ``consume`` (the last use)."""
         if self._input is None:
             first = next(iter(self.fe.params.values()))
             h = Hessian(first.shape[-1], self.run.hessian_device)
             self._each_batch(lambda args, kw: h.add_batch(args[0] if args else kw["hidden_states"]))
             self._input = h
-        return self._input
+        if consume:
+            h, self._input = self._input, None
+            return h
+        h = Hessian(self._input.H.shape[0], self._input.H.device)
+        h.H, h.n = self._input.H.clone(), self._input.n
+        return h
 
     def hessians(
         self, params: list[str], route: str | None, experts: set[int] | None = None

@@ -42,6 +42,9 @@ from .errors import UserError
 
 CALIBRATION = ("all", "routed")
 LARGE_SHARE = 0.01  # of a decoder layer's parameters: larger weights must be quantized or skipped
+# per-expert Hessians (down projections; every stage under routed calibration) held at once:
+# experts are calibrated in chunks that fit (Qwen3-30B-A3B's 128 x 768^2 fp32 = 302 MB: one)
+EXPERT_HESSIAN_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,13 @@ def find_fused_experts(model: nn.Module, layer: nn.Module, prefix: str) -> list[
         num = {p.shape[0] for p in params.values()}
         if len(num) != 1 or any(p.dim() != 3 for p in params.values()):
             raise UserError(f"{full}: expert parameters {sorted(params)} are not (E, out, in)")
-        linears = _stored_linears(model, full, params, prefix)
+        # the same for every layer of one structure: located once per model (seconds at 128
+        # experts), kept on the model
+        cache = model.__dict__.setdefault("_leanquant_expert_linears", {})
+        key = (mname, tuple((n, tuple(p.shape)) for n, p in params.items()))
+        if key not in cache:
+            cache[key] = _stored_linears(model, full, params, prefix)
+        linears = cache[key]
         found.append(FusedExperts(mname, module, num.pop(), linears))
     return found
 
@@ -98,23 +107,21 @@ def find_fused_experts(model: nn.Module, layer: nn.Module, prefix: str) -> list[
 def _stored_linears(
     model: nn.Module, full: str, params: dict[str, nn.Parameter], prefix: str
 ) -> list[ExpertLinear]:
-    """Each checkpoint linear of the fused ``params``, located by converting index probes
-    (broadcast views: no memory) with transformers' reverse conversion: one probe holds each
-    element's (parameter, expert, row) code, the other its column."""
+    """Each checkpoint linear of the fused ``params``, located by converting an index probe
+    with transformers' reverse conversion: the probe has each parameter's (E, out) shape and
+    two columns, both holding each row's (parameter, expert, row) code (the conversions split
+    experts and rows; two columns are enough to see that no transposition mixes rows and
+    columns, and keep the probe small: E x out x 2 int64)."""
     names = list(params)
-    base, rows_probe, cols_probe = 0, {}, {}
-    bases = []
+    base, probe, bases = 0, {}, []
     for n in names:
-        E, R, C = params[n].shape
+        E, R, _ = params[n].shape
         codes = torch.arange(base, base + E * R, dtype=torch.int64).view(E, R, 1)
-        rows_probe[f"{full}.{n}"] = codes.expand(E, R, C)
-        cols_probe[f"{full}.{n}"] = torch.arange(C, dtype=torch.int64).view(1, 1, C).expand(E, R, C)
+        probe[f"{full}.{n}"] = codes.expand(E, R, 2).contiguous()
         bases.append(base)
         base += E * R
-    by_rows, by_cols = to_checkpoint(model, rows_probe), to_checkpoint(model, cols_probe)
     linears = []
-    for key, r in by_rows.items():
-        c = by_cols[key]
+    for key, r in to_checkpoint(model, probe, contiguous=False).items():
         bad = UserError(
             f"{full}: checkpoint tensor {key} is not a block of rows of one expert "
             "(unsupported fused-experts layout)"
@@ -123,17 +130,14 @@ def _stored_linears(
             raise bad
         code = int(r[0, 0])
         k = max(i for i, b in enumerate(bases) if b <= code)
-        E, R, C = params[names[k]].shape
+        R = params[names[k]].shape[1]
         e, r0 = divmod(code - bases[k], R)
-        want = torch.arange(code, code + r.shape[0]).view(-1, 1)
-        if r.shape[0] + r0 > R or not bool((r == want).all()):
-            raise bad
-        if r.shape[1] != C or not bool((c == torch.arange(C)).all()):
+        want = torch.arange(code, code + r.shape[0])
+        if r.shape[1] != 2 or r0 + r.shape[0] > R or not bool((r == want.view(-1, 1)).all()):
             raise bad
         name = key[len(prefix) + 1 : -len(".weight")]
-        linears.append(
-            ExpertLinear(name, f"{full[len(prefix) + 1 :]}.{names[k]}", e, (r0, r0 + r.shape[0]))
-        )
+        param = f"{full[len(prefix) + 1 :]}.{names[k]}"
+        linears.append(ExpertLinear(name, param, e, (r0, r0 + r.shape[0])))
     return sorted(linears, key=lambda x: (x.expert, x.param, x.rows))
 
 

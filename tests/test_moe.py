@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from leanquant_serve.format import Checkpoint, load_reference_model
-from quantizer import layer_step
+from quantizer import layer_step, moe
 from quantizer.errors import UserError
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
@@ -191,6 +191,31 @@ def test_starved_experts_fall_back_to_their_all_token_hessian(
         if f["name"].startswith("model.layers.0.") and f["name"].endswith("w1")
     ]
     assert sum(w1) == 2 * NSAMPLES * SEQLEN
+    a, b = _tensors(out), _tensors(mixtral_all)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_experts_calibrated_one_at_a_time_give_the_same_bytes(
+    tiny_model, calib_text, tmp_path, mixtral_all, monkeypatch
+):
+    """A per-expert Hessian budget below one expert's: one expert per pass (routed, every
+    expert starved: the shared input H handed out once per expert), the same checkpoint."""
+    monkeypatch.setattr(moe, "EXPERT_HESSIAN_BYTES", 1)
+    passes = []
+    real = layer_step.ExpertFeeds.hessians
+    monkeypatch.setattr(
+        layer_step.ExpertFeeds, "hessians",
+        lambda self, params, route, experts=None: passes.append(experts) or real(self, params, route, experts),
+    )  # fmt: skip
+    out = tmp_path / "one-by-one"
+    _, report = quantize(
+        tiny_model("mixtral"), out, calib=str(calib_text), moe_calibration="routed",
+        moe_min_tokens=NSAMPLES * SEQLEN + 1,
+    )  # fmt: skip
+    assert len(report["moe_fallbacks"]) == LAYERS * EXPERTS * 3
+    assert {len(e) for e in passes} == {1}
     a, b = _tensors(out), _tensors(mixtral_all)
     assert a.keys() == b.keys()
     for k in a:

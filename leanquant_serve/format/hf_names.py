@@ -69,13 +69,18 @@ def from_checkpoint(model: nn.Module, keys: Iterable[str]) -> dict[str, Source]:
     return out
 
 
-def to_checkpoint(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def to_checkpoint(
+    model: nn.Module, tensors: dict[str, Tensor], contiguous: bool = True
+) -> dict[str, Tensor]:
     """``tensors`` (model names) under the checkpoint names ``save_pretrained`` writes for
-    ``model``'s architecture (fused experts split per expert, renamings reverted). The
-    identity for architectures without conversions (every dense model tested here)."""
+    ``model``'s architecture (fused experts split per expert, renamings reverted), made
+    contiguous for writing unless ``contiguous`` is False (then possibly views). The identity
+    for architectures without conversions (every dense model tested here)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     out = revert_weight_conversion(model, dict(tensors))
+    if not contiguous:
+        return out
     return {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in out.items()}
 
 

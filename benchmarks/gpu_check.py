@@ -284,7 +284,7 @@ def _plain_text_reader() -> None:
     calibration .txt directly instead, in every run here (CPU and CUDA alike, dry too)."""
     import quantizer.data as data
 
-    def load_text(source: str, split: str = "calib") -> str:
+    def load_text(source: str, split: str = "calib", tokenizer=None) -> str:
         return data._nonempty(Path(source).read_text(encoding="utf-8"), source)
 
     data.load_text = load_text

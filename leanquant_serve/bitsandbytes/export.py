@@ -41,8 +41,7 @@ from typing import Any
 
 import torch
 
-from ..compressed_tensors.export import _linear_modules
-from ..export import Exporter, ExportError, check_fused_parts, export
+from ..export import Exporter, ExportError, check_fused_parts, export, model_linears
 from ..format import Checkpoint, infer_linear_shape, unpack_codes
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ class BitsAndBytesNF4Exporter(Exporter):
         super().__init__(src, prefixes)
         self.blocksizes = _blocksizes(src, prefixes)
         self.dtype = _model_dtype(src.hf_config)
-        linears, fused = _linear_modules(src.hf_config, src.path)
+        linears, fused = model_linears(src.hf_config, src.path)
         strays = sorted(set(prefixes) - set(linears))
         if strays:
             raise ExportError(f"{strays[0]}: quantized, but not an nn.Linear of the architecture")

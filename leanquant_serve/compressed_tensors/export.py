@@ -39,10 +39,9 @@ from typing import Any
 
 import torch
 
-from ..export import Exporter, ExportError, check_fused_parts, export
+from ..export import Exporter, ExportError, check_fused_parts, export, model_linears
 from ..format import (
     Checkpoint,
-    FormatError,
     infer_linear_shape,
     unpack_codes,
 )
@@ -109,32 +108,6 @@ def quantization_config(
         "sparsity_config": {},
         "transform_config": {},
     }
-
-
-def _linear_modules(hf_config: Mapping[str, Any], path: Path) -> tuple[list[str], list[list[str]]]:
-    """Names of every ``nn.Linear`` of the architecture, and those that read one input (what
-    vLLM fuses), from a meta-device skeleton traced once (no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy imports, only needed here
-
-    from quantizer.model_walk import shared_input_groups
-
-    config_dict = {k: v for k, v in hf_config.items() if k != "quantization_config"}
-    if "model_type" not in config_dict:
-        raise FormatError(f"{path / 'config.json'}: no model_type")
-    try:
-        config = AutoConfig.for_model(**config_dict)
-        # bfloat16: the dtype every kernel a trace may reach accepts (grouped MoE matmuls
-        # take nothing else); no memory is allocated on the meta device
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    except (ValueError, KeyError) as e:
-        raise ExportError(f"{path}: cannot build the architecture to list its linears ({e})") from e
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        groups = shared_input_groups(model)
-    except ValueError as e:  # UserError
-        raise ExportError(f"{path}: {e}") from e
-    return linears, groups
 
 
 def _layer_zeros(src: Checkpoint, prefix: str) -> torch.Tensor:
@@ -204,7 +177,7 @@ class CompressedTensorsExporter(Exporter):
         super().__init__(src, prefixes)
         cfg = src.qcfg
         self.symmetric = _plan(src, prefixes)
-        linears, fused = _linear_modules(src.hf_config, src.path)
+        linears, fused = model_linears(src.hf_config, src.path)
         strays = sorted(set(prefixes) - set(linears))
         if strays:
             raise ExportError(f"{strays[0]}: quantized, but not an nn.Linear of the architecture")

@@ -10,13 +10,14 @@ target format cannot represent exactly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from ..format import QUANT_SUFFIXES, Checkpoint, CheckpointWriter, fused_misfit
+from ..format import QUANT_SUFFIXES, Checkpoint, CheckpointWriter, FormatError, fused_misfit
 
 
 class ExportError(ValueError):
@@ -96,3 +97,31 @@ def open_source(src_dir: Path | str, out_dir: Path | str) -> tuple[Checkpoint, P
     if not prefixes:
         raise ExportError(f"{src.path}: no quantized linears")
     return src, out, prefixes
+
+
+def model_linears(hf_config: Mapping[str, Any], path: Path) -> tuple[list[str], list[list[str]]]:
+    """Names of every ``nn.Linear`` of the architecture, and those that read one input (what
+    vLLM fuses), from a meta-device skeleton traced once (no weights read). Every exporter that
+    must know the model's linears calls this. Raises FormatError without a model_type,
+    ExportError if transformers cannot build or trace the architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy imports, only needed here
+
+    from quantizer.model_walk import shared_input_groups
+
+    config_dict = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    if "model_type" not in config_dict:
+        raise FormatError(f"{path / 'config.json'}: no model_type")
+    try:
+        config = AutoConfig.for_model(**config_dict)
+        # bfloat16: the dtype every kernel a trace may reach accepts (grouped MoE matmuls
+        # take nothing else); no memory is allocated on the meta device
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    except (ValueError, KeyError) as e:
+        raise ExportError(f"{path}: cannot build the architecture to list its linears ({e})") from e
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        groups = shared_input_groups(model)
+    except ValueError as e:  # UserError
+        raise ExportError(f"{path}: {e}") from e
+    return linears, groups

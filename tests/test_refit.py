@@ -58,8 +58,11 @@ def test_refit_keeps_codes_and_never_raises_the_full_hessian_loss(fit, group_siz
         assert torch.equal(r.zeros, plain.zeros)
     Hd = damped(H, s.damp)
     before, after = loss64(W, plain.Q, Hd), loss64(W, r.Q, Hd)
-    # per row: never above (up to float32's rounding of the loss itself) ...
-    assert bool((after <= before * (1 + 1e-5)).all()), float((after / before).max())
+    # per row: never above, up to float32's rounding of the loss the refit compares (a sum of
+    # 128 products: relative error far below 1e-4 on any BLAS) ...
+    assert bool((after <= before * (1 + 1e-4)).all()), float((after / before).max())
+    # ... and exactly never above in the refit's own arithmetic (it keeps the old grid otherwise)
+    assert bool((r.refit_loss[:, 1] <= r.refit_loss[:, 0]).all())
     # ... and lower in total: the diagonal-only fit leaves room on correlated inputs
     assert float(after.sum()) < 0.998 * float(before.sum())
     # the module's own before/after agree with the independent float64 ones
@@ -174,5 +177,5 @@ def test_refit_lowers_the_loss_on_a_real_smollm2_layer(fit, group_size, bits):
     r = quantize_weight(W, H, GPTQSettings(bits=bits, group_size=group_size, fit=fit, refit=True))
     Hd = damped(H, s.damp)
     before, after = loss64(W, plain.Q, Hd), loss64(W, r.Q, Hd)
-    assert bool((after <= before * (1 + 1e-5)).all())
+    assert bool((after <= before * (1 + 1e-4)).all())
     assert float(after.sum()) < 0.99 * float(before.sum()), float(after.sum() / before.sum())

@@ -41,7 +41,31 @@ METHODS = {  # name: quantize flags (nonuniform is one table per row whatever th
     "leanquant-aff": ["--grid", "affine"],
     "leanquant-nu": ["--grid", "nonuniform"],
     "leanquant-exl2": ["--grid", "exl2"],  # inside EXL2's grid family: exact EXL2 export
+    "leanquant-nf": ["--grid", "nf"],  # NormalFloat table, LeanQuant's scale per group
+    "leanquant-sf": ["--grid", "sf"],  # Student-Float table (ν = 5), LeanQuant's scale
+    # what bitsandbytes users get today: bitsandbytes' own quantize_4bit (NF4, absmax per block
+    # of `group` weights, fp32 absmax, no calibration) on every decoder linear, dequantized back
+    "bnb-nf4": None,
+    "leanquant-aff+refit": ["--grid", "affine", "--refit"],
+    "leanquant-nu+refit": ["--grid", "nonuniform", "--refit"],
+    "leanquant-nf+refit": ["--grid", "nf", "--refit"],
+    "leanquant-sf+refit": ["--grid", "sf", "--refit"],
 }
+DEFAULT_METHODS = "rtn,gptq,leanquant-aff,leanquant-nu,leanquant-exl2,leanquant-nf,leanquant-sf,bnb-nf4"
+
+
+def stored_grid(method: str) -> str:
+    """The contract's grid kind a method's checkpoint stores (for the expected size)."""
+    flags = METHODS[method] or []
+    fit = flags[flags.index("--grid") + 1] if "--grid" in flags else "affine"
+    return {"nonuniform": "nonuniform", "nf": "table", "sf": "table"}.get(fit, "affine")
+
+
+def applicable(setting: str, method: str) -> bool:
+    """bitsandbytes' NF4 exists at 4 bits with blocks (no per-row variant): other settings
+    have no bnb-nf4 row."""
+    bits, group = SETTINGS[setting]
+    return method != "bnb-nf4" or (bits == 4 and group > 0)
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -49,22 +73,17 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
-def evaluate(model: Path, a: argparse.Namespace) -> float:
-    p = run(
-        CLI
-        + [
-            "eval",
-            str(model),
-            "--json",
-            "--seqlen",
-            str(a.eval_seqlen),
-            "--max-windows",
-            str(a.eval_windows),
-        ]
-    )
+def evaluate(model: Path, a: argparse.Namespace, ref: Path | None = None) -> dict:
+    """`leanquant eval` of ``model`` on the evaluation windows: perplexity, and with ``ref``
+    (the bf16 source) KL divergence to it (nats per token) and top-1 agreement."""
+    cmd = ["eval", str(model), "--json", "--seqlen", str(a.eval_seqlen)]
+    cmd += ["--max-windows", str(a.eval_windows)] + (["--ref", str(ref)] if ref else [])
+    p = run(CLI + cmd)
     if p.returncode:
         raise RuntimeError(p.stderr[-2000:])
-    return json.loads(p.stdout.strip().splitlines()[-1])["perplexity"]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    keep = ("perplexity", "kl_to_ref", "top1_agreement")
+    return {("kl" if k == "kl_to_ref" else k): r[k] for k in keep if k in r}
 
 
 def size_model(src: Path, ckpt: Path, bits: int, group: int, grid: str) -> dict:
@@ -83,6 +102,9 @@ def size_model(src: Path, ckpt: Path, bits: int, group: int, grid: str) -> dict:
             expected += out_f * in_f * bits / 8
             if grid == "nonuniform":
                 expected += out_f * 2**bits * 2  # fp16 table per row
+            elif grid == "table":
+                groups = 1 if group == -1 else in_f // group
+                expected += groups * out_f * 2  # fp16 scale per group (the table: bytes)
             else:
                 groups = 1 if group == -1 else in_f // group
                 expected += groups * out_f * (2 + bits / 8)  # fp16 scale + packed zero
@@ -102,7 +124,9 @@ def main() -> None:
 
     ap.add_argument("--model", default="smollm2", choices=list(BUNDLED_MODELS))
     ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--methods", default=DEFAULT_METHODS, help=f"of {', '.join(METHODS)}"
+    )
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
@@ -130,11 +154,15 @@ def main() -> None:
     wanted = {f"bf16|{evals}": None, "g128": None}
     for setting in a.settings.split(","):
         for method in a.methods.split(","):
+            if method not in METHODS:
+                sys.exit(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+            if not applicable(setting, method):
+                continue
             wanted[f"{setting}|{method}|{a.nsamples}x{a.seqlen}|{evals}"] = (setting, method)
-    if a.report_only:
-        missing = [k for k in wanted if k not in cached]
-        if missing:
-            sys.exit(f"no cached rows for {missing} in {cache}")
+    if a.report_only:  # what is cached of the wanted rows; the rest shows as '-'
+        if not any(k in cached for k in wanted if k != "g128") or "g128" not in cached:
+            sys.exit(f"no cached rows for {a.settings} x {a.methods} in {cache}")
+        wanted = {k: j for k, j in wanted.items() if k in cached}
     for k, job in wanted.items():
         if k in cached:
             continue
@@ -148,7 +176,8 @@ def main() -> None:
                 and j
                 and job
                 and j != job
-                and j[1] == job[1] == "leanquant-nu"
+                and j[1] == job[1]
+                and stored_grid(job[1]) == "nonuniform"
                 and SETTINGS[j[0]][0] == SETTINGS[job[0]][0]
             ),
             None,
@@ -184,15 +213,18 @@ def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Names
             "setting": "-",
             "method": "bf16",
             "bits": 16,
-            "perplexity": evaluate(src, a),
+            **evaluate(src, a),
             "seconds": 0.0,
             "peak_rss_gib": None,
             "bytes": size,
         }
     setting, method = job
     bits, group = SETTINGS[setting]
-    g = -1 if method == "leanquant-nu" else group
+    grid = stored_grid(method)
+    g = -1 if grid == "nonuniform" else group
     out = a.work / f"{setting}-{method}"
+    if method == "bnb-nf4":
+        return bnb_nf4(src, out, group, a)
     flags = (
         f"--bits {bits} --group-size {g} --calib wiki-sample --nsamples {a.nsamples} "
         f"--seqlen {a.seqlen} --overwrite --resume"  # a killed row continues, same bytes
@@ -203,17 +235,62 @@ def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Names
     if p.returncode:
         raise RuntimeError(f"{setting} {method} failed:\n{p.stderr[-3000:]}")
     report = json.loads((out / "quantize_report.json").read_text())
-    grid = "nonuniform" if method == "leanquant-nu" else "affine"
     return {
         "setting": setting,
         "method": method,
         "bits": bits,
         "group_size": g,
-        "perplexity": evaluate(out, a),
+        **evaluate(out, a, ref=src),
         "seconds": report["seconds"],
         "wall_seconds": wall,
         "peak_rss_gib": report["peak_rss_bytes"] / 2**30,
         **size_model(src, out, bits, g, grid),
+    }
+
+
+def bnb_nf4(src: Path, out: Path, group: int, a: argparse.Namespace) -> dict:
+    """The absmax NF4 baseline: bitsandbytes' own ``quantize_4bit`` (quant_type "nf4",
+    blocksize ``group``, fp32 absmax, no double quantization, no calibration) applied to every
+    2-D weight of the decoder layers (the linears bitsandbytes replaces when transformers loads
+    a model with ``load_in_4bit``; embeddings and lm_head stay bf16 there too) and dequantized
+    back to bf16 with ``dequantize_4bit``, written as a bf16 model folder and evaluated like
+    the checkpoints. Bytes: what bitsandbytes stores (4 bits per weight + an fp32 absmax per
+    block), computed, since the folder written is bf16."""
+    import shutil
+
+    import bitsandbytes.functional as bnbF
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    (weights,) = src.glob("*.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    tensors = load_file(weights)
+    t, stored = time.time(), 0
+    for name, w in tensors.items():
+        if ".layers." not in name or w.dim() != 2:
+            stored += 2 * w.numel()
+            continue
+        packed, state = bnbF.quantize_4bit(w.contiguous(), blocksize=group, quant_type="nf4")
+        tensors[name] = bnbF.dequantize_4bit(packed, state).to(w.dtype)
+        stored += packed.numel() * packed.element_size() + 4 * state.absmax.numel()
+    seconds = time.time() - t
+    save_file(tensors, str(out / weights.name), metadata={"format": "pt"})
+    return {
+        "setting": f"w4g{group}",
+        "method": "bnb-nf4",
+        "bits": 4,
+        "group_size": group,
+        **evaluate(out, a, ref=src),
+        "seconds": seconds,
+        "wall_seconds": seconds,
+        "peak_rss_gib": None,
+        "bytes": stored,
+        "expected_bytes": stored,
+        "size_vs_expected": 0.0,
+        "bytes_note": "computed (bitsandbytes' packed 4-bit codes + fp32 absmax per block)",
     }
 
 
@@ -270,52 +347,89 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     def row(s: str, m: str) -> dict | None:
         return next((r for r in rows.values() if r["setting"] == s and r["method"] == m), None)
 
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        kl = f" / {r['kl']:.3f}" if r.get("kl") is not None else ""
+        rss = "-" if r.get("peak_rss_gib") is None else f"{r['peak_rss_gib']:.1f}"
+        return f"{r['perplexity']:.2f}{kl} ({r['seconds']:.0f} s, {rss})"
+
     lines = [
         f"{model.title}. Weights: {model.weights}.",
         "",
-        f"bf16 perplexity: **{bf16['perplexity']:.2f}**. Cells: perplexity (quantization seconds, "
-        "peak RSS GiB). LeanQuant-nu uses one 2^b-entry table per row in every setting.",
+        f"bf16 perplexity: **{bf16['perplexity']:.2f}**. Cells: perplexity / KL divergence to "
+        "bf16 in nats per token on the same windows (quantization seconds, peak RSS GiB); "
+        "'-': not measured. LeanQuant-nu uses one 2^b-entry table per row in every setting; "
+        "bnb-nf4 is bitsandbytes' own absmax NF4 (no calibration; 4 bits with blocks only).",
         "",
         "| setting | " + " | ".join(methods) + " |",
         "|---" * (len(methods) + 1) + "|",
     ]
     for s in settings:
-        cells = []
-        for m in methods:
-            r = row(s, m)
-            cells.append(
-                "-"
-                if r is None
-                else f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gib']:.1f})"
-            )
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append(f"| {s} | " + " | ".join(cell(row(s, m)) for m in methods) + " |")
 
-    if "gptq" in methods:  # the targets: LeanQuant vs GPTQ in the same run
+    others = [m for m in methods if m not in ("gptq", "rtn")]
+    if "gptq" in methods and others:  # the targets: each method vs GPTQ in the same run
         lines += [
             "",
-            "| setting | LeanQuant (best of aff, nu) / GPTQ perplexity | LeanQuant-aff / GPTQ "
-            "| LeanQuant-nu / GPTQ | LeanQuant-exl2 / GPTQ perplexity | LeanQuant-aff / GPTQ time "
-            "| LeanQuant-nu / GPTQ time |",
-            "|---|---|---|---|---|---|---|",
+            "Perplexity / GPTQ's (time / GPTQ's). A ratio ≥ 1 (marked **not better**) is a "
+            "setting where that method does not beat GPTQ.",
+            "",
+            "| setting | " + " | ".join(others) + " |",
+            "|---" * (len(others) + 1) + "|",
         ]
         for s in settings:
-            g, aff, nu = row(s, "gptq"), row(s, "leanquant-aff"), row(s, "leanquant-nu")
-            exl2 = row(s, "leanquant-exl2")
-            lq = [r for r in (aff, nu) if r is not None]
-            if g is None or not lq:
+            g = row(s, "gptq")
+            if g is None:
                 continue
-            best = min(lq, key=lambda r: r["perplexity"])
-            t = [f"{r['seconds'] / g['seconds']:.2f}×" if r else "-" for r in (aff, nu)]
-            ratio = [_vs(r, g) for r in (best, aff, nu, exl2)]
-            lines.append(
-                f"| {s} | {ratio[0]} ({best['method']}) | {ratio[1]} | {ratio[2]} | {ratio[3]} "
-                f"| {t[0]} | {t[1]} |"
-            )
+            cells = []
+            for m in others:
+                r = row(s, m)
+                t = "" if r is None else f" ({r['seconds'] / g['seconds']:.2f}×)"
+                cells.append(_vs(r, g) + t)
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+
+    if "bnb-nf4" in methods:  # LeanQuant's NF4 vs what bitsandbytes users get
         lines += [
             "",
-            "A ratio ≥ 1 (marked **not better**) is a setting where that method does "
-            "not beat GPTQ.",
+            "NF4: LeanQuant's loss-aware scale vs bitsandbytes' absmax (same NF4 table, same "
+            "blocks):",
+            "",
+            "| setting | bnb-nf4 ppl / KL | leanquant-nf ppl / KL | perplexity ratio | KL ratio |",
+            "|---|---|---|---|---|",
         ]
+        for s in settings:
+            b, n = row(s, "bnb-nf4"), row(s, "leanquant-nf")
+            if b is None or n is None:
+                continue
+            klr = f"{n['kl'] / b['kl']:.3f}" if n.get("kl") and b.get("kl") else "-"
+            lines.append(
+                f"| {s} | {b['perplexity']:.2f} / {b.get('kl', float('nan')):.3f} "
+                f"| {n['perplexity']:.2f} / {n.get('kl', float('nan')):.3f} "
+                f"| {n['perplexity'] / b['perplexity']:.3f} | {klr} |"
+            )
+
+    refits = [m for m in methods if m.endswith("+refit")]
+    if refits:  # the refit (beyond the paper): same grid, codes fixed, full-H scales
+        lines += [
+            "",
+            "--refit: perplexity / KL without → with, and the run's time with refit / GPTQ's:",
+            "",
+            "| setting | grid | without | with | perplexity change | time / GPTQ |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in settings:
+            for m in refits:
+                base, r, g = row(s, m.removesuffix("+refit")), row(s, m), row(s, "gptq")
+                if base is None or r is None:
+                    continue
+                kl = [f" / {x['kl']:.3f}" if x.get("kl") is not None else "" for x in (base, r)]
+                t = f"{r['seconds'] / g['seconds']:.2f}×" if g else "-"
+                lines.append(
+                    f"| {s} | {m.removesuffix('+refit')} | {base['perplexity']:.2f}{kl[0]} "
+                    f"| {r['perplexity']:.2f}{kl[1]} "
+                    f"| {r['perplexity'] / base['perplexity'] - 1:+.2%} | {t} |"
+                )
     lines += [
         "",
         "Checkpoint size vs bits·params/8 + group metadata + unquantized tensors:",
@@ -326,7 +440,9 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     for r in rows.values():
         if r["method"] != "bf16":
             lines.append(
-                f"| {r['setting']} | {r['method']} | {r['bytes'] / 2**20:.1f} | {r['size_vs_expected']:+.2%} |"
+                f"| {r['setting']} | {r['method']} | {r['bytes'] / 2**20:.1f} | "
+                + ("computed" if "bytes_note" in r else f"{r['size_vs_expected']:+.2%}")
+                + " |"
             )
     fit = ", ".join(f"{g}: {'yes' if ok else 'no'}" for g, ok in g128["divides"].items())
     lines += [
@@ -349,23 +465,24 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        ys = [
-            next(
-                (r["perplexity"] for r in rows.values() if r["setting"] == s and r["method"] == m),
-                float("nan"),
-            )
-            for s in settings
-        ]
-        ax.bar([i + j * width for i in range(len(settings))], ys, width, label=m)
-    ax.axhline(bf16["perplexity"], color="k", ls="--", lw=1, label="bf16")
-    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(settings))], settings)
-    ax.set_yscale("log")
-    ax.set_ylabel("perplexity (log)")
-    ax.set_title(f"{model.title}, wiki-sample held-out perplexity")
-    ax.legend(fontsize=8)
+    # one panel per setting, each on its own linear axis: the increase over bf16 in percent,
+    # so 4-bit differences of a few percent stay visible next to 2-bit's hundreds
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 4), squeeze=False)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for ax, s in zip(axes[0], settings):
+        ms = [m for m in methods if row(s, m) is not None]
+        ys = [100 * (row(s, m)["perplexity"] / bf16["perplexity"] - 1) for m in ms]
+        top = sorted(ys)
+        cap = 1.25 * top[-2] if len(top) > 1 and top[-1] > 3 * top[-2] else 1.1 * top[-1]
+        ax.bar(range(len(ms)), [min(y, cap) for y in ys], color=[colors[m] for m in ms])
+        for i, y in enumerate(ys):
+            ax.text(i, min(y, cap), f"{y:.0f}%" if y >= 10 else f"{y:.1f}%", ha="center",
+                    va="bottom", fontsize=6, rotation=90 if y > cap else 0)
+        ax.set_ylim(0, cap * 1.15)
+        ax.set_xticks(range(len(ms)), ms, rotation=60, ha="right", fontsize=7)
+        ax.set_title(s, fontsize=9)
+    axes[0][0].set_ylabel("perplexity increase over bf16 (%)")
+    fig.suptitle(f"{model.title}: held-out perplexity vs bf16 {bf16['perplexity']:.2f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(a.results / f"{stem}.png", dpi=110)
 

@@ -12,13 +12,11 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import Tensor, nn
 
-from leanquant_serve.format.hf_names import to_checkpoint
-
 from .activations import Activations
 from .errors import UserError
 from .gptq import Hessian
 from .job import Run
-from .model_walk import StopForward
+from .model_walk import StopForward, beside_text_decoder
 from .source import SourceModel
 
 
@@ -112,14 +110,16 @@ def outer_tensors(run: Run, start: int, acts: Activations | None) -> list[dict]:
     a time, and capture the calibration inputs of layer 0 into ``acts`` and every layer's
     kwargs; a resumed run reads only the embeddings and captures only the kwargs."""
     job, model, src = run.job, run.model, run.src
-    # What runs before layer 0 (embeddings, rotary): outside the layer stack and the head.
+    # What runs before layer 0 (embeddings, rotary): outside the layer stack and the head, and
+    # outside a multimodal wrapper's towers and projectors (text calibration never runs them).
     needed = set()
     if acts is not None and start < len(run.layers):
+        unused = [run.layers_name, *beside_text_decoder(model, run.layers_name)]
+        unused += [run.head_name] if run.head_name else []
         needed = {
             name
             for name, _ in model.named_parameters()
-            if not name.startswith(run.layers_name + ".")
-            and not (run.head_name and name.startswith(run.head_name + "."))
+            if not any(name.startswith(u + ".") for u in unused)
         }
     missing = sorted(needed - set(run.outer_names))
     if missing:
@@ -129,8 +129,8 @@ def outer_tensors(run: Run, start: int, acts: Activations | None) -> list[dict]:
             t = src.get_finite(name)
             if name in needed:
                 fits_dtype(name, t, run.dtype)
-            if start == 0:  # under the checkpoint's names (transformers' reverse conversion)
-                run.writer.add(to_checkpoint(run.model, {name: t}))
+            if start == 0:  # under the checkpoint's names (SourceModel.as_stored)
+                run.writer.add(src.as_stored(run.model, {name: t}))
             if name in needed:
                 set_module_tensor_to_device(model, name, run.device, value=t, dtype=run.dtype)
             del t

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from leanquant_serve.format import dequantize_linear, pack_linear
-from leanquant_serve.format.hf_names import to_checkpoint
+from leanquant_serve.format.hf_names import checkpoint_module, to_checkpoint
 
 from . import moe
 from .activations import Activations
@@ -399,7 +399,8 @@ def store_sublayer(
 ) -> tuple[dict[str, Tensor], SublayerReport]:
     """Set sublayer ``name``'s weight to Q; returns its checkpoint tensors and report
     (``dead_inputs``: its inputs that were zero in every calibration token)."""
-    full, qcfg = f"{prefix}.{name}", run.qcfg
+    # named as in the checkpoint (a multimodal wrapper's text decoder is renamed on load)
+    full, qcfg = checkpoint_module(run.model, f"{prefix}.{name}"), run.qcfg
     if not torch.isfinite(r.Q).all():
         raise UserError(f"{full}: quantization produced NaN/Inf (check the calibration data)")
     m.weight.data = r.Q.to(m.weight.dtype)  # later sublayers see the quantized output

@@ -5,6 +5,11 @@ projection-name lists): the decoder stack is the ModuleList of the classes the m
 declares in ``_no_split_modules``, the sublayers are its ``nn.Linear`` children, and the
 true-sequential order is read off one forward pass (sublayers fed the same tensor form
 one group: q/k/v, then o, then gate/up, then down for a Llama block).
+
+Multimodal wrappers (``Gemma3ForConditionalGeneration``: a vision tower, a projector and a
+text decoder) hold several such stacks; the text decoder's is the one beside the model's token
+embeddings (``get_input_embeddings``), and what sits beside the text decoder (towers,
+projectors) is found the same way (:func:`beside_text_decoder`).
 """
 
 from __future__ import annotations
@@ -25,10 +30,20 @@ TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_te
 # Mixture-of-Experts architectures the quantizer is tested on (tests/test_moe.py); kept apart
 # from TESTED_MODEL_TYPES, which the planner also reads and which does not know MoE yet.
 TESTED_MOE_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
+# Multimodal wrappers tested (tests/test_multimodal.py): quantized on their text decoder, which
+# must be of a tested type above. Apart from TESTED_MODEL_TYPES for the same reason as MoE.
+TESTED_MULTIMODAL_MODEL_TYPES = ("gemma3",)
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder layers: (qualified name, ModuleList)."""
+    """The model's stack of decoder layers: (qualified name, ModuleList).
+
+    A stack is a ModuleList whose every member is a block (a class in ``_no_split_modules`` or
+    one ending in ``DecoderLayer``). Of several (a multimodal wrapper's vision encoder and text
+    decoder), the text decoder's: the one nearest the token embeddings. Raises UserError if no
+    single stack is found, if its layers hold no nn.Linear, or if the model is a wrapper whose
+    text decoder is not of a tested architecture (TESTED_MODEL_TYPES, TESTED_MOE_MODEL_TYPES).
+    """
     block_names = set(getattr(model, "_no_split_modules", None) or ())
 
     def is_block(m: nn.Module) -> bool:
@@ -40,6 +55,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         for name, m in model.named_modules()
         if isinstance(m, nn.ModuleList) and len(m) > 0 and all(is_block(c) for c in m)
     ]
+    if len(stacks) > 1:
+        stacks = _nearest_to_embeddings(model, stacks)
     if len(stacks) != 1:
         found = ", ".join(f"{n} ({len(m)}×{type(m[0]).__name__})" for n, m in stacks) or "none"
         children = ", ".join(f"{n}: {type(m).__name__}" for n, m in model.named_children())
@@ -62,14 +79,86 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"({type(layers[0]).__name__}) have no nn.Linear sublayers; their weights are held "
             f"by {', '.join(held_by) or 'nothing'}"
         )
-    model_type = getattr(getattr(model, "config", None), "model_type", "?")
-    if model_type not in TESTED_MODEL_TYPES + TESTED_MOE_MODEL_TYPES:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", "?")
+    text_types = TESTED_MODEL_TYPES + TESTED_MOE_MODEL_TYPES
+    if beside_text_decoder(model, name):  # a wrapper: quantized on its text decoder only
+        text_type = getattr(config.get_text_config(), "model_type", "?")
+        if text_type not in text_types:
+            raise UserError(
+                f"unsupported text decoder in {type(model).__name__}: its text model is "
+                f"{text_type!r} ({type(layers[0]).__name__} layers), not one of the tested "
+                f"architectures {', '.join(text_types)}"
+            )
+        if model_type not in TESTED_MULTIMODAL_MODEL_TYPES:
+            log.warning(
+                "multimodal model_type %r is not in the tested set %s (its text model %r is): "
+                "check the result", model_type, TESTED_MULTIMODAL_MODEL_TYPES, text_type,
+            )  # fmt: skip
+    elif model_type not in text_types:
         log.warning(
-            "model_type %r is not in the tested set %s: check the result",
-            model_type,
-            TESTED_MODEL_TYPES + TESTED_MOE_MODEL_TYPES,
+            "model_type %r is not in the tested set %s: check the result", model_type, text_types
         )
     return name, layers
+
+
+def _input_embeddings_name(model: nn.Module) -> str | None:
+    """Qualified name of the model's token embeddings (``get_input_embeddings``), if any."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((n for n, m in model.named_modules() if m is emb), None)
+
+
+def _common_ancestor(a: str, b: str) -> str:
+    """The deepest module containing both qualified names ("" for the root)."""
+    common = []
+    for x, y in zip(a.split("."), b.split("."), strict=False):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _nearest_to_embeddings(
+    model: nn.Module, stacks: list[tuple[str, nn.ModuleList]]
+) -> list[tuple[str, nn.ModuleList]]:
+    """Of several stacks, those whose deepest common ancestor with the token embeddings is
+    deepest (the text decoder's, beside its embeddings); all of them if that is not one."""
+    emb = _input_embeddings_name(model)
+    if emb is None:
+        return stacks
+    depth = {n: len(_common_ancestor(n, emb)) for n, _ in stacks}
+    best = [(n, m) for n, m in stacks if depth[n] == max(depth.values())]
+    return best if len(best) == 1 else stacks
+
+
+def beside_text_decoder(model: nn.Module, layers_name: str) -> list[str]:
+    """Modules of a multimodal wrapper outside its text decoder (vision/audio towers,
+    projectors), by qualified name, in definition order; [] for a plain causal LM.
+
+    The text decoder is the deepest module holding both the decoder stack ``layers_name`` and
+    the token embeddings (Gemma 3: ``model.language_model``); the modules beside it are the
+    other children, holding parameters, of the modules above it, except the output embeddings
+    (the LM head). Gemma3ForConditionalGeneration: ``model.vision_tower``,
+    ``model.multi_modal_projector``.
+    """
+    emb = _input_embeddings_name(model)
+    if emb is None:
+        return []
+    text = _common_ancestor(layers_name, emb)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    parts = text.split(".") if text else []
+    beside = []
+    for depth in range(len(parts)):  # the modules above the text decoder, root first
+        parent = ".".join(parts[:depth])
+        for child, m in model.get_submodule(parent).named_children():
+            full = f"{parent}.{child}" if parent else child
+            if child == parts[depth] or m is head or next(m.parameters(), None) is None:
+                continue
+            beside.append(full)
+    return beside
 
 
 def find_linears(layer: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Linear]:

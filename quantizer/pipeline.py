@@ -34,10 +34,9 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from leanquant_serve.format import FormatError, group_misfit, linear_specs
-from leanquant_serve.format.hf_names import to_checkpoint
+from leanquant_serve.format.hf_names import auto_model_class, checkpoint_module, to_checkpoint
 
 from .activations import PLACES, Activations
 from .capture import outer_tensors
@@ -66,7 +65,7 @@ from .journal import (
     resume_point,
 )
 from .layer_step import layer_linears, quantize_layer
-from .model_walk import find_decoder_layers, find_linears
+from .model_walk import beside_text_decoder, find_decoder_layers, find_linears
 from .moe import unquantized_large
 from .source import SourceModel, load_config
 
@@ -137,7 +136,7 @@ def _build_skeleton(job: QuantizeJob, dtype: torch.dtype) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         try:
             # eager experts: quantizer/moe.py reads which expert slice each F.linear uses
-            model = AutoModelForCausalLM.from_config(
+            model = auto_model_class(config).from_config(
                 config, dtype=dtype, experts_implementation="eager"
             )
         except ValueError as e:
@@ -239,12 +238,15 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
     out_emb = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is out_emb), None)
     skipped = [  # sorted: set order varies between processes (string hashing)
-        f"{layers_name}.{i}.{n}"
+        checkpoint_module(model, f"{layers_name}.{i}.{n}")
         for i, layer in enumerate(layers)
         for n in sorted(set(find_linears(layer)) - set(find_linears(layer, job.skip)))
     ]
     skipped += [n for n in dense if n not in skipped]
-    qcfg = checkpoint_config(job, ([head_name] if head_name else []) + skipped)
+    # a multimodal wrapper's towers and projectors: copied unchanged
+    beside = [checkpoint_module(model, n) for n in beside_text_decoder(model, layers_name)]
+    head = [checkpoint_module(model, head_name)] if head_name else []
+    qcfg = checkpoint_config(job, head + beside + skipped)
     outer_names = [n for n in src.names() if not n.startswith(layers_name + ".")]
     windows, bos = (None, None) if job.rtn else calibration_windows(job, model.config)
     job_fingerprint = fingerprint(job, src, windows)

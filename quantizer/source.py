@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from leanquant_serve.format.hf_names import Source, from_checkpoint
+from leanquant_serve.format.hf_names import Source, from_checkpoint, to_checkpoint
 
 from .errors import UserError
 
@@ -45,6 +45,20 @@ class SourceModel:
         """Name tensors as ``model`` (a transformers model, e.g. a meta skeleton) names its
         parameters, through transformers' checkpoint conversion for its architecture."""
         self.sources = from_checkpoint(model, self.weight_map)
+
+    def as_stored(self, model, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``tensors`` (model names, unchanged values) under the names to write them: a tensor
+        read from one checkpoint tensor as is keeps that tensor's name (copied unchanged, e.g.
+        a vision tower's ``vision_tower.vision_model.*``, which transformers renames on load
+        and would save as ``vision_tower.*``); others under ``to_checkpoint``'s names."""
+        out, converted = {}, {}
+        for name, t in tensors.items():
+            src = self.sources.get(name)
+            if src is not None and src.converter is None and len(src.keys) == 1:
+                out[src.keys[0][0]] = t.contiguous()
+            else:
+                converted[name] = t
+        return {**out, **to_checkpoint(model, converted)} if converted else out
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
@@ -25,6 +26,7 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
+    SiglipVisionConfig,
 )
 
 VOCAB = 320  # byte-level alphabet (256) plus a few merges
@@ -93,6 +95,26 @@ MOE_ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
     ),
 }
 
+# Multimodal wrappers (tests/test_multimodal.py): a text decoder of a tested architecture
+# (the tiny configs above) inside its ...ForConditionalGeneration, with a tiny vision tower
+# (2 layers, hidden 32, 28x28 images of 14x14 patches: 4 patches, 4 tokens per image) and
+# projector. The image tokens (begin, end, image) follow the tokenizer's, as Gemma 3's do,
+# so calibration text never contains them.
+_TINY_SIGLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    image_size=28, patch_size=14,
+)  # fmt: skip
+MULTIMODAL_ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
+    "gemma3": lambda v: Gemma3Config(
+        text_config=ARCHITECTURES["gemma3_text"](v + 3).to_dict(),
+        vision_config=SiglipVisionConfig(**_TINY_SIGLIP).to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=v,
+        eoi_token_index=v + 1,
+        image_token_index=v + 2,
+    ),
+}
+
 # The tensors here are tiny: a second thread only adds contention on a shared machine.
 torch.set_num_threads(1)
 
@@ -127,7 +149,7 @@ def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
     """``tiny_model(arch, nan_in=None)``: path of a tiny random bf16 model folder of ``arch``
-    (a key of ARCHITECTURES) with the tokenizer; ``nan_in`` names a weight given one NaN.
+    (a key of ARCHITECTURES, MOE_ARCHITECTURES or MULTIMODAL_ARCHITECTURES) with the tokenizer; ``nan_in`` names a weight given one NaN.
     Folders are written once per session and must not be modified by tests."""
     cache: dict[tuple[str, str | None], Path] = {}
 
@@ -135,12 +157,16 @@ def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
         if (arch, nan_in) in cache:
             return cache[arch, nan_in]
         torch.manual_seed(0)
-        config = {**ARCHITECTURES, **MOE_ARCHITECTURES}[arch](len(tokenizer))
+        config = {**ARCHITECTURES, **MOE_ARCHITECTURES, **MULTIMODAL_ARCHITECTURES}[arch](
+            len(tokenizer)
+        )
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         with torch.no_grad():  # random init is tiny (std 0.02): spread the norms around 1 too
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.add_(torch.randn_like(p) * 0.1)
+                elif arch in MULTIMODAL_ARCHITECTURES and not p.any():
+                    p.normal_(std=0.02)  # e.g. Gemma 3's projector starts at zero: no image
         path = tmp_path_factory.mktemp(f"{arch}{'-nan' if nan_in else ''}")
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)

@@ -402,16 +402,16 @@ def load_reference_model(
     as ``from_pretrained`` maps them (hf_names.from_checkpoint: e.g. Mixtral's per-expert
     ``experts.{e}.w1/w3`` merged into the fused ``experts.gate_up_proj``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy import, only needed here
+    from transformers import AutoConfig  # heavy import, only needed here
 
-    from .hf_names import from_checkpoint
+    from .hf_names import auto_model_class, from_checkpoint
 
     ckpt = Checkpoint(path)
     config_dict = {k: v for k, v in ckpt.hf_config.items() if k != "quantization_config"}
     if "model_type" not in config_dict:
         raise FormatError(f"{ckpt.path / CONFIG_FILE}: no model_type")
     config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = auto_model_class(config).from_config(config, dtype=dtype)
     stored = ckpt.state_dict(dtype)
     state = {n: src.build(n, stored.pop) for n, src in from_checkpoint(model, list(stored)).items()}
     expected = model.state_dict()

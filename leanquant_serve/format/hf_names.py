@@ -12,10 +12,12 @@ turns model tensors back into the checkpoint's (hub) names, the names vLLM's mod
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 
@@ -84,6 +86,38 @@ def to_checkpoint(
     return {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in out.items()}
 
 
+def checkpoint_module(model: nn.Module, name: str) -> str:
+    """The name checkpoints give ``model``'s module ``name`` (the prefix of its tensors in
+    what ``save_pretrained`` writes, as :func:`to_checkpoint`), e.g. Gemma 3's
+    ``model.language_model.layers.0.mlp.up_proj`` -> ``language_model.model.layers.0.mlp.up_proj``,
+    ``model.vision_tower`` -> ``vision_tower``. Read off one of its tensors' names (its first
+    parameter; ``name.weight`` if it is not a module with parameters, e.g. an expert linear
+    already named as in the checkpoint); ``name`` itself if the checkpoint renames that tensor
+    beyond its module prefix."""
+    suffix = "weight"
+    with contextlib.suppress(AttributeError):
+        suffix = next(iter(dict(model.get_submodule(name).named_parameters())), suffix)
+    probe = torch.empty(0, device="meta")
+    keys = list(to_checkpoint(model, {f"{name}.{suffix}": probe}, contiguous=False))
+    if len(keys) != 1 or not keys[0].endswith(f".{suffix}"):
+        return name
+    return keys[0].removesuffix(f".{suffix}")
+
+
+def auto_model_class(config):
+    """transformers' Auto class that builds a generating model of ``config``'s type, as
+    ``from_pretrained`` users reach it: ``AutoModelForCausalLM`` (decoder-only models, and
+    wrappers it maps, e.g. Gemma 3), else ``AutoModelForImageTextToText`` (multimodal wrappers
+    only it maps, e.g. Llava, Mistral 3); ``AutoModelForCausalLM`` (whose error names the
+    type) for any other."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM
+
+
 def is_converted(model: nn.Module) -> bool:
     """Whether ``model``'s checkpoint names differ from its parameter names for some tensor."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -91,4 +125,7 @@ def is_converted(model: nn.Module) -> bool:
     return bool(get_model_conversion_mapping(model, add_legacy=False))
 
 
-__all__ = ["Source", "from_checkpoint", "is_converted", "to_checkpoint"]
+__all__ = [
+    "Source", "auto_model_class", "checkpoint_module", "from_checkpoint", "is_converted",
+    "to_checkpoint",
+]  # fmt: skip

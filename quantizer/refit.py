@@ -19,9 +19,12 @@ checkpoint stores (fp16), and kept per row only where it lowers that row's loss 
 valid grid (finite, fp16-representable; scales > 0; LUT entries ascending): the refit never
 raises the loss. H is the damped Hessian the loop used, H = (UᵀU)⁻¹.
 
-Cost per weight: rows · K · columns² multiply-adds (a product with H per row and parameter),
-batched over row chunks; every product is per row, so row slices on several devices give the
-same bytes.
+Cost per weight. Affine and table grids: a parameter is a group of columns shared by every
+row, so H M = Σ_k H[:, group k] a[group k] is one GEMM per group over all rows: rows ·
+columns² multiply-adds in all, the order of GPTQ's own loop (its lazy updates are GEMMs over
+rows as well, so row slices give the same bytes as the whole weight). LUT (nonuniform): each
+row's columns pick parameters by their codes, so M differs per row: rows · 2^b · columns²
+(one product with H per row and entry), batched per row.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class Basis:
     k: Tensor
     a: Tensor
     theta: Tensor
+    # (K, columns / K) int64: the columns of each parameter where every row shares them and
+    # every parameter has as many (affine, table grids); None where they differ per row (LUT)
+    groups: Tensor | None = None
 
     def values(self, theta: Tensor) -> Tensor:
         """q (rows, columns) fp32 for parameters ``theta`` (rows, K): θ_k(j) · a_j, one rounding
@@ -81,13 +87,18 @@ def basis(
         group = torch.arange(columns, device=codes.device) // group_size
     k = group[None, :].expand(rows, columns)
     theta = scales.float().T.contiguous()  # (rows, n_groups)
+    K = theta.shape[1]
+    sizes = torch.bincount(group, minlength=K)
+    groups = None
+    if bool((sizes == sizes[0]).all()) and columns % K == 0:  # as GPTQ's groups always are
+        groups = torch.argsort(group, stable=True).view(K, columns // K)
     if grid == "affine":
         a = (c - zeros.T.long().gather(1, k)).float()  # a_j = c_j − z_k(j)
     elif grid == "table":
         a = table.float().to(codes.device)[c]  # a_j = t[c_j]
     else:
         raise ValueError(f"no refit for grid {grid!r}")
-    return Basis(k.contiguous(), a, theta)
+    return Basis(k.contiguous(), a, theta, groups)
 
 
 def _times_H(X: Tensor, H: Tensor) -> Tensor:
@@ -101,9 +112,7 @@ def layer_loss(W: Tensor, Q: Tensor, H: Tensor) -> Tensor:
     columns). Returns (rows,) fp32."""
     E = W - Q  # (rows, columns)
     step = max(1, _CHUNK_ELEMS // max(1, E.shape[1]))
-    return torch.cat(
-        [(_times_H(e[:, None, :], H)[:, 0] * e).sum(1) for e in E.split(step)]
-    )  # (w − q)ᵀ H (w − q)
+    return torch.cat([((e @ H) * e).sum(1) for e in E.split(step)])  # (w − q)ᵀ H (w − q)
 
 
 def solve(W: Tensor, H: Tensor, b: Basis) -> Tensor:
@@ -113,15 +122,13 @@ def solve(W: Tensor, H: Tensor, b: Basis) -> Tensor:
     rows, columns = W.shape
     K = b.theta.shape[1]
     out = b.theta.clone()
+    if b.groups is not None:  # columns ordered group by group (H symmetric: same on both sides)
+        perm = b.groups.flatten()
+        H, W = H[perm][:, perm].contiguous(), W[:, perm]
     step = max(1, _CHUNK_ELEMS // max(1, columns * K))
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
-        n = r1 - r0
-        M = torch.zeros(n, columns, K, device=W.device)
-        M.scatter_(2, b.k[r0:r1, :, None], b.a[r0:r1, :, None])  # M_jk = a_j [k(j) = k]
-        Mt = M.transpose(1, 2)  # (n, K, C)
-        S = torch.bmm(_times_H(Mt, H), M)  # Mᵀ H M  (n, K, K); H symmetric
-        rhs = torch.bmm(Mt, _times_H(W[r0:r1, None, :], H).transpose(1, 2))[..., 0]  # Mᵀ H w
+        S, rhs = _normal_equations(W[r0:r1], H, b, r0, r1)
         unused = torch.diagonal(S, dim1=1, dim2=2) <= 0  # no column carries this parameter
         if bool(unused.any()):  # pin it: S_kk = 1, rhs_k = θ_k (its row and column are 0)
             idx = unused.nonzero(as_tuple=True)
@@ -131,6 +138,28 @@ def solve(W: Tensor, H: Tensor, b: Basis) -> Tensor:
         ok = (info == 0) & torch.isfinite(theta).all(1)
         out[r0:r1][ok] = theta[ok]
     return out
+
+
+def _normal_equations(W: Tensor, H: Tensor, b: Basis, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+    """Mᵀ H M (n, K, K) and Mᵀ H w (n, K) for rows r0:r1 of the weight (W: those rows). With
+    ``b.groups``, H and W come with their columns already ordered group by group."""
+    n, columns = W.shape
+    K = b.theta.shape[1]
+    if b.groups is not None:  # parameter k scales the columns of group k in every row
+        size = columns // K
+        A = b.a[r0:r1][:, b.groups.flatten()].view(n, K, size)  # a_j, group by group
+        Hk = H.view(columns, K, size).transpose(0, 1)  # (K, C, size): H's columns of group k
+        HM = torch.bmm(Hk, A.permute(1, 2, 0))  # (K, C, n): (H M)_cl = Σ_{j ∈ l} H_cj a_j
+        # (Mᵀ H M)_kl = Σ_{c ∈ k} a_c (H M)_cl
+        S = (A.permute(1, 2, 0)[None] * HM.view(K, K, size, n)).sum(2).permute(2, 1, 0)
+        rhs = (A * (W @ H).view(n, K, size)).sum(-1)  # Mᵀ H w  (H symmetric: H w = (w H)ᵀ)
+        return S, rhs
+    M = torch.zeros(n, columns, K, device=W.device, dtype=W.dtype)
+    M.scatter_(2, b.k[r0:r1, :, None], b.a[r0:r1, :, None])  # M_jk = a_j [k(j) = k]
+    Mt = M.transpose(1, 2)  # (n, K, C)
+    S = torch.bmm(_times_H(Mt, H), M)  # Mᵀ H M; H symmetric
+    rhs = torch.bmm(Mt, _times_H(W[:, None, :], H).transpose(1, 2))[..., 0]  # Mᵀ H w
+    return S, rhs
 
 
 @dataclass(frozen=True)

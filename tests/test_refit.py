@@ -92,6 +92,33 @@ def test_solve_is_the_least_squares_optimum():
         torch.testing.assert_close(theta[row], want, rtol=1e-3, atol=1e-7)
 
 
+@pytest.mark.parametrize("static_groups", [True, False])
+@pytest.mark.parametrize("fit", ["affine", "nf"])
+def test_grouped_normal_equations_equal_the_dense_ones(fit, static_groups):
+    """Affine and table grids take the per-group GEMM path (parameters shared by every row's
+    group of columns; with act-order's g_idx the groups are scattered columns); in float64 it
+    must give the dense path's Mᵀ H M and Mᵀ H w (M built per row, one product per parameter)."""
+    W, H = correlated_problem(rows=12, columns=96)
+    s = GPTQSettings(bits=3, group_size=16, fit=fit, static_groups=static_groups)
+    r = quantize_weight(W, H, s)
+    assert (r.g_idx is None) == static_groups
+    kw = dict(scales=r.scales, zeros=r.zeros, group_size=16, g_idx=r.g_idx)
+    grid = "affine"
+    if fit == "nf":
+        from quantizer.tables import quantile_table
+
+        grid, kw["table"] = "table", quantile_table("nf", 3)
+    b = refit_module.basis(grid, r.codes, **kw)
+    assert b.groups is not None and b.groups.shape == (6, 16)
+    b64 = refit_module.Basis(b.k, b.a.double(), b.theta.double(), b.groups)
+    dense = refit_module.Basis(b.k, b.a.double(), b.theta.double(), None)
+    Hd = damped(H, s.damp)
+    got = refit_module.solve(W.double(), Hd, b64)
+    want = refit_module.solve(W.double(), Hd, dense)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert not torch.equal(want, b.theta.double())  # the refit moved the scales
+
+
 def test_row_slices_give_the_same_bytes():
     """Device lists split rows; each row's refit must not depend on its neighbours."""
     W, H = correlated_problem(rows=40)

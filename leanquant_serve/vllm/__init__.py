@@ -5,6 +5,9 @@ in every process it starts (API server, engine core, each tensor-parallel worker
 idempotent and imports vLLM only when called. After it ran, a checkpoint whose
 ``quantization_config.quant_method`` is ``"leanquant"`` is served by ``vllm serve <dir>`` with
 no flag; ``--quantization leanquant`` is accepted too.
+
+Dense linears get the linear methods of ``linear.py``; the experts of fused-MoE layers
+(Mixtral, Qwen3-MoE: vLLM's ``RoutedExperts``) the fused-MoE method of ``moe.py``.
 """
 
 from __future__ import annotations

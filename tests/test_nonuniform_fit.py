@@ -3,8 +3,9 @@
 Checked against independently computed optima (brute force over every contiguous partition of
 the sorted row on small rows, a plain O(k·n²) dynamic programme on wider ones), against Lloyd's
 fit on the same rows, and for the properties the pipeline relies on: fp16-exact ascending
-tables, the same bytes whatever rows share a call (weights are split by rows across devices),
-the same bytes on every run.
+tables, the same bytes whatever rows share a call (weights are split by rows across devices,
+and across threads), the same bytes on every run, and from both engines (the compiled one on
+CPU, the batched torch one elsewhere).
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+from quantizer import grids
 from quantizer.gptq import GPTQSettings, quantize_weight
 from quantizer.grids import FP16RangeError, _kmeans_1d_exact, fit_nonuniform
+
+ENGINES = ["torch", "compiled"]
+needs_numba = pytest.mark.skipif(
+    grids._compiled_kernel() is None, reason="the compiled engine needs numba"
+)
 
 
 def objective(w: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> float:
@@ -83,11 +90,16 @@ def random_rows(seed: int, rows: int, n: int):
     return W, d
 
 
+def engine_param(engine: str):
+    return pytest.param(engine, marks=needs_numba) if engine == "compiled" else engine
+
+
+@pytest.mark.parametrize("engine", [engine_param(e) for e in ENGINES])
 @pytest.mark.parametrize("k", [4, 8])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_exact_fit_equals_brute_force(k, seed):
+def test_exact_fit_equals_brute_force(k, seed, engine):
     W, d = random_rows(seed, rows=8, n=11)
-    cent = _kmeans_1d_exact(W, d, k)
+    cent = _kmeans_1d_exact(W, d, k, engine=engine)
     assert cent.shape == (8, k) and cent.dtype == torch.float64
     for r in range(W.shape[0]):
         best = brute_force(W[r], d, k)
@@ -98,14 +110,15 @@ def test_exact_fit_equals_brute_force(k, seed):
         assert torch.all(live[1:] > live[:-1])  # ascending, no entry twice
 
 
+@pytest.mark.parametrize("engine", [engine_param(e) for e in ENGINES])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_exact_fit_equals_a_plain_dp_on_wider_rows(bits):
+def test_exact_fit_equals_a_plain_dp_on_wider_rows(bits, engine):
     """Wider rows than brute force can enumerate: the divide-and-conquer levels all run."""
     g = torch.Generator().manual_seed(bits)
     W = torch.randn(6, 70, generator=g) * 0.02 + torch.randn(6, 70, generator=g) ** 3 * 0.005
     W[0, :30] = W[0, 30:60]  # duplicates
     d = torch.rand(70, generator=g) ** 4 * 10 + 1e-3
-    cent = _kmeans_1d_exact(W, d, 2**bits)
+    cent = _kmeans_1d_exact(W, d, 2**bits, engine=engine)
     for r in range(W.shape[0]):
         best = plain_dp(W[r], d, 2**bits)
         assert objective(W[r], d, cent[r]) == pytest.approx(best, rel=1e-9, abs=1e-15)
@@ -237,3 +250,92 @@ def test_method_choice():
     assert torch.equal(default.lut, lloyd.lut)  # Lloyd at 8 bits (the DP's 256 layers cost)
     with pytest.raises(ValueError, match="method must be one of"):
         fit_nonuniform(W, d, 2, method="kmeans")
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row: equal bit patterns (−0 ≠ +0), NaN where NaN."""
+    bits_a = torch.where(a.isnan(), 0.0, a).view(torch.int64)
+    bits_b = torch.where(b.isnan(), 0.0, b).view(torch.int64)
+    return ((bits_a == bits_b) & (a.isnan() == b.isnan())).all(1)
+
+
+def awkward_rows(seed: int, rows: int, n: int, dtype: torch.dtype):
+    """Random heavy-tailed rows in ``dtype`` with the awkward cases of :func:`random_rows`, plus
+    −0 beside +0, ties between a value's copies, rows with exactly k distinct values, tiny
+    and zero column weights, values far from 0 (a large mean)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, n, generator=g) * 0.02 + torch.randn(rows, n, generator=g) ** 3 * 0.005
+    W[1] = W[1, 0]
+    W[2] = torch.where(torch.arange(n) % 2 == 0, W[2, 0], W[2, 1])
+    W[3] = (W[3] * 8).round() / 8
+    W[4, : n // 2] = W[4, n // 2 :][: n // 2]
+    W[5] = (W[5] * 64).round() / 64  # many ties, -0 among them below
+    W[5, ::7] = -0.0
+    W[5, 3::7] = 0.0
+    W[6] = torch.tensor([-0.0, 0.0, 0.0, -0.0]).repeat(n // 4 + 1)[:n]  # one value, two signs
+    W[7] = W[7] + 3.0
+    for r, m in ((8, 2), (9, 4), (10, 8), (11, 16)):  # exactly m distinct values
+        if m > n:
+            continue
+        W[r] = torch.linspace(-0.1, 0.1, m)[torch.randint(m, (n,), generator=g)]
+        W[r, :m] = torch.linspace(-0.1, 0.1, m)
+    W = W.to(dtype)
+    d = torch.rand(n, generator=g) ** 4 * 10 + 1e-3
+    d[n // 3] = 0.0
+    d[n // 2] = 1e-30
+    return W, d
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str
+)
+def test_engines_give_the_same_bytes(dtype):
+    """The compiled engine (the CPU default) against the torch engine, which is the fit this
+    project shipped before it (unchanged, and the GPU path): every centroid the same bit
+    pattern on a few hundred random rows, at every table size, from every input dtype."""
+    for seed, rows, n in ((0, 300, 97), (1, 40, 700), (2, 30, 5)):
+        W, d = awkward_rows(seed, rows, n, dtype)
+        for k in (2, 4, 8, 16):
+            a = _kmeans_1d_exact(W, d, k, engine="compiled")
+            b = _kmeans_1d_exact(W, d, k, engine="torch")
+            assert a.dtype == b.dtype == torch.float64 and a.shape == b.shape == (rows, k)
+            bad = (~same_bytes(a, b)).nonzero().flatten().tolist()
+            assert not bad, (seed, k, bad[:5], a[bad[:2]], b[bad[:2]])
+    # the ±0 row: one distinct value (the last copy's sign, as the torch engine's stable sort)
+    assert torch.equal(a[6].isnan(), torch.tensor([False] + [True] * 15))
+
+
+@needs_numba
+def test_default_engine_and_fallback(monkeypatch):
+    """CPU uses the compiled engine when numba imports and the torch engine otherwise; the
+    tables are the same bytes either way; an unknown engine is refused."""
+    W, d = awkward_rows(3, 64, 120, torch.float32)
+    compiled = fit_nonuniform(W, d, 3).lut
+    calls = []
+    monkeypatch.setattr(grids, "_kmeans_1d_torch", lambda *a: calls.append(1) or torch_fit(*a))
+    assert torch.equal(fit_nonuniform(W, d, 3).lut, compiled) and not calls
+    monkeypatch.setattr(grids, "_KERNEL", [None])  # as without numba
+    assert torch.equal(fit_nonuniform(W, d, 3).lut, compiled) and calls
+    with pytest.raises(RuntimeError, match="needs numba"):
+        _kmeans_1d_exact(W, d, 8, engine="compiled")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        _kmeans_1d_exact(W, d, 8, engine="numpy")
+
+
+torch_fit = grids._kmeans_1d_torch
+
+
+@needs_numba
+def test_compiled_engine_threads_and_chunks_give_the_same_bytes(monkeypatch):
+    W, d = awkward_rows(4, 101, 64, torch.float32)
+    one = _kmeans_1d_exact(W, d, 4)
+    monkeypatch.setattr(grids, "_COMPILED_MIN_WORK", 1)  # a thread per few rows
+    monkeypatch.setattr(grids, "_COMPILED_CHUNK_ELEMS", 64 * 7)  # 7 rows per kernel call
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        split = _kmeans_1d_exact(W, d, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert bool(same_bytes(one, split).all())

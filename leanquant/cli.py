@@ -179,6 +179,7 @@ def _cmd_plan(a: argparse.Namespace) -> None:
                 max_num_batched_tokens=a.max_num_batched_tokens,
                 enforce_eager=a.enforce_eager,
                 reserve_gib=a.reserve_gib,
+                expert_parallel=a.expert_parallel,
             )
         )
     except PlanError as e:
@@ -284,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument(
         "model",
-        help="preset (llama-3.1-8b, llama-3.1-70b, llama-3.1-405b), a config.json, or a model "
+        help="preset (llama-3.1-8b, llama-3.1-70b, llama-3.1-405b, mixtral-8x22b, "
+        "qwen3-235b-a22b, deepseek-v3), a config.json, or a model "
         "or checkpoint folder (a checkpoint's quantization_config gives the defaults)",
     )
     pl.add_argument("--bits", type=int, default=None, help="2, 3, 4, 8, or 16 (unquantized)")
@@ -306,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-batched-tokens", type=int, default=None, help="default: vLLM's for the GPU size"
     )
     pl.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM)")
+    pl.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="MoE: whole experts per rank (vLLM --enable-expert-parallel) instead of each "
+        "expert split over the tensor-parallel ranks",
+    )
     pl.add_argument(
         "--reserve-gib", type=float, default=None, help="replace the estimated overhead per GPU"
     )

@@ -18,6 +18,16 @@ which linears share one input (and so one Hessian, one act-order permutation, on
 is read off one forward pass of that meta-device model, as the quantizer learns it
 (:func:`~quantizer.model_walk.sequential_groups`). No projection name appears here.
 
+**Mixture-of-Experts and MLA.** The whole model is built on the meta device and its layers
+are grouped by structure (:class:`LayerKind`: DeepSeek-V3's three dense layers and its 58 MoE
+layers are two kinds); one layer of each kind is traced. Routed experts are found as the
+quantizer finds them, from the fused 3-D parameters (:func:`quantizer.moe.find_fused_experts`:
+each expert linear under its checkpoint name, :class:`Experts`), and counted as the quantizer
+stores them: every expert linear a linear of the contract; routers
+(:func:`quantizer.moe.routers`) 16-bit. Shared experts are ordinary linears. Multi-head Latent
+Attention (a config with ``kv_lora_rank``) is recorded in :class:`Architecture` for the
+engines' KV-cache and sharding rules.
+
 **Weights** are counted tensor by tensor from the checkpoint contract
 (:func:`leanquant_serve.format.linear_specs`): per quantized linear ``qweight`` int32
 (in·b/32, out), ``scales`` fp16 (G, out), ``zero_points`` int32 (G, out·b/32) (affine), ``g_idx``
@@ -28,8 +38,9 @@ shard holds its slice of ``qweight`` (and ``g_idx``) and, unless the contract's
 :func:`~leanquant_serve.format.tensors.scales_on_every_rank` says otherwise, the groups of its
 input slice.
 
-Nothing here accounts for speculative decoding, LoRA adapters, multimodal encoders, prefix
-caching beyond the KV pool itself, or memory taken by other processes on the GPUs.
+Nothing here accounts for speculative decoding (DeepSeek-V3's multi-token-prediction layer is
+not counted), LoRA adapters, multimodal encoders, prefix caching beyond the KV pool itself, or
+memory taken by other processes on the GPUs.
 """
 
 from __future__ import annotations
@@ -109,7 +120,121 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 128,
         "num_key_value_heads": 8,
     },
+    # Mixture-of-Experts. The size fields of each model's published config.json on the
+    # Hugging Face hub (experts, routers and attention are read off the layer transformers
+    # builds from them, not from these names).
+    # mistralai/Mixtral-8x22B-Instruct-v0.1 config.json (the base v0.1 differs only in
+    # vocab_size 32000): 8 experts, 2 per token, expert intermediate 16384; 140.6B parameters.
+    "mixtral-8x22b": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": 6144,
+        "intermediate_size": 16384,
+        "num_hidden_layers": 56,
+        "num_attention_heads": 48,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "vocab_size": 32768,
+        "max_position_embeddings": 65536,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-05,
+        "hidden_act": "silu",
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # Qwen/Qwen3-235B-A22B config.json: 128 experts, 8 per token, expert intermediate 1536,
+    # every layer MoE (decoder_sparse_step 1, no mlp_only_layers); 235.1B parameters.
+    "qwen3-235b-a22b": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "moe_intermediate_size": 1536,
+        "num_hidden_layers": 94,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "max_window_layers": 94,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-06,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+    # deepseek-ai/DeepSeek-V3 config.json (DeepSeek-R1 has the same sizes): Multi-head Latent
+    # Attention (q_lora_rank 1536, kv_lora_rank 512, qk_rope_head_dim 64, qk_nope_head_dim 128,
+    # v_head_dim 128), first_k_dense_replace 3 dense layers (intermediate 18432), then 58 MoE
+    # layers of 256 routed experts (8 per token, intermediate 2048) + 1 shared expert; 671.0B
+    # parameters in the 61 layers. Published as FP8 blocks (its quantization_config, left out
+    # here: plans start from the 16-bit model); the multi-token-prediction layer
+    # (num_nextn_predict_layers 1) is not part of the model vLLM serves without speculative
+    # decoding and is not counted.
+    "deepseek-v3": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "first_k_dense_replace": 3,
+        "moe_layer_freq": 1,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "n_group": 8,
+        "topk_group": 4,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "num_nextn_predict_layers": 1,
+        "vocab_size": 129280,
+        "max_position_embeddings": 163840,
+        "rope_theta": 10000,
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        "rms_norm_eps": 1e-06,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    },
 }
+# Model types the planner knows beyond the quantizer's tested sets (the quantizer runs on them
+# but is not tested on them yet: a plan of one says so).
+PLAN_ONLY_MODEL_TYPES = ("deepseek_v3",)
 
 
 class PlanError(ValueError):
@@ -129,9 +254,41 @@ class LayerLinear:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A decoder layer's routed experts, held by transformers as fused 3-D parameters
+    (E, out, in) and found as the quantizer finds them (:func:`quantizer.moe.find_fused_experts`):
+    ``linears`` are expert 0's linears under their checkpoint names with ``{e}`` for the expert
+    (``block_sparse_moe.experts.{e}.w1``, ``mlp.experts.{e}.down_proj``), each stored as its
+    own linear of the contract. ``group`` 0: reads the experts' input (hidden_size features:
+    gate/up, vLLM's ``w13``); 1: reads the intermediate (down, ``w2``)."""
+
+    name: str  # the fused module inside the layer, e.g. "mlp.experts"
+    num_experts: int
+    linears: tuple[LayerLinear, ...]
+
+    @property
+    def intermediate_size(self) -> int:
+        """One expert's intermediate size (the output of each group-0 linear)."""
+        return next(lin.out_features for lin in self.linears if lin.group == 0)
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One decoder-layer structure (a model may have several: DeepSeek-V3's first three layers
+    are dense, the others MoE): its ``nn.Linear`` sublayers in forward order, its routed
+    experts, and its other parameters (norms, routers: 16-bit)."""
+
+    linears: tuple[LayerLinear, ...]
+    layer_16bit_elements: int
+    experts: Experts | None = None
+    routers: tuple[str, ...] = ()  # modules that pick experts: kept dense, by the quantizer's rule
+
+
+@dataclass(frozen=True)
 class Architecture:
-    """The sizes of a dense decoder-only transformer, read from transformers' config class
-    and a decoder layer built from it (see the module docstring)."""
+    """The sizes of a decoder-only transformer, dense or Mixture-of-Experts, read from
+    transformers' config class and the decoder layers built from it (see the module
+    docstring). The MoE and MLA fields are None for models without them."""
 
     name: str
     model_type: str
@@ -149,10 +306,23 @@ class Architecture:
     mlp_bias: bool = False  # any bias in the later groups
     layer_norms: int = 0  # hidden-sized non-linear parameters per layer (norms)
     head_norms: int = 0  # head_dim-sized non-linear parameters per layer (q_norm / k_norm)
-    # Not part of the summary (:meth:`summary`): the layer itself.
+    # Mixture-of-Experts (None: dense), read off the layers
+    num_experts: int | None = None
+    experts_per_token: int | None = None  # config.num_experts_per_tok
+    moe_intermediate_size: int | None = None  # one expert's
+    moe_layers: int | None = None  # decoder layers with routed experts
+    # Multi-head Latent Attention (None: not MLA), from the config: what vLLM caches per token
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None  # None also for MLA without a low-rank query (V2-Lite)
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    # Not part of the summary (:meth:`summary`): the layers themselves.
     layers_name: str = field(default="model.layers", repr=False)  # the decoder stack's path
-    linears: tuple[LayerLinear, ...] = field(default=(), repr=False)  # forward order
-    layer_16bit_elements: int = field(default=0, repr=False)  # the layer's other parameters
+    linears: tuple[LayerLinear, ...] = field(default=(), repr=False)  # layer 0's, forward order
+    layer_16bit_elements: int = field(default=0, repr=False)  # layer 0's other parameters
+    kinds: tuple[LayerKind, ...] = field(default=(), repr=False)  # distinct layer structures
+    layer_kind: tuple[int, ...] = field(default=(), repr=False)  # index in kinds, per layer
 
     @classmethod
     def from_config(cls, d: Mapping[str, Any], name: str = "model") -> Architecture:
@@ -162,9 +332,34 @@ class Architecture:
         return _architecture(json.dumps(dict(d), sort_keys=True, default=str), name)
 
     def summary(self) -> dict[str, Any]:
-        """The sizes as ``Plan.architecture`` reports them (the layer's linears left out)."""
-        skip = {"layers_name", "linears", "layer_16bit_elements"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        """The sizes as ``Plan.architecture`` reports them (the layers' linears left out, and
+        the MoE / MLA fields of a model without them)."""
+        skip = {"layers_name", "linears", "layer_16bit_elements", "kinds", "layer_kind"}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in skip and getattr(self, f.name) is not None
+        }
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head Latent Attention (DeepSeek-V2/V3): a compressed KV cache."""
+        return self.kv_lora_rank is not None
+
+    def kind(self, layer: int) -> LayerKind:
+        """The structure of decoder layer ``layer``."""
+        if not self.kinds:  # built by hand, without kinds: every layer is layer 0
+            return LayerKind(self.linears, self.layer_16bit_elements)
+        return self.kinds[self.layer_kind[layer]]
+
+    def all_linears(self) -> list[LayerLinear]:
+        """The dense linears of every layer kind (experts not included)."""
+        kinds = self.kinds or (self.kind(0),)
+        return [lin for k in kinds for lin in k.linears]
+
+    def all_experts(self) -> list[Experts]:
+        """The routed experts of every MoE layer kind."""
+        return [k.experts for k in self.kinds if k.experts is not None]
 
 
 def _config_class(d: Mapping[str, Any], name: str) -> PretrainedConfig:
@@ -173,18 +368,16 @@ def _config_class(d: Mapping[str, Any], name: str) -> PretrainedConfig:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from quantizer.model_walk import TESTED_MODEL_TYPES
-
     mt = d.get("model_type")
     if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
         raise PlanError(
             f"{name}: model_type {mt!r} is not a model type transformers "
             f"{transformers.__version__} knows"
         )
-    if mt not in TESTED_MODEL_TYPES:
+    if mt not in supported_model_types():
         raise PlanError(
             f"{name}: model_type {mt!r} is not supported by plan "
-            f"(supported: {', '.join(sorted(TESTED_MODEL_TYPES))}; MoE and multimodal configs "
+            f"(supported: {', '.join(sorted(supported_model_types()))}; multimodal configs "
             "are not)"
         )
     kwargs = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
@@ -192,6 +385,21 @@ def _config_class(d: Mapping[str, Any], name: str) -> PretrainedConfig:
         return AutoConfig.for_model(mt, **kwargs)
     except Exception as e:  # transformers' validators raise many types, for a user's config
         raise PlanError(f"{name}: transformers' {mt} config refuses it: {_one_line(e)}") from None
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The quantizer's tested dense and MoE model types, and :data:`PLAN_ONLY_MODEL_TYPES`."""
+    from quantizer.model_walk import TESTED_MODEL_TYPES, TESTED_MOE_MODEL_TYPES
+
+    known = TESTED_MODEL_TYPES + TESTED_MOE_MODEL_TYPES
+    return known + tuple(t for t in PLAN_ONLY_MODEL_TYPES if t not in known)
+
+
+def quantizer_tested(model_type: str) -> bool:
+    """Whether the quantizer's test suite covers ``model_type``."""
+    from quantizer.model_walk import TESTED_MODEL_TYPES, TESTED_MOE_MODEL_TYPES
+
+    return model_type in TESTED_MODEL_TYPES + TESTED_MOE_MODEL_TYPES
 
 
 def _one_line(e: BaseException) -> str:
@@ -221,13 +429,119 @@ def _input_groups(model: Any, layer: Any) -> list[list[str]]:
     return sequential_groups(find_linears(layer), lambda: model(input_ids=ids))
 
 
+def _signature(layer: Any) -> tuple:
+    """A decoder layer's structure: its parameters' names and shapes."""
+    return tuple((n, tuple(p.shape)) for n, p in layer.named_parameters())
+
+
+def _expert_set(model: Any, layer: Any, prefix: str, hidden: int, name: str) -> Experts | None:
+    """The routed experts of ``layer`` (named ``prefix``), found by the quantizer's rule
+    (:func:`quantizer.moe.find_fused_experts`), as :class:`Experts`."""
+    from quantizer.moe import find_fused_experts
+
+    fused = find_fused_experts(model, layer, prefix)
+    if not fused:
+        return None
+    if len(fused) > 1:
+        raise PlanError(f"{name}: {len(fused)} fused expert modules in one layer")
+    (fe,) = fused
+    shapes = {n: tuple(p.shape) for n, p in fe.params.items()}
+    own = [x for x in fe.linears if x.expert == 0]
+    marker = f".{0}."
+
+    def template(n: str) -> str:  # expert 0's checkpoint name, the expert index as {e}
+        head, sep, tail = n.rpartition(marker)
+        if not sep:
+            raise PlanError(f"{name}: expert linear {n} has no expert index in its name")
+        return f"{head}.{{e}}.{tail}"
+
+    per_param = {x.param: sum(y.param == x.param for y in own) for x in own}
+    linears = []
+    for x in own:
+        _, _, in_f = shapes[f"{fe.name}.{x.param.rpartition('.')[2]}"]
+        out_f = x.rows[1] - x.rows[0]
+        # vLLM's fused MoE (and the contract) take gate/up as reading the experts' input
+        # (hidden_size features) and down as reading the intermediate, writing hidden_size;
+        # where both sizes are equal, gate/up are the parameter that stacks two linears
+        reads_hidden, writes_hidden = in_f == hidden, out_f == hidden
+        if reads_hidden == writes_hidden and len(set(per_param.values())) > 1:
+            reads_hidden = per_param[x.param] == max(per_param.values())
+        elif reads_hidden == writes_hidden:
+            raise PlanError(
+                f"{name}: cannot tell whether expert linear {x.name} ({in_f} -> {out_f}) reads "
+                f"the layer's input or the experts' intermediate (hidden_size {hidden})"
+            )
+        linears.append((0 if reads_hidden else 1, template(x.name), in_f, out_f))
+    linears.sort(key=lambda t: t[0])  # stable: the checkpoint order inside each group
+    return Experts(
+        name=fe.name,
+        num_experts=fe.num_experts,
+        linears=tuple(
+            LayerLinear(
+                name=n,
+                in_features=i,
+                out_features=o,
+                bias=False,
+                group=g,
+                first_in_group=j == 0 or linears[j - 1][0] != g,
+            )
+            for j, (g, n, i, o) in enumerate(linears)
+        ),
+    )
+
+
+def _layer_kind(model: Any, layer: Any, prefix: str, hidden: int, name: str) -> LayerKind:
+    """One decoder layer of the meta-device ``model`` as a :class:`LayerKind`: its linears
+    grouped by input (the quantizer's groups), its experts, routers and other parameters."""
+    from quantizer.model_walk import find_linears
+    from quantizer.moe import find_fused_experts, routers
+
+    experts = _expert_set(model, layer, prefix, hidden, name)
+    dense_routers = routers(layer, find_fused_experts(model, layer, prefix)) if experts else {}
+    found = {n: m for n, m in find_linears(layer).items() if n not in dense_routers}
+    groups = [
+        g for g in ([n for n in grp if n in found] for grp in _input_groups(model, layer)) if g
+    ]
+    linears = tuple(
+        LayerLinear(
+            name=n,
+            in_features=found[n].in_features,
+            out_features=found[n].out_features,
+            bias=found[n].bias is not None,
+            group=g,
+            first_in_group=j == 0,
+        )
+        for g, group in enumerate(groups)
+        for j, n in enumerate(group)
+    )
+    in_linears = {f"{n}.{p}" for n, m in found.items() for p, _ in m.named_parameters()}
+    fused = {f"{experts.name}.{n}" for n, _ in _fused_params(layer, experts)} if experts else set()
+    others = [
+        p.numel() for n, p in layer.named_parameters() if n not in in_linears and n not in fused
+    ]
+    return LayerKind(
+        linears=linears,
+        layer_16bit_elements=sum(others),
+        experts=experts,
+        routers=tuple(sorted(dense_routers)),
+    )
+
+
+def _fused_params(layer: Any, experts: Experts) -> list[tuple[str, Any]]:
+    return [
+        (n, p)
+        for n, p in layer.get_submodule(experts.name).named_parameters(recurse=False)
+        if p.dim() >= 3
+    ]
+
+
 @functools.lru_cache(maxsize=32)
 def _architecture(config_json: str, name: str) -> Architecture:
     import torch
     from transformers import AutoModelForCausalLM
 
     from quantizer.errors import UserError
-    from quantizer.model_walk import find_decoder_layers, find_linears
+    from quantizer.model_walk import find_decoder_layers
 
     d = json.loads(config_json)
     config = _config_class(d, name)
@@ -249,32 +563,45 @@ def _architecture(config_json: str, name: str) -> Architecture:
     max_pos = need("max_position_embeddings")
 
     try:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model = AutoModelForCausalLM.from_config(_with(config, num_hidden_layers=1))
+        # Every layer's structure from the whole model on the meta device (no memory: shapes
+        # only; bfloat16 because MoE experts' grouped matmuls take nothing else), then one
+        # forward pass of a model cut after the last first-of-its-kind layer.
+        with torch.device("meta"):
+            whole = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        _, all_layers = find_decoder_layers(whole)
+        sigs: dict[tuple, int] = {}
+        first: list[int] = []
+        layer_kind = []
+        for i, lyr in enumerate(all_layers):
+            sig = _signature(lyr)
+            if sig not in sigs:
+                sigs[sig] = len(first)
+                first.append(i)
+            layer_kind.append(sigs[sig])
+        del whole, all_layers
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                _with(config, num_hidden_layers=first[-1] + 1), dtype=torch.bfloat16
+            )
         layers_name, layers = find_decoder_layers(model)
-        layer = layers[0]
-        found = find_linears(layer)
-        groups = _input_groups(model, layer)
-    except UserError as e:  # the quantizer's walkers: not a model it could quantize either
-        raise PlanError(f"{name}: {e}") from None
+        kinds = tuple(
+            _layer_kind(model, layers[i], f"{layers_name}.{i}", hidden, name) for i in first
+        )
+    except (UserError, PlanError) as e:  # the quantizer's walkers: not a model it could quantize
+        raise PlanError(f"{name}: {e}" if isinstance(e, UserError) else str(e)) from None
     except Exception as e:  # what transformers raises for a config it cannot build varies
         raise PlanError(
             f"{name}: transformers cannot build its {d['model_type']} layer: {_one_line(e)}"
         ) from None
-    linears = tuple(
-        LayerLinear(
-            name=n,
-            in_features=found[n].in_features,
-            out_features=found[n].out_features,
-            bias=found[n].bias is not None,
-            group=g,
-            first_in_group=j == 0,
-        )
-        for g, group in enumerate(groups)
-        for j, n in enumerate(group)
-    )
-    in_linears = {f"{n}.{p}" for n, m in found.items() for p, _ in m.named_parameters()}
-    others = [p.numel() for n, p in layer.named_parameters() if n not in in_linears]
+    k0 = kinds[0]
+    linears = [lin for k in kinds for lin in k.linears]
+    moe = [k.experts for k in kinds if k.experts]
+    mla = getattr(config, "kv_lora_rank", None)
+    not_norms = {f"{lin.name}.{x}" for lin in k0.linears for x in ("weight", "bias")}
+    not_norms |= {f"{r}.weight" for r in k0.routers}
+    first_norms = [
+        p.numel() for n, p in layers[0].named_parameters() if n not in not_norms and p.dim() == 1
+    ]
     return Architecture(
         name=name,
         model_type=d["model_type"],
@@ -290,11 +617,22 @@ def _architecture(config_json: str, name: str) -> Architecture:
         qkv_bias=any(lin.bias for lin in linears if lin.group == 0),
         o_bias=any(lin.bias for lin in linears if lin.group == 1),
         mlp_bias=any(lin.bias for lin in linears if lin.group >= 2),
-        layer_norms=sum(n == hidden for n in others),
-        head_norms=sum(n == head_dim and n != hidden for n in others),
+        layer_norms=sum(n == hidden for n in first_norms),
+        head_norms=sum(n == head_dim and n != hidden for n in first_norms),
+        num_experts=moe[0].num_experts if moe else None,
+        experts_per_token=getattr(config, "num_experts_per_tok", None) if moe else None,
+        moe_intermediate_size=moe[0].intermediate_size if moe else None,
+        moe_layers=sum(kinds[k].experts is not None for k in layer_kind) if moe else None,
+        kv_lora_rank=mla,
+        q_lora_rank=getattr(config, "q_lora_rank", None) if mla else None,
+        qk_rope_head_dim=getattr(config, "qk_rope_head_dim", None) if mla else None,
+        qk_nope_head_dim=getattr(config, "qk_nope_head_dim", None) if mla else None,
+        v_head_dim=getattr(config, "v_head_dim", None) if mla else None,
         layers_name=layers_name,
-        linears=linears,
-        layer_16bit_elements=sum(others),
+        linears=k0.linears,
+        layer_16bit_elements=k0.layer_16bit_elements,
+        kinds=kinds,
+        layer_kind=tuple(layer_kind),
     )
 
 
@@ -318,6 +656,7 @@ class PlanInput:
     max_num_batched_tokens: int | None = None  # None: vLLM 0.32's default for this GPU size
     enforce_eager: bool = False
     reserve_gib: float | None = None  # None: the estimate described in the module docstring
+    expert_parallel: bool = False  # vLLM --enable-expert-parallel: whole experts per rank
 
 
 def load_model_config(model: str) -> tuple[str, dict[str, Any]]:
@@ -411,10 +750,15 @@ def linear_bytes(
 class Shard:
     """How an engine holds a decoder layer's linears on one GPU (see the engine parts):
     ``shape(lin)`` gives (in, out, bias elements) of the part on this GPU, ``shares_g_idx(lin)``
-    whether ``lin`` is fused into a layer whose one ``g_idx`` is counted with another part."""
+    whether ``lin`` is fused into a layer whose one ``g_idx`` is counted with another part.
+    Routed experts: ``expert_shape(lin)`` is one expert linear's part on this GPU and
+    ``experts_held(E)`` how many of the E experts this GPU holds (all of them, split, under
+    tensor parallelism; a share of them, whole, under expert parallelism)."""
 
     shape: Callable[[LayerLinear], tuple[int, int, int]]
     shares_g_idx: Callable[[LayerLinear], bool] = lambda _lin: False
+    expert_shape: Callable[[LayerLinear], tuple[int, int, int]] | None = None  # None: shape
+    experts_held: Callable[[int], int] = lambda e: e
 
 
 def _whole(lin: LayerLinear) -> tuple[int, int, int]:
@@ -424,23 +768,70 @@ def _whole(lin: LayerLinear) -> tuple[int, int, int]:
 WHOLE = Shard(_whole)  # every linear whole: the checkpoint, or an engine without TP
 
 
-def layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, layer: int, shard: Shard) -> int:
-    """Bytes of decoder layer ``layer`` as ``shard`` holds it on one GPU."""
-    total = a.layer_16bit_elements * ELEMENT_16BIT  # norms: 16-bit, on every GPU
-    for lin in a.linears:
-        name = f"{a.layers_name}.{layer}.{lin.name}"
-        in_f, out_f, bias = shard.shape(lin)
-        total += linear_bytes(cfg, name, in_f, out_f, bias, lin.in_features)
-        if cfg and cfg.uses_g_idx and shard.shares_g_idx(lin) and not cfg.is_skipped(name):
-            total -= in_f * 4  # int32 g_idx, held once by the fused layer
+def _linear_part(
+    cfg: LeanQuantConfig | None,
+    name: str,
+    lin: LayerLinear,
+    part: tuple[int, int, int],
+    shares_g_idx: bool,
+) -> int:
+    """Bytes of ``part`` (in, out, bias) of ``lin``, stored as ``name``."""
+    in_f, out_f, bias = part
+    total = linear_bytes(cfg, name, in_f, out_f, bias, lin.in_features)
+    if cfg and cfg.uses_g_idx and shares_g_idx and not cfg.is_skipped(name):
+        total -= in_f * 4  # int32 g_idx, held once by the fused layer
     return total
 
 
+def experts_bytes(a: Architecture, cfg: LeanQuantConfig | None, layer: int, shard: Shard) -> int:
+    """Bytes of decoder layer ``layer``'s routed experts on one GPU as ``shard`` holds them:
+    each expert linear a linear of the contract (``qweight``/``scales``/... and its own
+    ``g_idx``: vLLM's fused-MoE layers keep one per expert and part), a 16-bit weight when
+    ``modules_to_not_convert`` keeps it. Under expert parallelism the experts held are counted
+    as rank 0's (the first ``experts_held(E)``)."""
+    experts = a.kind(layer).experts
+    if experts is None:
+        return 0
+    held = shard.experts_held(experts.num_experts)
+    part_of = shard.expert_shape or shard.shape
+    prefix = f"{a.layers_name}.{layer}"
+    total = 0
+    for lin in experts.linears:
+        part = part_of(lin)
+        head = f"{prefix}.{lin.name.partition('{e}')[0]}"
+        listed = cfg is not None and any(
+            head.startswith(m + ".") or m.startswith(head) for m in cfg.modules_to_not_convert
+        )
+        # none listed: every expert alike, expert 0's bytes times the experts held
+        for e in range(held) if listed else (0,):
+            name = f"{prefix}.{lin.name.format(e=e)}"
+            size = _linear_part(cfg, name, lin, part, shares_g_idx=False)
+            total += size if listed else held * size
+    return total
+
+
+def layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, layer: int, shard: Shard) -> int:
+    """Bytes of decoder layer ``layer`` as ``shard`` holds it on one GPU."""
+    kind = a.kind(layer)
+    total = kind.layer_16bit_elements * ELEMENT_16BIT  # norms, routers: 16-bit, on every GPU
+    for lin in kind.linears:
+        name = f"{a.layers_name}.{layer}.{lin.name}"
+        total += _linear_part(cfg, name, lin, shard.shape(lin), shard.shares_g_idx(lin))
+    return total + experts_bytes(a, cfg, layer, shard)
+
+
 def all_layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, shard: Shard) -> list[int]:
-    """Per-layer bytes; layers differ only where a checkpoint leaves some linears unquantized."""
+    """Per-layer bytes; layers differ by structure (dense and MoE layers) and where a
+    checkpoint leaves some linears unquantized."""
     prefix = a.layers_name + "."
     if cfg is None or not any(m.startswith(prefix) for m in cfg.modules_to_not_convert):
-        return [layer_bytes(a, cfg, 0, shard)] * a.num_layers
+        if not a.kinds or len(a.kinds) == 1:
+            return [layer_bytes(a, cfg, 0, shard)] * a.num_layers
+        per_kind = {}
+        for i, k in enumerate(a.layer_kind):
+            if k not in per_kind:
+                per_kind[k] = layer_bytes(a, cfg, i, shard)
+        return [per_kind[k] for k in a.layer_kind]
     return [layer_bytes(a, cfg, i, shard) for i in range(a.num_layers)]
 
 
@@ -459,12 +850,22 @@ def checkpoint_bytes(a: Architecture, cfg: LeanQuantConfig | None) -> dict[str, 
     }
 
 
-def activation_bytes(a: Architecture, tokens: int, heads: int, kv_heads: int, inter: int) -> int:
+def activation_bytes(
+    a: Architecture,
+    tokens: int,
+    heads: int,
+    kv_heads: int,
+    inter: int,
+    qkv_width: int | None = None,
+) -> int:
     """Activations of one forward over ``tokens`` tokens on a GPU holding ``heads`` query
     heads, ``kv_heads`` KV heads and ``inter`` intermediate features: ``tokens × 2 B ×
     (4·hidden + 2·(q + k + v widths) + 3·intermediate)`` (hidden/residual buffers, the fused
-    QKV and gate/up outputs, the activation). An estimate, both engines' reserve."""
-    width = 4 * a.hidden_size + 2 * (heads + 2 * kv_heads) * a.head_dim + 3 * inter
+    QKV and gate/up outputs, the activation). ``qkv_width`` replaces ``(heads + 2·kv_heads) ·
+    head_dim`` where q, k and v differ in width (MLA). An estimate, both engines' reserve."""
+    if qkv_width is None:
+        qkv_width = (heads + 2 * kv_heads) * a.head_dim
+    width = 4 * a.hidden_size + 2 * qkv_width + 3 * inter
     return tokens * ELEMENT_16BIT * width
 
 
@@ -557,7 +958,7 @@ def plan(inp: PlanInput) -> Plan:
             f"{a.max_position_embeddings} (vLLM refuses it)"
         )
     if cfg is not None:  # the unsharded checkpoint must exist first
-        for lin in a.linears:
+        for lin in a.all_linears() + [x for e in a.all_experts() for x in e.linears]:
             _tensor_bytes(cfg, lin.in_features, lin.out_features, lin.name)
     quant = (
         {"bits": 16, "note": "unquantized 16-bit weights"}
@@ -570,6 +971,9 @@ def plan(inp: PlanInput) -> Plan:
             "modules_to_not_convert": list(cfg.modules_to_not_convert),
         }
     )
+    routers = sorted({r for k in a.kinds for r in k.routers})
+    if routers:  # kept 16-bit by the quantizer's rule (quantizer.moe.routers), every layer
+        quant["routers_16bit"] = routers
     common = {
         "model": name,
         "architecture": a.summary(),
@@ -607,12 +1011,23 @@ def format_plan(p: Plan) -> str:
         if p.engine == "vllm"
         else f"{p.gpus} GPU(s): layer split"
     )
+    attention = (
+        f"MLA: {a['kv_lora_rank']} + {a['qk_rope_head_dim']} cached per token"
+        if a.get("kv_lora_rank")
+        else f"{a['num_kv_heads']} KV heads × {a['head_dim']}"
+    )
+    moe = (
+        f"; MoE in {a['moe_layers']} layers: {a['num_experts']} experts "
+        f"({a['experts_per_token']} per token) × intermediate {a['moe_intermediate_size']}"
+        if a.get("num_experts")
+        else ""
+    )
     rows = [
         (
             "model",
             f"{p.model} ({a['model_type']}: {a['num_layers']} layers, hidden "
             f"{a['hidden_size']}, intermediate {a['intermediate_size']}, {a['num_heads']} "
-            f"heads, {a['num_kv_heads']} KV heads × {a['head_dim']}, vocab {a['vocab_size']})",
+            f"heads, {attention}, vocab {a['vocab_size']}{moe})",
         ),
         ("weights", quant),
         ("engine", f"{p.engine}, {layout}, {p.gpu_mem_bytes / GiB:g} GiB each"),

@@ -54,9 +54,14 @@ GiB = 2**30
 
 
 def test_the_recipes_exist():
-    assert [r.name for r in RECIPES] == ["405b-8x48gb", "70b-2x48gb", "8b-1x24gb"]
+    assert [r.name for r in RECIPES] == [
+        "405b-8x48gb",
+        "70b-2x48gb",
+        "8b-1x24gb",
+        "qwen3-235b-a22b-8x48gb",  # MoE (issue 15 item 6)
+    ]
     assert [p.parent.name for p in K8S] == ["405b-8x48gb"]
-    assert len(COMPOSE) == 3
+    assert len(COMPOSE) == 4
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -320,9 +325,10 @@ def test_recipe_flags_are_accepted_by_vllm_and_agree_with_plan(recipe, vllm_serv
         assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == p["gpus"]
     assert p["gpus"] == first["tensor_parallel_size"] * first["pipeline_parallel_size"]
     # the recipe's folder name states the hardware the plan assumes: <model>-<gpus>x<size>gb
-    m = re.fullmatch(r"(\d+)b-(\d+)x(\d+)gb", recipe.name)
+    # (<model>: the preset, Llama 3.1's without its "llama-3.1-")
+    m = re.fullmatch(r"(.+)-(\d+)x(\d+)gb", recipe.name)
     assert m and int(m[2]) == p["gpus"] and p["gpu_mem_bytes"] <= int(m[3]) * GiB
-    assert p["model"] == f"llama-3.1-{m[1]}b"
+    assert p["model"] in (m[1], f"llama-3.1-{m[1]}")
 
 
 def test_dockerfile_pins_the_vllm_release_the_plugin_is_tested_with():
@@ -361,3 +367,16 @@ def test_plan_outputs_in_the_docs_are_current(doc, capsys):
         capsys.readouterr()
         assert main(shlex.split(cmd)[1:]) == 0
         assert capsys.readouterr().out.rstrip("\n") == shown, f"{doc}: regenerate `{cmd}`"
+
+
+def test_moe_recipe_states_what_dequantized_experts_would_need(capsys):
+    """The Qwen3-235B-A22B recipe says, with the plan's own number, that a serving path that
+    dequantizes the experts at load needs their 16-bit size per GPU, more than the card."""
+    recipe = DEPLOY / "vllm" / "qwen3-235b-a22b-8x48gb"
+    p = recipe_plan(recipe, capsys)
+    (warning,) = [w for w in p["warnings"] if "16-bit size" in w]
+    dense = re.search(r"([\d.]+) GiB per GPU \(\+", warning)[1]
+    assert f"needs {dense} GiB per GPU" in (recipe / "serve.sh").read_text()
+    assert f"{dense} GiB in 16 bits" in " ".join((DEPLOY / "README.md").read_text().split())
+    assert float(dense) * GiB > p["gpu_mem_bytes"]
+    assert p["architecture"]["num_experts"] == 128 and p["quantization"]["group_size"] == 64

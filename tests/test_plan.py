@@ -393,8 +393,8 @@ def test_kv_heads_that_tp_cannot_split(tmp_path):
     )
     with pytest.raises(PlanError, match="tensor parallel size 4 and 6 KV heads"):
         plan(PlanInput(str(folder), gpus=4))
-    with pytest.raises(PlanError, match="model_type 'mixtral' is not supported"):
-        plan(PlanInput(str(write_config(tmp_path, model_type="mixtral"))))
+    with pytest.raises(PlanError, match="model_type 'gpt2' is not supported"):
+        plan(PlanInput(str(write_config(tmp_path, model_type="gpt2"))))  # MoE now is
 
 
 def test_cli_prints_table_json_and_errors(capsys):

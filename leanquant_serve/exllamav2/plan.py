@@ -61,6 +61,11 @@ def plan_engine(
 ) -> Plan:
     """The exllamav2 plan of ``a`` (see the module docstring); ``common`` holds the core's
     fields."""
+    if a.all_experts() or a.is_mla or inp.expert_parallel:
+        raise PlanError(
+            "--engine exllamav2 models dense layers only: Mixture-of-Experts and MLA layers "
+            "are not modelled (plan them with --engine vllm)"
+        )
     if inp.tp not in (None, 1):
         raise PlanError(
             "--engine exllamav2 models the layer split (gpu_split) of GPTQ exports; "

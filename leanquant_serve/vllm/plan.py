@@ -18,6 +18,18 @@ whole groups, and whether it keeps every group's scales, is the contract's rule
 load; vLLM's own head, intermediate and vocabulary splits are written here, once each
 (``tests/test_plan.py`` compares the bytes with vLLM's layers rank by rank).
 
+**MoE**: vLLM's ``FusedMoE`` holds every expert on every rank, each one's gate/up (``w13``)
+split along its intermediate and its down (``w2``) along its input, like a dense MLP, so the
+contract's partition rule applies to every expert linear (each expert's intermediate / TP must
+be whole groups; the error says which group size or ``--expert-parallel`` would do); with
+``--enable-expert-parallel`` (``PlanInput.expert_parallel``) each rank holds ``ceil(E / tp)``
+whole experts instead. Routers are replicated 16-bit weights. **MLA** (DeepSeek-V2/V3,
+``deepseek_v2.py``): ``q_a_proj`` and ``kv_a_proj_with_mqa`` are replicated
+(``fused_qkv_a_proj``), ``q_b_proj`` and ``kv_b_proj`` column parallel over heads, ``o_proj``
+row parallel (:func:`split_of`); the KV cache holds one latent of ``kv_lora_rank +
+qk_rope_head_dim`` elements per token and layer on every rank (``MLAAttentionSpec``), and each
+layer also keeps 16-bit ``W_UK_T``/``W_UV`` copies of its ``kv_b_proj`` shard.
+
 GPUs beyond the tensor-parallel size form pipeline stages (``--pipeline-parallel-size
 gpus/tp``), with layers split as ``vllm.distributed.utils.get_pp_indices`` does; the embedding
 lives on the first stage and ``lm_head`` + final norm on the last. Memory, per GPU, as vLLM
@@ -28,6 +40,8 @@ lives on the first stage and ``lm_head`` + final norm on the last. Memory, per G
     blocks   = kv bytes // (block_size · KV bytes per token)   (block_size 16, vLLM's default)
     capacity = blocks · block_size tokens  (the smallest over pipeline stages)
     KV bytes per token = 2 (K and V) · layers on this GPU · KV heads on this GPU · head_dim · dtype bytes
+                         (MLA: layers on this GPU · (kv_lora_rank + qk_rope_head_dim) · dtype bytes,
+                          in blocks of 64)
 
 and ``max_model_len × concurrency`` fits when ``blocks ≥ concurrency · ceil(max_model_len /
 block_size)`` (every sequence at full length at once: the worst case; vLLM only *requires*
@@ -55,6 +69,7 @@ Imports no vLLM: planning runs where vLLM is not installed.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from leanquant_serve.format import LeanQuantConfig, chunk_size
@@ -76,10 +91,15 @@ from leanquant_serve.plan import (
     Shard,
     activation_bytes,
     all_layer_bytes,
+    experts_bytes,
+    quantizer_tested,
 )
 
 KV_DTYPES = {"fp16": 2.0, "bf16": 2.0, "fp8": 1.0}  # bytes per cached element (K or V)
 BLOCK_SIZE = 16
+# vLLM's CUDA MLA backends set their own block size: FlashMLA (Hopper) 64, CUTLASS MLA
+# (Blackwell) 128, FlashInfer MLA 32/64; planned with 64.
+MLA_BLOCK_SIZE = 64
 VOCAB_PADDING = 64
 CUDA_GRAPHS = 1 * GiB
 NON_TORCH = 1 * GiB
@@ -104,61 +124,143 @@ def padded_vocab(a: Architecture) -> int:
     return -(-a.vocab_size // VOCAB_PADDING) * VOCAB_PADDING
 
 
+COLUMN, ROW, REPLICATED = "column", "row", "replicated"
+
+
 def _is_row_parallel(lin: LayerLinear) -> bool:
     """Megatron pairs: even input groups are column parallel, odd ones row parallel."""
     return lin.group % 2 == 1
 
 
+def split_of(a: Architecture, lin: LayerLinear) -> str:
+    """How vLLM splits dense linear ``lin`` over tensor-parallel ranks. Llama-family layers:
+    Megatron pairs (:func:`_is_row_parallel`). MLA layers (``deepseek_v2.py``'s
+    ``DeepseekV2MLAAttention``): the low-rank projections of the residual stream
+    (``q_a_proj`` to q_lora_rank, ``kv_a_proj_with_mqa`` to kv_lora_rank + qk_rope_head_dim:
+    ``fused_qkv_a_proj``, ``disable_tp``) are replicated, whatever writes back to the hidden
+    size (``o_proj``, the MLPs' down) is row parallel, the rest (``q_b_proj``, ``kv_b_proj``,
+    the MLPs' gate/up) column parallel."""
+    if not a.is_mla:
+        return ROW if _is_row_parallel(lin) else COLUMN
+    if lin.out_features == a.hidden_size:
+        return ROW
+    latent = {a.kv_lora_rank + a.qk_rope_head_dim, a.q_lora_rank}
+    if lin.in_features == a.hidden_size and lin.out_features in latent:
+        return REPLICATED
+    return COLUMN
+
+
 def _is_kv(a: Architecture, lin: LayerLinear) -> bool:
     """A K or V part of the first (attention) group: one ``num_key_value_heads × head_dim``
     output."""
-    return lin.group == 0 and lin.out_features == a.num_kv_heads * a.head_dim
+    return not a.is_mla and lin.group == 0 and lin.out_features == a.num_kv_heads * a.head_dim
 
 
-def _shard(a: Architecture, tp: int) -> Shard:
+def experts_per_rank(num_experts: int, ep: int) -> int:
+    """Experts on the busiest rank under expert parallelism (vLLM's expert map gives the
+    remainder of E / ep to the first ranks)."""
+    return -(-num_experts // ep)
+
+
+def _shard(a: Architecture, tp: int, ep: bool = False) -> Shard:
     def shape(lin: LayerLinear) -> tuple[int, int, int]:
-        if _is_row_parallel(lin):
+        split = split_of(a, lin)
+        if split == ROW:
             return lin.in_features // tp, lin.out_features, lin.out_features if lin.bias else 0
+        if split == REPLICATED:
+            return lin.in_features, lin.out_features, lin.out_features if lin.bias else 0
         out = kv_heads_per_rank(a, tp) * a.head_dim if _is_kv(a, lin) else lin.out_features // tp
         return lin.in_features, out, out if lin.bias else 0
 
-    def shares_g_idx(lin: LayerLinear) -> bool:  # a later part of a fused column-parallel layer
-        return not _is_row_parallel(lin) and not lin.first_in_group
+    def shares_g_idx(lin: LayerLinear) -> bool:  # a later part of a fused layer
+        if a.is_mla and split_of(a, lin) == REPLICATED:  # fused_qkv_a_proj: q_a then kv_a
+            return lin.out_features != a.q_lora_rank
+        return split_of(a, lin) == COLUMN and not lin.first_in_group
 
-    return Shard(shape, shares_g_idx)
+    def expert_shape(lin: LayerLinear) -> tuple[int, int, int]:
+        """vLLM's FusedMoE: w13 (gate/up) split along the intermediate (output), w2 (down)
+        along its input; under expert parallelism each expert whole."""
+        if ep:
+            return lin.in_features, lin.out_features, 0
+        if lin.group == 0:
+            return lin.in_features, lin.out_features // tp, 0
+        return lin.in_features // tp, lin.out_features, 0
+
+    return Shard(
+        shape,
+        shares_g_idx,
+        expert_shape=expert_shape,
+        experts_held=(lambda e: experts_per_rank(e, tp)) if ep else (lambda e: e),
+    )
 
 
 def _check_pairs(a: Architecture) -> None:
-    """The layer must be the column/row pairs vLLM's Llama-family code shards."""
-    groups = 1 + max(lin.group for lin in a.linears)
-    for lin in a.linears:
-        row = _is_row_parallel(lin)
-        if groups % 2 or (lin.out_features if row else lin.in_features) != a.hidden_size:
-            raise PlanError(
-                f"{a.name}: {lin.name} ({lin.in_features} -> {lin.out_features}, input group "
-                f"{lin.group} of {groups}) does not fit vLLM's column/row-parallel pairs "
-                "(column parallel from the hidden size, row parallel back to it)"
-            )
+    """The layers must be the column/row pairs vLLM's Llama-family code shards (MLA layers:
+    the split :func:`split_of` reads off their shapes)."""
+    if a.is_mla:
+        return
+    kinds = a.kinds or (a.kind(0),)
+    for kind in kinds:
+        groups = 1 + max(lin.group for lin in kind.linears)
+        for lin in kind.linears:
+            row = _is_row_parallel(lin)
+            if groups % 2 or (lin.out_features if row else lin.in_features) != a.hidden_size:
+                raise PlanError(
+                    f"{a.name}: {lin.name} ({lin.in_features} -> {lin.out_features}, input "
+                    f"group {lin.group} of {groups}) does not fit vLLM's column/row-parallel "
+                    "pairs (column parallel from the hidden size, row parallel back to it)"
+                )
 
 
-def check_tp(a: Architecture, cfg: LeanQuantConfig | None, tp: int) -> None:
+_EP_ADVICE = "; use --expert-parallel (whole experts per rank)"
+
+
+def _advice(cfg: LeanQuantConfig, in_r: int) -> str:
+    """What to change when a rank's slice of ``in_r`` input features of an expert linear
+    splits a group: the largest group size that divides it, or whole experts per rank."""
+    fits = [g for g in (128, 64, 32) if in_r % g == 0 and g % chunk_size(cfg.bits) == 0]
+    if fits:
+        return f"; use --group-size {fits[0]} or --expert-parallel (whole experts per rank)"
+    return _EP_ADVICE
+
+
+def check_tp(a: Architecture, cfg: LeanQuantConfig | None, tp: int, ep: bool = False) -> None:
     """Refuse a tensor-parallel size vLLM (its head, intermediate and vocabulary splits) or
     the checkpoint contract (:func:`~leanquant_serve.format.tensors.shard_misfits`, the
-    plugin's rule at load) would refuse, with the reason."""
+    plugin's rule at load) would refuse, with the reason. Routed experts are checked as vLLM's
+    FusedMoE splits them: each expert's intermediate over the ranks (``ep`` False, vLLM's
+    default) or whole experts per rank (``ep``: ``--enable-expert-parallel``)."""
     if a.num_heads % tp:
         raise PlanError(
             f"tensor parallel size {tp} does not divide the {a.num_heads} attention heads"
         )
     kv = a.num_kv_heads
-    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+    if not a.is_mla and ((kv >= tp and kv % tp) or (kv < tp and tp % kv)):
         raise PlanError(
             f"tensor parallel size {tp} and {kv} KV heads: one must divide the other "
             "(vLLM splits KV heads over ranks, or replicates whole heads)"
         )
-    if a.intermediate_size % tp:
+    experts = a.all_experts()
+    if not experts and a.intermediate_size % tp:
         raise PlanError(
             f"tensor parallel size {tp} does not divide intermediate_size={a.intermediate_size}"
         )
+    for lin in a.all_linears() if experts or a.is_mla else ():
+        split = split_of(a, lin)
+        size = lin.in_features if split == ROW else lin.out_features
+        if split != REPLICATED and not _is_kv(a, lin) and size % tp:
+            raise PlanError(
+                f"{lin.name}: tensor parallel size {tp} does not divide its {size} "
+                f"{'input' if split == ROW else 'output'} features"
+            )
+    for e in experts:
+        if ep and e.num_experts < tp:
+            raise PlanError(f"expert parallelism over {tp} ranks: only {e.num_experts} experts")
+        if not ep and e.intermediate_size % tp:
+            raise PlanError(
+                f"tensor parallel size {tp} does not divide the experts' intermediate size "
+                f"{e.intermediate_size} (moe_intermediate_size){_EP_ADVICE}"
+            )
     padded = padded_vocab(a)
     if padded % tp:
         raise PlanError(
@@ -168,27 +270,89 @@ def check_tp(a: Architecture, cfg: LeanQuantConfig | None, tp: int) -> None:
     if cfg is None:
         return
     n = chunk_size(cfg.bits)
-    shard = _shard(a, tp)
-    for lin in a.linears:
-        in_r, out_r, _ = shard.shape(lin)
-        if _is_row_parallel(lin):
+    shard = _shard(a, tp, ep)
+    checks = [(lin, shard.shape(lin), split_of(a, lin) == ROW, "") for lin in a.all_linears()]
+    for e in experts:
+        for lin in e.linears:
+            what = f" (one expert's; moe_intermediate_size {e.intermediate_size} / tensor parallel size {tp})"
+            checks.append((lin, shard.expert_shape(lin), not ep and lin.group == 1, what))
+    for lin, (in_r, out_r, _), row, what in checks:
+        lin = replace(lin, name=lin.name.replace("{e}", "*"))
+        where = what or f" ({lin.in_features} / tensor parallel size {tp})"
+        if row:
             problems = shard_misfits(cfg, in_r)
             if SHARD_GROUPS in problems:
                 raise PlanError(
                     f"{lin.name}: group size {cfg.group_size} does not divide the {in_r} input "
-                    f"features per rank ({lin.in_features} / tensor parallel size {tp}): "
-                    "a rank would hold part of a group"
+                    f"features per rank{where}: a rank would hold part of a group"
+                    + (_advice(cfg, in_r) if what else "")
                 )
             if SHARD_WORDS_IN in problems:
                 raise PlanError(
                     f"{lin.name}: {in_r} input features per rank are not a multiple of {n}, "
                     f"so {cfg.bits}-bit words of qweight would be split over ranks"
+                    + (_EP_ADVICE if what else "")
                 )
         elif SHARD_WORDS_OUT in shard_misfits(cfg, lin.in_features, [out_r]):
             raise PlanError(
                 f"{lin.name}: {out_r} output features per rank are not a multiple of {n}, so "
                 f"{cfg.bits}-bit words of zero_points would be split over ranks"
+                + (_EP_ADVICE if what else "")
             )
+
+
+def kv_bytes_per_token_per_layer(a: Architecture, tp: int, kv_elem: float) -> float:
+    """KV-cache bytes one token takes in one layer on one rank: K and V of the rank's KV
+    heads, or, for MLA, the one compressed latent (kv_lora_rank + qk_rope_head_dim elements,
+    vLLM's ``MLAAttentionSpec``: ``num_kv_heads=1``, ``head_size_v=0``, not split over
+    ranks)."""
+    if a.is_mla:
+        return (a.kv_lora_rank + a.qk_rope_head_dim) * kv_elem
+    return 2 * kv_heads_per_rank(a, tp) * a.head_dim * kv_elem
+
+
+def mla_absorbed_bytes(a: Architecture, tp: int) -> int:
+    """Per MLA layer and rank: the 16-bit ``W_UK_T`` and ``W_UV`` vLLM builds from its
+    ``kv_b_proj`` shard after loading (``MLAAttention.process_weights_after_loading``),
+    kv_lora_rank × heads per rank × (qk_nope_head_dim + v_head_dim) elements; 0 without MLA."""
+    if not a.is_mla:
+        return 0
+    heads = a.num_heads // tp
+    return a.kv_lora_rank * heads * (a.qk_nope_head_dim + a.v_head_dim) * ELEMENT_16BIT
+
+
+def _activations(a: Architecture, shard: Shard, tokens: int, tp: int) -> int:
+    """The profile forward's activations (:func:`leanquant_serve.plan.activation_bytes`): a
+    dense model as before; MLA with its q, k and v widths (heads × (qk_nope + qk_rope),
+    twice, + heads × v_head_dim); MoE with the widest dense MLP (gate/up) per rank."""
+    heads = a.num_heads // tp
+    if not a.is_mla and not a.all_experts():
+        return activation_bytes(
+            a, tokens, heads, kv_heads_per_rank(a, tp), a.intermediate_size // tp
+        )
+    mlp = [
+        shard.shape(lin)[1]
+        for lin in a.all_linears()
+        if split_of(a, lin) == COLUMN
+        and lin.in_features == a.hidden_size
+        and (a.is_mla or lin.group >= 2)
+    ]
+    qkv = None
+    if a.is_mla:
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        qkv = heads * (2 * qk + a.v_head_dim)
+    return activation_bytes(
+        a, tokens, heads, kv_heads_per_rank(a, tp), max(mlp, default=0), qkv_width=qkv
+    )
+
+
+def _moe_workspace(a: Architecture, shard: Shard, tokens: int) -> int:
+    """Fused-MoE buffers of the profile forward, estimated: tokens × 2 B × top-k ×
+    (3 · expert intermediate per rank + hidden) (gate/up output, activation, down output)."""
+    e = a.all_experts()[0]
+    inter = max(shard.expert_shape(lin)[1] for lin in e.linears if lin.group == 0)
+    top_k = a.experts_per_token or 1
+    return tokens * ELEMENT_16BIT * top_k * (3 * inter + a.hidden_size)
 
 
 def pp_partitions(layers: int, pp: int) -> list[int]:
@@ -211,8 +375,15 @@ def plan_engine(
     pp = inp.gpus // tp
     if pp > a.num_layers:
         raise PlanError(f"{pp} pipeline stages for {a.num_layers} layers")
+    experts = a.all_experts()
+    ep = inp.expert_parallel
+    if ep and not experts:
+        raise PlanError(f"--expert-parallel: {a.name} has no routed experts")
+    if ep and tp == 1:
+        raise PlanError("--expert-parallel needs tensor parallel size > 1 (vLLM ignores it)")
     _check_pairs(a)
-    check_tp(a, cfg, tp)
+    check_tp(a, cfg, tp, ep)
+    shard = _shard(a, tp, ep)
     kv_elem = KV_DTYPES[inp.kv_dtype]
     kv_heads_rank = kv_heads_per_rank(a, tp)
     batched = inp.max_num_batched_tokens or default_batched_tokens(inp.gpu_mem_gib)
@@ -222,24 +393,24 @@ def plan_engine(
         reserve = {"stated (--reserve-gib)": int(inp.reserve_gib * GiB)}
     else:
         reserve = {
-            "activations": activation_bytes(
-                a, batched, a.num_heads // tp, kv_heads_rank, a.intermediate_size // tp
-            ),
+            "activations": _activations(a, shard, batched, tp),
             "sampler": inp.concurrency * a.vocab_size * 4 * 4,
             "cuda_graphs": 0 if inp.enforce_eager else CUDA_GRAPHS,
             "non_torch_and_fragmentation": NON_TORCH,
         }
+        if experts:
+            reserve["moe_workspace"] = _moe_workspace(a, shard, batched)
     reserve_total = sum(reserve.values())
 
-    layer_bytes = all_layer_bytes(a, cfg, _shard(a, tp))
+    layer_bytes = all_layer_bytes(a, cfg, shard)
     vocab_rank = padded_vocab(a) // tp
     emb_rank = vocab_rank * a.hidden_size * ELEMENT_16BIT
     parts = pp_partitions(a.num_layers, pp)
-    block_tokens = BLOCK_SIZE
+    block_tokens = MLA_BLOCK_SIZE if a.is_mla else BLOCK_SIZE
     per_gpu: list[GPUPlan] = []
     start = 0
     for s, n in enumerate(parts):
-        w = sum(layer_bytes[start : start + n])
+        w = sum(layer_bytes[start : start + n]) + n * mla_absorbed_bytes(a, tp)
         start += n
         if s == 0:
             w += emb_rank
@@ -247,7 +418,7 @@ def plan_engine(
             w += a.hidden_size * ELEMENT_16BIT  # final norm
             if not (a.tie_word_embeddings and pp == 1):
                 w += emb_rank  # lm_head (a tied one is a second copy on the last stage)
-        kv_tok = int(2 * n * kv_heads_rank * a.head_dim * kv_elem)
+        kv_tok = int(n * kv_bytes_per_token_per_layer(a, tp, kv_elem))
         kv_bytes = budget - w - reserve_total
         blocks = max(0, kv_bytes) // (block_tokens * kv_tok)
         ranks = f"ranks {s * tp}-{s * tp + tp - 1}" if tp > 1 else f"rank {s}"
@@ -283,12 +454,22 @@ def plan_engine(
         "float16",
         *(["--kv-cache-dtype", "fp8"] if inp.kv_dtype == "fp8" else []),
         *(["--enforce-eager"] if inp.enforce_eager else []),
+        *(["--enable-expert-parallel"] if ep else []),
     ]
     assumptions = [
         f"weights: LeanQuant tensors as stored, sharded as vLLM shards them (tp={tp}, pp={pp}); "
         "embeddings, lm_head, norms and biases 16-bit",
-        f"KV heads per GPU: {kv_heads_rank} of {a.num_kv_heads}"
-        + (f" (each replicated on {tp // a.num_kv_heads} ranks)" if a.num_kv_heads < tp else ""),
+        (
+            f"MLA: vLLM caches one latent of kv_lora_rank {a.kv_lora_rank} + qk_rope_head_dim "
+            f"{a.qk_rope_head_dim} = {a.kv_lora_rank + a.qk_rope_head_dim} elements per token "
+            "per layer (MLAAttentionSpec: one KV head, no separate V), the whole of it on every "
+            f"rank; blocks of {MLA_BLOCK_SIZE} tokens (FlashMLA's); each layer also holds "
+            "16-bit W_UK/W_UV copies of its kv_b_proj shard (split_kv_b_proj, for the absorbed "
+            "decode)"
+            if a.is_mla
+            else f"KV heads per GPU: {kv_heads_rank} of {a.num_kv_heads}"
+            + (f" (each replicated on {tp // a.num_kv_heads} ranks)" if a.num_kv_heads < tp else "")
+        ),
         f"budget = ceil({inp.gpu_mem_gib:g} GiB × gpu_memory_utilization {inp.gpu_memory_utilization:g})",
         "reserve inside the budget is an ESTIMATE, not a measurement: "
         + (
@@ -306,6 +487,24 @@ def plan_engine(
         f"(1 − {inp.gpu_memory_utilization:g}) share",
         "no speculative decoding, LoRA, or other processes on the GPUs",
     ]
+    if experts:
+        e = experts[0]
+        held = shard.experts_held(e.num_experts)
+        assumptions.insert(
+            1,
+            f"routed experts ({a.moe_layers} layers × {e.num_experts}): "
+            + (
+                f"expert parallel (--enable-expert-parallel): {held} whole experts per rank "
+                "(the busiest rank's)"
+                if ep
+                else f"tensor parallel as vLLM's FusedMoE does by default: every rank holds all "
+                f"{e.num_experts} experts, each one's gate/up split along its intermediate "
+                f"({e.intermediate_size} / {tp}) and its down along its input"
+            )
+            + "; each expert linear a linear of the LeanQuant contract at the stored bits; "
+            "routers 16-bit and replicated; moe_workspace = profile tokens × 2 B × top-k × "
+            "(3·expert intermediate per rank + hidden), an estimate of the fused-MoE buffers",
+        )
     warnings = []
     if (1 - inp.gpu_memory_utilization) * mem < OUTSIDE_BUDGET:
         warnings.append(
@@ -316,6 +515,19 @@ def plan_engine(
         )
     if cfg is not None and cfg.grid == "nonuniform":
         warnings.append("non-uniform (LUT) layers run this project's Triton kernel on GPUs")
+    if experts and cfg is not None:
+        dense = sum(experts_bytes(a, None, i, shard) for i in range(parts[0]))
+        stored = sum(experts_bytes(a, cfg, i, shard) for i in range(parts[0]))
+        warnings.append(
+            f"experts are planned at their stored {cfg.bits}-bit size ({stored / GiB:.2f} GiB "
+            "per GPU), which needs a quantized MoE kernel; a serving path that dequantizes "
+            f"experts at load needs their 16-bit size, {dense / GiB:.2f} GiB per GPU "
+            f"(+{(dense - stored) / GiB:.2f} GiB)"
+        )
+    if not quantizer_tested(a.model_type):
+        warnings.append(
+            f"the quantizer's tests do not cover model_type {a.model_type!r} yet (docs/moe.md)"
+        )
     return Plan(
         engine="vllm",
         tp=tp,

@@ -1,0 +1,333 @@
+"""``leanquant plan`` for Mixture-of-Experts and MLA models (issue 15, item 6): the presets'
+sizes, weights and KV cache per GPU worked out here by hand from the published configs (not by
+calling the code under test), the expert split checks, and checkpoint bytes against real tiny
+MoE checkpoints the quantizer writes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import MOE_ARCHITECTURES, VOCAB
+from safetensors import safe_open
+
+from leanquant.cli import main
+from leanquant_serve.plan import PRESETS, Architecture, PlanError, PlanInput, format_plan, plan
+from quantizer.gptq import GPTQSettings
+from quantizer.pipeline import QuantizeJob, quantize_model
+
+GiB = 2**30
+
+
+def lq(bits: int, group: int, i: int, o: int) -> int:
+    """Bytes of one LeanQuant affine linear with an (o, i) weight, from the format's table:
+    qweight int32 (i·b/32, o) + scales fp16 (i/g, o) + zero_points int32 (i/g, o·b/32)."""
+    return (i * bits // 32) * o * 4 + (i // group) * o * 2 + (i // group) * (o * bits // 32) * 4
+
+
+# ----------------------------------------------------------------------- DeepSeek-V3 (671B)
+
+# deepseek-ai/DeepSeek-V3 config.json
+H, HEADS, V, L, DENSE = 7168, 128, 129280, 61, 3
+Q_LORA, KV_LORA, ROPE, NOPE, VD = 1536, 512, 64, 128, 128
+I, MOE_I, E, TOPK = 18432, 2048, 256, 8
+
+
+def test_deepseek_v3_parameters_by_hand():
+    """671B, counted from the config: MLA attention in every layer, a dense MLP in the first
+    three, 256 routed experts + 1 shared expert + a router in the other 58."""
+    attn = (
+        H * Q_LORA + Q_LORA  # q_a_proj, q_a_layernorm
+        + Q_LORA * HEADS * (NOPE + ROPE)  # q_b_proj
+        + H * (KV_LORA + ROPE) + KV_LORA  # kv_a_proj_with_mqa, kv_a_layernorm
+        + KV_LORA * HEADS * (NOPE + VD)  # kv_b_proj
+        + HEADS * VD * H  # o_proj
+        + 2 * H  # input and post-attention RMSNorm
+    )  # fmt: skip
+    dense = attn + 3 * H * I
+    moe = attn + E * H + (E + 1) * 3 * H * MOE_I  # router, routed + shared experts
+    params = DENSE * dense + (L - DENSE) * moe + 2 * V * H + H
+    assert params == 671_026_404_352
+    p = plan(PlanInput("deepseek-v3", bits=16, gpus=8, max_model_len=4096))
+    assert p.checkpoint_bytes["total"] == 2 * params
+    a = p.architecture
+    assert (a["num_experts"], a["experts_per_token"], a["moe_intermediate_size"]) == (E, TOPK, 2048)
+    assert (a["moe_layers"], a["kv_lora_rank"], a["qk_rope_head_dim"]) == (58, 512, 64)
+    assert "MLA: 512 + 64 cached per token" in format_plan(p)
+
+
+def deepseek_rank_bytes(bits: int, group: int, tp: int = 8) -> int:
+    """Weights on one of ``tp`` ranks, as vLLM's deepseek_v2.py shards them."""
+    hr = HEADS // tp
+
+    def q(i: int, o: int) -> int:
+        return lq(bits, group, i, o)
+
+    attn = (
+        q(H, Q_LORA) + q(H, KV_LORA + ROPE)  # fused_qkv_a_proj: replicated
+        + q(Q_LORA, hr * (NOPE + ROPE))  # q_b_proj: column parallel (heads)
+        + q(KV_LORA, hr * (NOPE + VD))  # kv_b_proj: column parallel (heads)
+        + q(hr * VD, H)  # o_proj: row parallel
+        + (2 * H + Q_LORA + KV_LORA) * 2  # four RMSNorms, 16-bit
+        + KV_LORA * hr * (NOPE + VD) * 2  # W_UK_T + W_UV: 16-bit copies of kv_b_proj's shard
+    )  # fmt: skip
+    dense = 2 * q(H, I // tp) + q(I // tp, H)  # gate/up column, down row parallel
+    # every rank holds all 256 routed experts and the shared one, each split like an MLP
+    expert = 2 * q(H, MOE_I // tp) + q(MOE_I // tp, H)
+    moe = E * H * 2 + (E + 1) * expert  # + the 16-bit router (replicated)
+    embed = (V // tp) * H * 2  # 129280 is a multiple of 64: no padding
+    return DENSE * (attn + dense) + (L - DENSE) * (attn + moe) + 2 * embed + H * 2
+
+
+KV_PER_TOKEN = L * (KV_LORA + ROPE) * 2  # one 576-element latent per layer, fp16, every rank
+
+
+def deepseek_plan(bits: int, gpu_mem: float, **kw):
+    return plan(
+        PlanInput(
+            "deepseek-v3",
+            bits=bits,
+            group_size=128,
+            gpus=8,
+            gpu_mem_gib=gpu_mem,
+            max_model_len=16384,
+            concurrency=8,
+            max_num_batched_tokens=2048,
+            **kw,
+        )
+    )
+
+
+def test_deepseek_v3_4bit_on_8x80gb_by_hand():
+    weights = deepseek_rank_bytes(4, 128)
+    assert weights == 44_803_926_784  # 41.73 GiB per GPU
+    assert KV_PER_TOKEN == 70_272
+    budget = math.ceil(79 * GiB * 9 / 10)
+    hr = HEADS // 8
+    activations = 2048 * 2 * (4 * H + 2 * hr * (2 * (NOPE + ROPE) + VD) + 3 * (I // 8))
+    sampler = 8 * V * 4 * 4
+    moe_workspace = 2048 * 2 * TOPK * (3 * (MOE_I // 8) + H)
+    reserve = activations + sampler + GiB + GiB + moe_workspace
+    capacity = (budget - weights - reserve) // (64 * KV_PER_TOKEN) * 64  # blocks of 64 (MLA)
+    assert capacity == 411_264
+
+    p = deepseek_plan(4, 79)
+    assert p.weight_bytes_per_gpu == weights
+    assert p.kv_bytes_per_token_per_gpu == KV_PER_TOKEN
+    assert sum(p.reserve.values()) == reserve
+    assert p.capacity_tokens == capacity
+    assert p.fits and p.max_full_length_sequences == capacity // 16384  # 25
+    # MLA's latent is not split over ranks: TP 4 x PP 2 holds it whole for its layers (31 + 30,
+    # vLLM's get_pp_indices), the same bytes per layer as TP 8
+    pp = plan(PlanInput("deepseek-v3", gpus=8, tp=4, max_model_len=4096))
+    assert [g.kv_bytes_per_token for g in pp.per_gpu] == [31 * 576 * 2, 30 * 576 * 2]
+
+
+@pytest.mark.parametrize(
+    "bits, gpu_mem, capacity, weights_gib",
+    [
+        (2, 45, 246_464, 21.91),
+        (3, 45, 95_104, 31.82),  # 5 sequences of 16K at once, not 8
+        (4, 45, 0, 41.73),  # the weights alone exceed the 40.50 GiB budget
+        (8, 45, 0, 81.36),
+        (2, 79, 713_984, 21.91),
+        (3, 79, 562_624, 31.82),
+        (4, 79, 411_264, 41.73),
+        (8, 79, 0, 81.36),
+    ],
+)
+def test_deepseek_v3_at_which_bits_it_fits_on_8x48gb_and_8x80gb(
+    bits, gpu_mem, capacity, weights_gib
+):
+    """deploy/README.md's table (and the main README's statement): 8 GPUs, 16K context × 8
+    sequences, 45 GiB per "48 GB" card and 79 GiB per "80 GB" card (what nvidia-smi reports),
+    group 128. Weights by hand; capacity = (budget − weights − reserve) in blocks of 64 MLA
+    latents, the reserve as the 4-bit case above writes it out."""
+    weights = deepseek_rank_bytes(bits, 128)
+    assert round(weights / GiB, 2) == weights_gib
+    budget = math.ceil(gpu_mem * GiB * 9 / 10)
+    hr = HEADS // 8
+    reserve = (
+        2048 * 2 * (4 * H + 2 * hr * (2 * (NOPE + ROPE) + VD) + 3 * (I // 8))
+        + 8 * V * 4 * 4 + 2 * GiB + 2048 * 2 * TOPK * (3 * (MOE_I // 8) + H)
+    )  # fmt: skip
+    by_hand = max(0, budget - weights - reserve) // (64 * KV_PER_TOKEN) * 64
+    assert by_hand == capacity
+    p = deepseek_plan(bits, gpu_mem)
+    assert p.weight_bytes_per_gpu == weights and p.capacity_tokens == capacity
+    assert p.fits == (capacity >= 8 * 16384)
+    assert p.fits_one_sequence == (capacity >= 16384)
+    if bits == 4 and gpu_mem == 45:
+        assert weights > budget
+
+
+def test_fp8_kv_halves_the_mla_latent():
+    fp8 = deepseek_plan(4, 79, kv_dtype="fp8")
+    assert fp8.kv_bytes_per_token_per_gpu == L * 576
+    assert "--kv-cache-dtype" in fp8.engine_args
+
+
+# ------------------------------------------------------------------------ Qwen3-235B-A22B
+
+QH, QHEADS, QKV, QHD, QL, QMI, QE, QV = 4096, 64, 4, 128, 94, 1536, 128, 151936
+
+
+def qwen3_rank_bytes(group: int, tp: int = 8, ep: bool = False) -> int:
+    def q(i: int, o: int) -> int:
+        return lq(4, group, i, o)
+
+    attn = (
+        q(QH, QHEADS * QHD // tp)  # q_proj, column parallel
+        + 2 * q(QH, max(1, QKV // tp) * QHD)  # k, v: 4 KV heads over 8 ranks: one whole head
+        + q(QHEADS * QHD // tp, QH)  # o_proj, row parallel
+        + (2 * QH + 2 * QHD) * 2  # RMSNorms + q_norm, k_norm
+    )
+    if ep:  # --enable-expert-parallel: 128 / 8 = 16 whole experts per rank
+        experts = QE // tp * (2 * q(QH, QMI) + q(QMI, QH))
+    else:  # every expert split: gate/up 1536/8 = 192 outputs, down 192 inputs
+        experts = QE * (2 * q(QH, QMI // tp) + q(QMI // tp, QH))
+    router = QE * QH * 2
+    embed = (QV // tp) * QH * 2  # 151936 = 2374 x 64: no padding
+    return QL * (attn + experts + router) + 2 * embed + QH * 2
+
+
+def test_qwen3_235b_group_128_splits_a_group_over_8_ranks_with_advice(tmp_path):
+    """1536 / 8 = 192 inputs of each expert's down_proj per rank: not whole groups of 128."""
+    with pytest.raises(PlanError) as e:
+        plan(PlanInput("qwen3-235b-a22b", bits=4, group_size=128, gpus=8, gpu_mem_gib=45))
+    msg = str(e.value)
+    assert msg.startswith("mlp.experts.*.down_proj: group size 128 does not divide the 192")
+    assert "moe_intermediate_size 1536 / tensor parallel size 8" in msg
+    assert "--group-size 64 or --expert-parallel" in msg and "\n" not in msg
+    # vLLM's own rule, before the contract's: each expert's intermediate splits over the ranks
+    (tmp_path / "config.json").write_text(
+        json.dumps({**PRESETS["qwen3-235b-a22b"], "moe_intermediate_size": 1000})
+    )
+    with pytest.raises(PlanError, match="16 does not divide the experts' intermediate size 1000"):
+        plan(PlanInput(str(tmp_path), bits=16, gpus=16))
+
+
+def test_qwen3_235b_4bit_on_8x48gb_by_hand():
+    g64 = plan(
+        PlanInput(
+            "qwen3-235b-a22b", bits=4, group_size=64, gpus=8, gpu_mem_gib=45,
+            max_model_len=32768, concurrency=8, max_num_batched_tokens=2048,
+        )
+    )  # fmt: skip
+    assert g64.weight_bytes_per_gpu == qwen3_rank_bytes(64) == 16_191_921_152
+    assert g64.kv_bytes_per_token_per_gpu == QL * 2 * 1 * QHD * 2  # 48,128
+    assert g64.fits
+    ep = plan(PlanInput("qwen3-235b-a22b", bits=4, group_size=128, gpus=8, expert_parallel=True))
+    assert ep.weight_bytes_per_gpu == qwen3_rank_bytes(128, ep=True)
+    assert ep.engine_args[-1] == "--enable-expert-parallel"
+    text = format_plan(ep)
+    assert "16 whole experts per rank" in text and "MoE in 94 layers: 128 experts" in text
+
+
+def test_mixtral_8x22b_parameters_and_experts_split_by_tp():
+    h, inter, n = 6144, 16384, 56
+    attn = 2 * h * h + 2 * h * 1024 + 2 * h  # q, o, k, v (8 KV heads of 128), two norms
+    params = n * (attn + 8 * h + 8 * 3 * h * inter) + 2 * 32768 * h + h
+    assert params == 140_630_071_296
+    p = plan(PlanInput("mixtral-8x22b", bits=16, gpus=8, max_model_len=4096))
+    assert p.checkpoint_bytes["total"] == 2 * params
+    p4 = plan(PlanInput("mixtral-8x22b", bits=4, gpus=4, gpu_mem_gib=45, max_model_len=4096))
+    expert = 2 * lq(4, 128, h, inter // 4) + lq(4, 128, inter // 4, h)
+    attn4 = lq(4, 128, h, h // 4) + 2 * lq(4, 128, h, 2 * 128) + lq(4, 128, h // 4, h) + 2 * h * 2
+    assert (
+        p4.weight_bytes_per_gpu
+        == n * (attn4 + 8 * expert + 8 * h * 2) + 2 * (32768 // 4) * h * 2 + h * 2
+    )
+
+
+# ------------------------------------------------------------------ errors and other engines
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(model="llama-3.1-8b", gpus=2, expert_parallel=True), "has no routed experts"),
+        (dict(model="mixtral-8x22b", expert_parallel=True), "needs tensor parallel size > 1"),
+        (dict(model="mixtral-8x22b", gpus=16, expert_parallel=True), "only 8 experts"),
+        (dict(model="qwen3-235b-a22b", engine="exllamav2"), "Mixture-of-Experts and MLA"),
+        (dict(model="deepseek-v3", gpus=3), "does not divide the 128 attention heads"),
+    ],
+)
+def test_moe_inputs_that_cannot_be_planned(kw, message):
+    with pytest.raises(PlanError) as e:
+        plan(PlanInput(**kw))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_expert_parallel_flag(capsys):
+    argv = ["plan", "qwen3-235b-a22b", "--gpus", "8", "--gpu-mem", "45", "--json"]
+    assert main([*argv, "--expert-parallel"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert "--enable-expert-parallel" in d["engine_args"]
+    assert d["quantization"]["routers_16bit"] == ["mlp.gate"]
+    assert main(argv) == 2
+    assert "--group-size 64 or --expert-parallel" in capsys.readouterr().err
+
+
+def test_dense_plans_carry_no_moe_fields():
+    a = plan(PlanInput("llama-3.1-8b")).architecture
+    assert not {"num_experts", "kv_lora_rank", "moe_layers"} & set(a)
+
+
+# --------------------------------------------- experts read off the model; real checkpoints
+
+
+def test_experts_and_layer_kinds_are_read_off_the_model():
+    """DeepSeek-V3: two layer structures (3 dense, 58 MoE); the experts from the fused 3-D
+    parameters transformers holds, under the checkpoint names vLLM loads; the router dense."""
+    a = Architecture.from_config(PRESETS["deepseek-v3"], "ds")
+    assert a.layer_kind == (0,) * 3 + (1,) * 58
+    dense, moe = a.kinds
+    assert dense.experts is None and not dense.routers
+    ex = moe.experts
+    assert (ex.name, ex.num_experts) == ("mlp.experts", 256)
+    got = [(lin.name, lin.in_features, lin.out_features, lin.group) for lin in ex.linears]
+    assert got == [
+        ("mlp.experts.{e}.gate_proj", H, MOE_I, 0),
+        ("mlp.experts.{e}.up_proj", H, MOE_I, 0),
+        ("mlp.experts.{e}.down_proj", MOE_I, H, 1),
+    ]
+    assert moe.routers == ("mlp.gate",)
+    assert "mlp.shared_experts.down_proj" in [lin.name for lin in moe.linears]
+    mixtral = Architecture.from_config(PRESETS["mixtral-8x22b"], "mx")
+    assert [lin.name for lin in mixtral.kinds[0].experts.linears] == [
+        "block_sparse_moe.experts.{e}.w1",
+        "block_sparse_moe.experts.{e}.w3",
+        "block_sparse_moe.experts.{e}.w2",
+    ]
+
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4}
+
+
+@pytest.mark.parametrize("arch", list(MOE_ARCHITECTURES))
+def test_moe_checkpoint_bytes_equal_what_the_quantizer_writes(arch, tiny_model, tmp_path):
+    """RTN-quantize a tiny MoE model (every expert quantized, routers dense) and compare the
+    planned checkpoint bytes with the tensors actually stored."""
+    out = tmp_path / "ckpt"
+    s = GPTQSettings(bits=4, group_size=32, fit="minmax", actorder=False, static_groups=False)
+    quantize_model(QuantizeJob(model=tiny_model(arch), out=out, settings=s, rtn=True))
+    stored = 0
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for name in st.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                t = st.get_slice(name)
+                stored += math.prod(t.get_shape()) * _DTYPE_BYTES[t.get_dtype()]
+    p = plan(PlanInput(str(out), max_model_len=64))
+    assert p.quantization["group_size"] == 32  # read from the checkpoint
+    assert p.checkpoint_bytes["total"] == stored
+    a = Architecture.from_config(MOE_ARCHITECTURES[arch](VOCAB).to_dict(), arch)
+    assert a.num_experts == 4 and a.moe_layers == 2
+    with torch.device("meta"):  # 16-bit: every parameter of the model transformers builds
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_config(MOE_ARCHITECTURES[arch](VOCAB))
+    p16 = plan(PlanInput(str(out), bits=16, max_model_len=64))
+    assert p16.checkpoint_bytes["total"] == 2 * sum(x.numel() for x in m.parameters())

@@ -32,7 +32,7 @@ TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_te
 TESTED_MOE_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
 # Multimodal wrappers tested (tests/test_multimodal.py): quantized on their text decoder, which
 # must be of a tested type above. Apart from TESTED_MODEL_TYPES for the same reason as MoE.
-TESTED_MULTIMODAL_MODEL_TYPES = ("gemma3",)
+TESTED_MULTIMODAL_MODEL_TYPES = ("gemma3", "mistral3")
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

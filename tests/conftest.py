@@ -13,13 +13,16 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
+    Mistral3Config,
     MistralConfig,
     MixtralConfig,
+    PixtralVisionConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -97,8 +100,8 @@ MOE_ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
 
 # Multimodal wrappers (tests/test_multimodal.py): a text decoder of a tested architecture
 # (the tiny configs above) inside its ...ForConditionalGeneration, with a tiny vision tower
-# (2 layers, hidden 32, 28x28 images of 14x14 patches: 4 patches, 4 tokens per image) and
-# projector. The image tokens (begin, end, image) follow the tokenizer's, as Gemma 3's do,
+# (SigLIP for Gemma 3, Pixtral for Mistral 3: 2 layers, hidden 32, 28x28 images of 14x14
+# patches; Gemma 3: 4 tokens per image) and projector. The image tokens (begin, end, image) follow the tokenizer's, as Gemma 3's do,
 # so calibration text never contains them.
 _TINY_SIGLIP = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -112,6 +115,12 @@ MULTIMODAL_ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
         boi_token_index=v,
         eoi_token_index=v + 1,
         image_token_index=v + 2,
+    ),
+    "mistral3": lambda v: Mistral3Config(
+        text_config=ARCHITECTURES["mistral"](v + 1).to_dict(),
+        vision_config=PixtralVisionConfig(**_TINY_SIGLIP, head_dim=16).to_dict(),
+        image_token_index=v,
+        spatial_merge_size=2,
     ),
 }
 
@@ -160,7 +169,12 @@ def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
         config = {**ARCHITECTURES, **MOE_ARCHITECTURES, **MULTIMODAL_ARCHITECTURES}[arch](
             len(tokenizer)
         )
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        auto = (
+            AutoModelForImageTextToText
+            if arch in MULTIMODAL_ARCHITECTURES
+            else AutoModelForCausalLM
+        )
+        model = auto.from_config(config, dtype=torch.bfloat16)
         with torch.no_grad():  # random init is tiny (std 0.02): spread the norms around 1 too
             for name, p in model.named_parameters():
                 if "norm" in name:

@@ -20,10 +20,11 @@ import torch
 from conftest import user_error
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     Gemma3ForConditionalGeneration,
     GemmaConfig,
     LlavaConfig,
+    Mistral3ForConditionalGeneration,
 )
 
 from leanquant_serve.format import Checkpoint, load_reference_model
@@ -38,6 +39,7 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @dataclass
 class WrapperRun:
+    arch: str
     src: Path
     out: Path
     Q: dict[str, torch.Tensor]  # checkpoint module name -> the observed quantized weight
@@ -59,40 +61,64 @@ def quantize(src: Path, out: Path, **kw) -> tuple[dict[str, torch.Tensor], dict]
     return Q, json.loads((out / REPORT_FILE).read_text())
 
 
+WRAPPERS = {  # the class each tiny wrapper (conftest.MULTIMODAL_ARCHITECTURES) loads as
+    "gemma3": Gemma3ForConditionalGeneration,
+    "mistral3": Mistral3ForConditionalGeneration,
+}
+
+
 @pytest.fixture(scope="module")
-def gemma3(tiny_model, calib_text, tmp_path_factory) -> WrapperRun:
-    src = tiny_model("gemma3")
-    out = tmp_path_factory.mktemp("gemma3") / "ckpt"
-    Q, report = quantize(src, out, calib=str(calib_text))
-    return WrapperRun(src, out, Q, report)
+def quantized(tiny_model, calib_text, tmp_path_factory):
+    """``quantized(arch)``: the calibrated run of the tiny wrapper ``arch``, made once."""
+    runs: dict[str, WrapperRun] = {}
+
+    def make(arch: str) -> WrapperRun:
+        if arch not in runs:
+            src = tiny_model(arch)
+            out = tmp_path_factory.mktemp(arch) / "ckpt"
+            Q, report = quantize(src, out, calib=str(calib_text))
+            runs[arch] = WrapperRun(arch, src, out, Q, report)
+        return runs[arch]
+
+    return make
+
+
+@pytest.fixture(scope="module", params=list(WRAPPERS))
+def wrapper(request, quantized) -> WrapperRun:
+    return quantized(request.param)
+
+
+@pytest.fixture(scope="module")
+def gemma3(quantized) -> WrapperRun:
+    return quantized("gemma3")
 
 
 def source_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
-def test_the_source_is_a_wrapper_with_a_vision_tower(gemma3: WrapperRun):
-    keys = set(source_tensors(gemma3.src))
+def test_the_source_is_a_wrapper_with_a_vision_tower(wrapper: WrapperRun):
+    keys = set(source_tensors(wrapper.src))
     assert {k.split(".")[0] for k in keys} == {
         "language_model", "vision_tower", "multi_modal_projector",
     }  # fmt: skip
-    assert json.loads((gemma3.src / "config.json").read_text())["architectures"] == [
-        "Gemma3ForConditionalGeneration"
-    ]
+    config = json.loads((wrapper.src / "config.json").read_text())
+    assert config["architectures"] == [WRAPPERS[wrapper.arch].__name__]
 
 
-def test_only_the_text_decoder_layers_are_quantized(gemma3: WrapperRun):
-    ckpt = Checkpoint(gemma3.out)
+def test_only_the_text_decoder_layers_are_quantized(wrapper: WrapperRun):
+    ckpt = Checkpoint(wrapper.out)
     ckpt.validate()
-    src = source_tensors(gemma3.src)
+    src = source_tensors(wrapper.src)
     text_linears = {
         k.removesuffix(".weight")
         for k in src
         if re.match(TEXT_LAYERS, k) and k.endswith(tuple(f"{p}.weight" for p in LINEARS))
     }
-    assert len(text_linears) == 3 * len(LINEARS)
-    assert set(ckpt.quantized_prefixes()) == text_linears == set(gemma3.Q)
-    assert sum(len(layer) for layer in gemma3.report["layers"]) == len(text_linears)
+    layers = {"gemma3": 3, "mistral3": 2}[wrapper.arch]
+    assert len(text_linears) == layers * len(LINEARS)
+    assert set(ckpt.quantized_prefixes()) == text_linears == set(wrapper.Q)
+    assert sum(len(layer) for layer in wrapper.report["layers"]) == len(text_linears)
     # every other source tensor is in the output under its own name, bit for bit
     stored = {n: ckpt.get(n) for n in ckpt.tensor_names()}
     others = {k: t for k, t in src.items() if k.removesuffix(".weight") not in text_linears}
@@ -102,16 +128,16 @@ def test_only_the_text_decoder_layers_are_quantized(gemma3: WrapperRun):
     for k, t in others.items():
         assert stored[k].dtype == t.dtype and torch.equal(stored[k], t), k
     # the vision tower and the projector are present and listed as not converted
-    assert any(k.startswith("vision_tower.encoder.layers.1.") for k in others)
-    assert "multi_modal_projector.mm_input_projection_weight" in others
+    assert any(re.match(r"vision_tower\..*layers\.1\.", k) for k in others)
+    assert any(k.startswith("multi_modal_projector.") for k in others)
     assert set(ckpt.qcfg.modules_to_not_convert) == {
         "language_model.lm_head", "vision_tower", "multi_modal_projector",
     }  # fmt: skip
 
 
-def test_config_is_the_wrappers_with_quantization_config(gemma3: WrapperRun):
-    src = json.loads((gemma3.src / "config.json").read_text())
-    out = json.loads((gemma3.out / "config.json").read_text())
+def test_config_is_the_wrappers_with_quantization_config(wrapper: WrapperRun):
+    src = json.loads((wrapper.src / "config.json").read_text())
+    out = json.loads((wrapper.out / "config.json").read_text())
     assert out.pop("quantization_config")["quant_method"] == "leanquant"
     assert out == src
 
@@ -124,7 +150,7 @@ def expected_model(run: WrapperRun, tmp_path: Path) -> torch.nn.Module:
     state.update({f"{n}.weight": Q for n, Q in run.Q.items()})
     state = {k: v.to(torch.float32) for k, v in state.items()}
     save_file(state, expected_dir / "model.safetensors", metadata={"format": "pt"})
-    return AutoModelForCausalLM.from_pretrained(expected_dir, dtype=torch.float32).eval()
+    return AutoModelForImageTextToText.from_pretrained(expected_dir, dtype=torch.float32).eval()
 
 
 def text_and_image(config) -> dict[str, torch.Tensor]:
@@ -142,26 +168,32 @@ def text_and_image(config) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "pixel_values": pixels}
 
 
-def test_reference_model_is_the_wrapper_with_the_observed_weights(gemma3: WrapperRun, tmp_path):
-    ckpt = Checkpoint(gemma3.out)
-    for name, Q in gemma3.Q.items():
+def test_reference_model_is_the_wrapper_with_the_observed_weights(wrapper: WrapperRun, tmp_path):
+    ckpt = Checkpoint(wrapper.out)
+    for name, Q in wrapper.Q.items():
         assert torch.equal(ckpt.dequantized_weight(name), Q), name
+    expected = expected_model(wrapper, tmp_path)
+    got = load_reference_model(wrapper.out)
+    assert type(got) is WRAPPERS[wrapper.arch]
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = expected(input_ids=ids, use_cache=False).logits
+        have = got(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_reference_gemma3_sees_images_as_the_source_does(gemma3: WrapperRun, tmp_path):
+    """Text with an image: the copied vision tower and projector at work."""
     expected = expected_model(gemma3, tmp_path)
     got = load_reference_model(gemma3.out)
-    assert type(got) is Gemma3ForConditionalGeneration
     inputs = text_and_image(got.config)
     with torch.no_grad():
-        # text only, and text with an image (the copied vision tower and projector at work)
-        for kw in ({"input_ids": inputs["input_ids"][:, :3]}, inputs):
-            want = expected(**kw, use_cache=False).logits
-            have = got(**kw, use_cache=False).logits
-            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        want = expected(**inputs, use_cache=False).logits
+        have = got(**inputs, use_cache=False).logits
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         # the image changes the text after it: the vision path really ran
         blank = {**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"])}
-        assert not torch.allclose(
-            got(**blank, use_cache=False).logits[:, -1],
-            got(**inputs, use_cache=False).logits[:, -1],
-        )
+        assert not torch.allclose(got(**blank, use_cache=False).logits[:, -1], have[:, -1])
 
 
 def test_hub_vision_names_are_kept(gemma3: WrapperRun, tmp_path):
@@ -209,3 +241,99 @@ def test_a_wrapper_around_an_untested_text_model_is_one_line(tiny_model, tmp_pat
     assert "LlavaForConditionalGeneration" in line and "'gemma'" in line, line
     assert "not one of the tested architectures" in line, line
     assert not (tmp_path / "out").exists()
+
+
+TEXT_MODELS = {"gemma3": "Gemma3ForCausalLM", "mistral3": "MistralForCausalLM"}
+
+
+def text_model_copy(wrapper: Path, dest: Path, arch: str) -> Path:
+    """The wrapper's text decoder as a standalone causal LM folder (same tensors under the text
+    model's names, its text_config as config.json, the tokenizer)."""
+    shutil.copytree(wrapper, dest)
+    config = json.loads((dest / "config.json").read_text())
+    text = {**config["text_config"], "architectures": [TEXT_MODELS[arch]]}
+    text["tie_word_embeddings"] = config.get("tie_word_embeddings", True)
+    (dest / "config.json").write_text(json.dumps(text))
+    state = {
+        re.sub(r"^language_model\.", "", k): v
+        for k, v in source_tensors(dest).items()
+        if k.startswith("language_model.")
+    }
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_calibrating_through_the_wrapper_is_calibrating_its_text_model(
+    wrapper: WrapperRun, calib_text, tmp_path
+):
+    """Text reaches the wrapper's decoder layers exactly as it reaches the text model alone
+    (same embeddings, same attention masks, sliding windows included): the same Q for every linear, bit for bit."""
+    text = text_model_copy(wrapper.src, tmp_path / "text", wrapper.arch)
+    Q, _ = quantize(text, tmp_path / "out", calib=str(calib_text))
+    assert {f"language_model.{n}" for n in Q} == set(wrapper.Q)
+    for name, q in Q.items():
+        assert torch.equal(wrapper.Q[f"language_model.{name}"], q), name
+
+
+# --- vLLM: where the checkpoint's quantized linears land (vLLM's gemma3_mm.py, read as text:
+# importing it needs torchvision, which the CPU environment here does not have)
+
+
+def vllm_gemma3_names() -> tuple[dict[str, str], dict[str, list[str]], str]:
+    """(hf_to_vllm_mapper's orig_to_new_prefix, packed_modules_mapping, the file's text) of
+    vLLM's Gemma3ForConditionalGeneration."""
+    import ast
+    import importlib.util
+
+    path = (
+        Path(importlib.util.find_spec("vllm").origin).parent / "model_executor/models/gemma3_mm.py"
+    )
+    text = path.read_text()
+    cls = next(
+        n for n in ast.parse(text).body
+        if isinstance(n, ast.ClassDef) and n.name == "Gemma3ForConditionalGeneration"
+    )  # fmt: skip
+    found = {}
+    for node in cls.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = node.value
+    prefixes = next(
+        ast.literal_eval(k.value) for k in found["hf_to_vllm_mapper"].keywords
+        if k.arg == "orig_to_new_prefix"
+    )  # fmt: skip
+    return prefixes, ast.literal_eval(found["packed_modules_mapping"]), text
+
+
+def test_vllm_asks_for_the_text_linears_only(gemma3: WrapperRun):
+    """The plugin's answer for the layers vLLM's Gemma 3 wrapper builds: its text decoder's
+    fused qkv_proj / o_proj / gate_up_proj / down_proj under ``language_model.model.layers.L``
+    (the text model is built with prefix "language_model", its layers under "model"), quantized;
+    the SigLIP tower's (``vision_tower.vision_model.encoder.layers.L``) not; both from the
+    checkpoint's tensors (a local folder) and from modules_to_not_convert alone (not local)."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from leanquant_serve.vllm.config import LeanQuantVLLMConfig
+
+    prefixes, packed, text = vllm_gemma3_names()
+    assert 'maybe_prefix(prefix, "language_model")' in text
+    assert 'maybe_prefix(prefix, "vision_tower")' in text
+    text_layers = [
+        f"language_model.model.layers.{i}.{p}"
+        for i in range(3)
+        for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    ]
+    vision_layers = [
+        f"vision_tower.vision_model.encoder.layers.{i}.{p}"
+        for i in range(2)
+        for p in ("self_attn.qkv_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+    ]
+    ckpt = Checkpoint(gemma3.out)
+    for local in (True, False):
+        qc = LeanQuantVLLMConfig.from_config(ckpt.qcfg.to_dict())
+        qc.packed_modules_mapping = packed
+        if local:
+            qc.maybe_update_config(str(gemma3.out))
+            qc.apply_vllm_mapper(WeightsMapper(orig_to_new_prefix=prefixes))
+        assert all(qc.is_quantized(p) for p in text_layers), local
+        assert not any(qc.is_quantized(p) for p in vision_layers), local

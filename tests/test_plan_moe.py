@@ -331,3 +331,77 @@ def test_moe_checkpoint_bytes_equal_what_the_quantizer_writes(arch, tiny_model, 
         m = AutoModelForCausalLM.from_config(MOE_ARCHITECTURES[arch](VOCAB))
     p16 = plan(PlanInput(str(out), bits=16, max_model_len=64))
     assert p16.checkpoint_bytes["total"] == 2 * sum(x.numel() for x in m.parameters())
+
+
+# ---------------------------------------- MLA per-rank bytes against vLLM's own parallel layers
+
+TINY_DS = {
+    **PRESETS["deepseek-v3"],
+    "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
+    "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 32, "v_head_dim": 32, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "n_group": 2, "topk_group": 1, "vocab_size": 320, "max_position_embeddings": 256,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_mla_attention_per_rank_equals_the_parameters_vllm_builds(world):
+    """DeepSeek's MLA projections as deepseek_v2.py builds them (fused_qkv_a_proj replicated,
+    q_b_proj and kv_b_proj column parallel, o_proj row parallel) with the leanquant method:
+    their parameters on each rank have the bytes the planner counts for them."""
+    pytest.importorskip("vllm")
+    import contextlib
+    from unittest import mock
+
+    import vllm.model_executor.layers.linear as vllm_linear
+    import vllm.model_executor.parameter as vllm_parameter
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        RowParallelLinear,
+    )
+
+    from leanquant_serve.format import LeanQuantConfig
+    from leanquant_serve.plan import linear_bytes
+    from leanquant_serve.vllm.config import LeanQuantVLLMConfig
+    from leanquant_serve.vllm.plan import _shard
+
+    cfg = LeanQuantConfig(bits=4, group_size=16)
+    h, heads, ql, kvl, rope, nope, vd = 128, 4, 64, 32, 16, 32, 32
+    per_rank = set()
+    for rank in range(world):
+        patches = [
+            mock.patch.object(mod, fn, value)
+            for mod in (vllm_linear, vllm_parameter)
+            for fn, value in (
+                ("get_tensor_model_parallel_rank", lambda r=rank: r),
+                ("get_tensor_model_parallel_world_size", lambda: world),
+            )
+        ]
+        with set_current_vllm_config(VllmConfig()), contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            qc = LeanQuantVLLMConfig.from_config(cfg.to_dict())
+            qc.packed_modules_mapping = {"fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"]}
+            kw = dict(bias=False, params_dtype=torch.float16, quant_config=qc)
+            pre = "model.layers.0.self_attn."
+            layers = [
+                MergedColumnParallelLinear(
+                    h, [ql, kvl + rope], disable_tp=True, prefix=pre + "fused_qkv_a_proj", **kw
+                ),
+                ColumnParallelLinear(ql, heads * (nope + rope), prefix=pre + "q_b_proj", **kw),
+                ColumnParallelLinear(kvl, heads * (nope + vd), prefix=pre + "kv_b_proj", **kw),
+                RowParallelLinear(heads * vd, h, prefix=pre + "o_proj", **kw),
+            ]
+            per_rank.add(sum(t.numel() * t.element_size() for m in layers for t in m.parameters()))
+    assert len(per_rank) == 1
+    a = Architecture.from_config(TINY_DS, "tiny-ds")
+    shard = _shard(a, world)
+    attention = [lin for lin in a.kinds[0].linears if lin.name.startswith("self_attn.")]
+    assert len(attention) == 5
+    planned = sum(
+        linear_bytes(cfg, lin.name, *shard.shape(lin), lin.in_features) for lin in attention
+    )
+    assert planned == per_rank.pop()

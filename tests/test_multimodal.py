@@ -1,6 +1,8 @@
-"""Multimodal wrappers (issue 15 item 4) on a tiny random Gemma 3 (Gemma3ForConditionalGeneration:
-a 3-layer Gemma 3 text decoder, a 2-layer SigLIP vision tower, the multimodal projector):
-quantized on the text decoder's layers only, everything else copied unchanged.
+"""Multimodal wrappers (issue 15 item 4) on tiny random Gemma 3 (Gemma3ForConditionalGeneration:
+a 3-layer Gemma 3 text decoder, a 2-layer SigLIP vision tower, the multimodal projector) and
+Mistral 3 (Mistral3ForConditionalGeneration: a 2-layer Mistral text decoder, a 2-layer Pixtral
+tower, the patch-merging projector): quantized on the text decoder's layers only, everything
+else copied unchanged.
 
 Expectations are computed independently of the quantizer: which tensors belong to the text
 decoder's layers from the source file's keys, the in-memory quantized model loaded by

@@ -98,7 +98,10 @@ def run(a: argparse.Namespace, grid: str) -> dict:
         grid=settings.stored_grid, desc_act=True, static_groups=settings.static_groups,
     )
     # What quantize_group reads of a pipeline run.
-    ctx = SimpleNamespace(job=SimpleNamespace(settings=settings), devices=devices, device=device, qcfg=qcfg, observer=None)
+    ctx = SimpleNamespace(
+        job=SimpleNamespace(settings=settings), devices=devices, device=device, qcfg=qcfg,
+        observer=None, model=layer,  # names: the bare layer has no checkpoint renamings
+    )
     hdev = devices[1] if len(devices) > 1 else device
     if device.type == "cuda":
         for d in devices:

@@ -213,3 +213,17 @@ def test_demo_serves_with_vllm(tmp_path, capsys):
     table = out.split("[5/5] summary")[1]
     assert f"{served.tokens_per_s:.1f}" in table and want in table
     assert psutil.Process().children(recursive=True) == []
+
+
+@pytest.mark.parametrize("answers", [("Paris.", "Paris."), ("Paris.", "L'Étoile, la Marseillaise")])
+def test_differing_answers_are_explained(answers, tiny_model, calib_text, tmp_path, monkeypatch, capsys):
+    """When the original and the checkpoint answer differently the demo says why that is not
+    evidence either way (a near-tie of a small model's greedy decoding); not when they agree."""
+    replies = iter(answers)
+    monkeypatch.setattr(demo, "vllm_available", lambda: True)
+    monkeypatch.setattr(
+        demo, "serve_and_ask", lambda model, job, log: demo.Served(next(replies), 8, 1.0, [])
+    )
+    demo.run_demo(tiny_job(tiny_model("llama"), tmp_path / "ckpt", calib_text))
+    out = capsys.readouterr().out
+    assert (demo.ANSWERS_DIFFER in out) == (answers[0] != answers[1])

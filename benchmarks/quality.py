@@ -51,7 +51,9 @@ METHODS = {  # name: quantize flags (nonuniform is one table per row whatever th
     "leanquant-nf+refit": ["--grid", "nf", "--refit"],
     "leanquant-sf+refit": ["--grid", "sf", "--refit"],
 }
-DEFAULT_METHODS = "rtn,gptq,leanquant-aff,leanquant-nu,leanquant-exl2,leanquant-nf,leanquant-sf,bnb-nf4"
+DEFAULT_METHODS = (
+    "rtn,gptq,leanquant-aff,leanquant-nu,leanquant-exl2,leanquant-nf,leanquant-sf,bnb-nf4"
+)
 
 
 def stored_grid(method: str) -> str:
@@ -124,9 +126,7 @@ def main() -> None:
 
     ap.add_argument("--model", default="smollm2", choices=list(BUNDLED_MODELS))
     ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument(
-        "--methods", default=DEFAULT_METHODS, help=f"of {', '.join(METHODS)}"
-    )
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"of {', '.join(METHODS)}")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
@@ -259,7 +259,6 @@ def bnb_nf4(src: Path, out: Path, group: int, a: argparse.Namespace) -> dict:
     import shutil
 
     import bitsandbytes.functional as bnbF
-    import torch
     from safetensors.torch import load_file, save_file
 
     (weights,) = src.glob("*.safetensors")
@@ -469,15 +468,22 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     # so 4-bit differences of a few percent stay visible next to 2-bit's hundreds
     fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 4), squeeze=False)
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    for ax, s in zip(axes[0], settings):
+    for ax, s in zip(axes[0], settings, strict=True):
         ms = [m for m in methods if row(s, m) is not None]
         ys = [100 * (row(s, m)["perplexity"] / bf16["perplexity"] - 1) for m in ms]
         top = sorted(ys)
         cap = 1.25 * top[-2] if len(top) > 1 and top[-1] > 3 * top[-2] else 1.1 * top[-1]
         ax.bar(range(len(ms)), [min(y, cap) for y in ys], color=[colors[m] for m in ms])
         for i, y in enumerate(ys):
-            ax.text(i, min(y, cap), f"{y:.0f}%" if y >= 10 else f"{y:.1f}%", ha="center",
-                    va="bottom", fontsize=6, rotation=90 if y > cap else 0)
+            ax.text(
+                i,
+                min(y, cap),
+                f"{y:.0f}%" if y >= 10 else f"{y:.1f}%",
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                rotation=90 if y > cap else 0,
+            )
         ax.set_ylim(0, cap * 1.15)
         ax.set_xticks(range(len(ms)), ms, rotation=60, ha="right", fontsize=7)
         ax.set_title(s, fontsize=9)

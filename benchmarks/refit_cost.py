@@ -47,9 +47,9 @@ SHAPES = [(1536, 576, 64), (576, 1536, 64), (1024, 4096, 128), (256, 14336, 128)
 DENSE_MAX_COLUMNS = 4096  # the rows·K·columns² path beyond this takes too long to show
 
 
-def cpu(f):
+def cpu(f, *args):
     t = time.process_time()
-    out = f()
+    out = f(*args)
     return out, time.process_time() - t
 
 
@@ -68,13 +68,13 @@ def main() -> None:
         H = X.T @ X / X.shape[0]
         W = torch.randn(rows, C, generator=gen) * 0.02
         s = GPTQSettings(bits=4, group_size=g, fit="affine")
-        r, loop = cpu(lambda: quantize_weight(W, H, s))
+        r, loop = cpu(quantize_weight, W, H, s)
         Hd = H + s.damp * torch.diag(H).mean() * torch.eye(C)
         b = R.basis("affine", r.codes, scales=r.scales, zeros=r.zeros, group_size=g)
-        res, refit = cpu(lambda: R.refit(W, Hd, b, "affine"))
+        res, refit = cpu(R.refit, W, Hd, b, "affine")
         dense = None
         if C <= DENSE_MAX_COLUMNS:
-            _, dense = cpu(lambda: R.solve(W, Hd, R.Basis(b.k, b.a, b.theta, None)))
+            _, dense = cpu(R.solve, W, Hd, R.Basis(b.k, b.a, b.theta, None))
         drop = 1 - float(res.loss_after.sum() / res.loss_before.sum())
         row = {
             "rows": rows, "columns": C, "group": g, "loop_s": loop, "refit_s": refit,

@@ -53,9 +53,14 @@ def build_layer(shape: str, dtype: torch.dtype, device: torch.device):
 
     hidden, inter, heads, kv, head_dim = SHAPES[shape]
     cfg = LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-        num_key_value_heads=kv, head_dim=head_dim, num_hidden_layers=1,
-        max_position_embeddings=131072, rope_theta=500000.0,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        num_hidden_layers=1,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -90,17 +95,27 @@ def run(a: argparse.Namespace, grid: str) -> dict:
     pos = torch.arange(a.seqlen, device=device)[None]
     kwargs = {"position_embeddings": rotary(inputs[0], pos), "position_ids": pos}
     settings = GPTQSettings(
-        bits=a.bits, group_size=a.group_size if grid != "nonuniform" else -1, fit=grid,
-        actorder=True, static_groups=grid != "nonuniform",
+        bits=a.bits,
+        group_size=a.group_size if grid != "nonuniform" else -1,
+        fit=grid,
+        actorder=True,
+        static_groups=grid != "nonuniform",
     )
     qcfg = LeanQuantConfig(
-        bits=a.bits, group_size=settings.group_size,
-        grid=settings.stored_grid, desc_act=True, static_groups=settings.static_groups,
+        bits=a.bits,
+        group_size=settings.group_size,
+        grid=settings.stored_grid,
+        desc_act=True,
+        static_groups=settings.static_groups,
     )
     # What quantize_group reads of a pipeline run.
     ctx = SimpleNamespace(
-        job=SimpleNamespace(settings=settings), devices=devices, device=device, qcfg=qcfg,
-        observer=None, model=layer,  # names: the bare layer has no checkpoint renamings
+        job=SimpleNamespace(settings=settings),
+        devices=devices,
+        device=device,
+        qcfg=qcfg,
+        observer=None,
+        model=layer,  # names: the bare layer has no checkpoint renamings
     )
     hdev = devices[1] if len(devices) > 1 else device
     if device.type == "cuda":
@@ -110,7 +125,15 @@ def run(a: argparse.Namespace, grid: str) -> dict:
     t_layer = time.perf_counter()
     rows = {}
     for group in GROUPS:
-        linears = {n: getattr(layer.self_attn if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, n) for n in group}
+        linears = {
+            n: getattr(
+                layer.self_attn
+                if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                else layer.mlp,
+                n,
+            )
+            for n in group
+        }
         t = time.perf_counter()
         h = hessian(layer, linears[group[0]], inputs, kwargs, hdev)  # a forward pass per window
         t_h = time.perf_counter() - t
@@ -121,8 +144,12 @@ def run(a: argparse.Namespace, grid: str) -> dict:
                 torch.cuda.synchronize(d)
         t_q = time.perf_counter() - t
         for name, (_, report) in zip(group, results, strict=True):
-            rows[name] = {"group_quantize_seconds": t_q, "loss": report.loss,
-                          "hessian_seconds": t_h, "shape": list(report.shape)}
+            rows[name] = {
+                "group_quantize_seconds": t_q,
+                "loss": report.loss,
+                "hessian_seconds": t_h,
+                "shape": list(report.shape),
+            }
         del h, results
     seconds = time.perf_counter() - t_layer
     # Then the pipeline runs every window through the quantized layer: the next layer's inputs.
@@ -134,24 +161,36 @@ def run(a: argparse.Namespace, grid: str) -> dict:
         torch.cuda.synchronize(device)
     advance = time.perf_counter() - t
     peaks = peak_bytes(devices)
-    return {"seconds": seconds, "advance_seconds": advance, "peak_bytes": max(peaks),
-            "peak_bytes_per_device": peaks, "sublayers": rows}
+    return {
+        "seconds": seconds,
+        "advance_seconds": advance,
+        "peak_bytes": max(peaks),
+        "peak_bytes_per_device": peaks,
+        "sublayers": rows,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shape", choices=SHAPES, default="405b")
     ap.add_argument("--grids", default="minmax,affine,nonuniform")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="a device or a comma-separated list, as leanquant quantize --device")
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="a device or a comma-separated list, as leanquant quantize --device",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args()
     if a.shape == "405b" and a.device == "cpu":
-        sys.exit("benchmarks/scale.py: the 405B layer needs a GPU (--device cuda); use --shape small on CPU")
+        sys.exit(
+            "benchmarks/scale.py: the 405B layer needs a GPU (--device cuda); use --shape small on CPU"
+        )
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
     if "," in a.device:
         dev = f"{len(a.device.split(','))}x {dev}"
@@ -160,25 +199,46 @@ def main() -> None:
         print(f"{grid}: quantizing one {a.shape} layer on {dev} ...", flush=True)
         results[grid] = r = run(a, grid)
         print(f"  {r['seconds']:.1f} s, peak {r['peak_bytes'] / 2**30:.2f} GiB", flush=True)
-    meta = {"device": dev, "shape": dict(zip(["hidden", "intermediate", "heads", "kv_heads", "head_dim"], SHAPES[a.shape], strict=True)),
-            "bits": a.bits, "group_size": a.group_size, "nsamples": a.nsamples, "seqlen": a.seqlen,
-            "torch": torch.__version__}
-    lines = [f"# One {a.shape}-shaped decoder layer on {dev}", "",
-             f"`python benchmarks/scale.py --shape {a.shape} --nsamples {a.nsamples} --seqlen {a.seqlen} "
-             f"--group-size {a.group_size} --device {a.device}`, "
-             f"{a.bits}-bit, group {a.group_size} (nonuniform: per row), act-order + static groups.", "",
-             f"| grid | layer s | peak GiB per device | x126 layers on {a.device} (h) |",
-             "|---|---|---|---|"]
+    meta = {
+        "device": dev,
+        "shape": dict(
+            zip(
+                ["hidden", "intermediate", "heads", "kv_heads", "head_dim"],
+                SHAPES[a.shape],
+                strict=True,
+            )
+        ),
+        "bits": a.bits,
+        "group_size": a.group_size,
+        "nsamples": a.nsamples,
+        "seqlen": a.seqlen,
+        "torch": torch.__version__,
+    }
+    lines = [
+        f"# One {a.shape}-shaped decoder layer on {dev}",
+        "",
+        f"`python benchmarks/scale.py --shape {a.shape} --nsamples {a.nsamples} --seqlen {a.seqlen} "
+        f"--group-size {a.group_size} --device {a.device}`, "
+        f"{a.bits}-bit, group {a.group_size} (nonuniform: per row), act-order + static groups.",
+        "",
+        f"| grid | layer s | peak GiB per device | x126 layers on {a.device} (h) |",
+        "|---|---|---|---|",
+    ]
     for grid, r in results.items():
         h = (r["seconds"] + r["advance_seconds"]) * LAYERS_405B / 3600
         r["projected_405b_hours"] = h if a.shape == "405b" else None
         cell = f"{h:.1f}" if a.shape == "405b" else "n/a (not the 405B shape)"
         peaks = " / ".join(f"{p / 2**30:.2f}" for p in r["peak_bytes_per_device"])
         lines.append(f"| {grid} | {r['seconds'] + r['advance_seconds']:.1f} | {peaks} | {cell} |")
-    lines += ["", "Paper reference: 21 h for 405B on 2x Quadro RTX 8000 (whole model held in host RAM)."]
+    lines += [
+        "",
+        "Paper reference: 21 h for 405B on 2x Quadro RTX 8000 (whole model held in host RAM).",
+    ]
     a.out.mkdir(parents=True, exist_ok=True)
     n_dev = len(a.device.split(","))
-    tag = f"scale-{a.shape}-{'cuda' if a.device.startswith('cuda') else 'cpu'}" + (f"-x{n_dev}" if n_dev > 1 else "")
+    tag = f"scale-{a.shape}-{'cuda' if a.device.startswith('cuda') else 'cpu'}" + (
+        f"-x{n_dev}" if n_dev > 1 else ""
+    )
     (a.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (a.out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

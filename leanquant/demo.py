@@ -35,8 +35,15 @@ from quantizer.gptq import GPTQSettings
 DEMO_SETTINGS = GPTQSettings(bits=4, group_size=64, fit="affine")
 SERVED_NAME = "demo"  # --served-model-name: what the client asks for
 # vLLM on 2 CPU cores: --enforce-eager skips torch.compile (minutes there); one sequence at a time.
-SERVE_ARGS = ("--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "1",
-              "--served-model-name", SERVED_NAME)
+SERVE_ARGS = (
+    "--dtype",
+    "bfloat16",
+    "--enforce-eager",
+    "--max-num-seqs",
+    "1",
+    "--served-model-name",
+    SERVED_NAME,
+)
 # VLLM_CPU_KVCACHE_SPACE: 1 GiB of KV cache is plenty for one short chat. VLLM_CPU_INT4_W4A8=0:
 # on AMX CPUs vLLM's default would also quantize the activations to int8 (faster, but it moves
 # logprobs ~0.12 nats per token, README), so the answer comes from the weights just evaluated.
@@ -54,9 +61,7 @@ class DemoJob:
     The quantization and evaluation sizes are fields too (tests shrink them), not flags."""
 
     model: str = setting("smollm2", "model to quantize: a bundled name or a Hugging Face folder")
-    out: str = setting(
-        "out/smollm2-leanquant-w4g64", "checkpoint folder (replaced if it exists)"
-    )
+    out: str = setting("out/smollm2-leanquant-w4g64", "checkpoint folder (replaced if it exists)")
     question: str = setting("What is the capital of France?", "what to ask the served model")
     max_tokens: int = setting(64, "most tokens of the answer; also the timed answer's length")
     serve_bf16: bool = setting(
@@ -188,25 +193,42 @@ def run_demo(job: DemoJob) -> DemoResult:
     wiki = wiki_splits()
     print(f"model: {model}\ntext: {wiki.calib.parent}", flush=True)
 
-    _step(2, f"quantize {model.name}: LeanQuant {job.settings.fit}, {job.settings.bits} bit, "
-             f"groups of {job.settings.group_size}, {job.nsamples} x {job.seqlen} calibration tokens")
+    _step(
+        2,
+        f"quantize {model.name}: LeanQuant {job.settings.fit}, {job.settings.bits} bit, "
+        f"groups of {job.settings.group_size}, {job.nsamples} x {job.seqlen} calibration tokens",
+    )
     try:
         qjob = QuantizeJob(
-            model=model, out=out, settings=job.settings, calib=job.calib,
-            nsamples=job.nsamples, seqlen=job.seqlen, overwrite=True, fresh=True,
+            model=model,
+            out=out,
+            settings=job.settings,
+            calib=job.calib,
+            nsamples=job.nsamples,
+            seqlen=job.seqlen,
+            overwrite=True,
+            fresh=True,
         )
     except ValueError as e:
         raise UserError(str(e)) from e
     s = quantize_model(qjob)
     print(f"wrote {s.out} in {s.seconds:.0f} s", flush=True)
 
-    _step(3, f"evaluate on {job.eval_windows} windows of {job.eval_seqlen} tokens of {job.data}: "
-             "perplexity, KL to the original, top-1 agreement")
-    r = evaluate(EvalJob(out, data=job.data, seqlen=job.eval_seqlen,
-                         max_windows=job.eval_windows, ref=str(model)))
-    print(f"original perplexity {r['ref_perplexity']:.3f}; LeanQuant {r['perplexity']:.3f}, "
-          f"KL {r['kl_to_ref']:.4f} nats/token, top-1 agreement {r['top1_agreement']:.1%}",
-          flush=True)
+    _step(
+        3,
+        f"evaluate on {job.eval_windows} windows of {job.eval_seqlen} tokens of {job.data}: "
+        "perplexity, KL to the original, top-1 agreement",
+    )
+    r = evaluate(
+        EvalJob(
+            out, data=job.data, seqlen=job.eval_seqlen, max_windows=job.eval_windows, ref=str(model)
+        )
+    )
+    print(
+        f"original perplexity {r['ref_perplexity']:.3f}; LeanQuant {r['perplexity']:.3f}, "
+        f"KL {r['kl_to_ref']:.4f} nats/token, top-1 agreement {r['top1_agreement']:.1%}",
+        flush=True,
+    )
     result = DemoResult(model, out, r)
 
     _step(4, "serve with vLLM and ask")
@@ -250,21 +272,35 @@ def summary_table(result: DemoResult, job: DemoJob) -> str:
 
     rows = [
         ("", "bf16 (original)", quant),
-        ("weights on disk (MB)", f"{weights_bytes(result.model) / 1e6:.1f}",
-         f"{weights_bytes(result.checkpoint) / 1e6:.1f}"),
-        (f"perplexity ({r['windows']} x {r['seqlen']} tokens)",
-         f"{r['ref_perplexity']:.3f}", f"{r['perplexity']:.3f}"),
+        (
+            "weights on disk (MB)",
+            f"{weights_bytes(result.model) / 1e6:.1f}",
+            f"{weights_bytes(result.checkpoint) / 1e6:.1f}",
+        ),
+        (
+            f"perplexity ({r['windows']} x {r['seqlen']} tokens)",
+            f"{r['ref_perplexity']:.3f}",
+            f"{r['perplexity']:.3f}",
+        ),
         ("KL to bf16 (nats/token)", "0", f"{r['kl_to_ref']:.4f}"),
         ("top-1 agreement with bf16", "100%", f"{r['top1_agreement']:.1%}"),
-        (f"tokens/s ({job.max_tokens} tokens, batch 1)", speed(served["bf16"]),
-         speed(served["LeanQuant"])),
-        ("linear kernel in vLLM", kernel(served["bf16"], "vLLM's unquantized GEMM"),
-         kernel(served["LeanQuant"], DASH)),
+        (
+            f"tokens/s ({job.max_tokens} tokens, batch 1)",
+            speed(served["bf16"]),
+            speed(served["LeanQuant"]),
+        ),
+        (
+            "linear kernel in vLLM",
+            kernel(served["bf16"], "vLLM's unquantized GEMM"),
+            kernel(served["LeanQuant"], DASH),
+        ),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
         for row in rows
     )
 

@@ -67,8 +67,17 @@ http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 def tiny_job(model: Path, out: Path, calib: Path, **kw) -> demo.DemoJob:
     settings = GPTQSettings(bits=4, group_size=32, fit="affine")
     return demo.DemoJob(
-        model=str(model), out=str(out), settings=settings, calib=str(calib), nsamples=2,
-        seqlen=32, data=str(calib), eval_seqlen=64, eval_windows=3, max_tokens=8, **kw,
+        model=str(model),
+        out=str(out),
+        settings=settings,
+        calib=str(calib),
+        nsamples=2,
+        seqlen=32,
+        data=str(calib),
+        eval_seqlen=64,
+        eval_windows=3,
+        max_tokens=8,
+        **kw,
     )
 
 
@@ -121,13 +130,17 @@ def test_summary_without_vllm(tiny_model, calib_text, tmp_path, monkeypatch, cap
     size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e6  # noqa: E731
     assert rows["weights on disk (MB)"] == [f"{size(model):.1f}", f"{size(tmp_path / 'ckpt'):.1f}"]
     assert rows["perplexity (3 x 64 tokens)"] == [
-        f"{ev['ref_perplexity']:.3f}", f"{ev['perplexity']:.3f}"
+        f"{ev['ref_perplexity']:.3f}",
+        f"{ev['perplexity']:.3f}",
     ]
     assert rows["KL to bf16 (nats/token)"] == ["0", f"{ev['kl_to_ref']:.4f}"]
     assert rows["tokens/s (8 tokens, batch 1)"] == [demo.DASH, demo.DASH]
-    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"][
-        "group_size"
-    ] == 32
+    assert (
+        json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"][
+            "group_size"
+        ]
+        == 32
+    )
 
 
 def test_question_answered_and_server_stopped(fake_vllm, tiny_model, calib_text, tmp_path, capsys):
@@ -185,7 +198,9 @@ def test_cli_ctrl_c_is_one_line(monkeypatch, capsys):
 
 
 def test_cli_refuses_empty_question(capsys):
-    assert user_error(capsys, ["demo", "--question", " "]) == "leanquant: error: --question is empty"
+    assert (
+        user_error(capsys, ["demo", "--question", " "]) == "leanquant: error: --question is empty"
+    )
 
 
 @pytest.mark.slow
@@ -200,8 +215,14 @@ def test_demo_serves_with_vllm(tmp_path, capsys):
     from leanquant_serve.vllm.linear import _cpu_wna16_available
 
     job = demo.DemoJob(  # plain GPTQ (min-max grid) with 4 windows: quick, stored as affine
-        out=str(tmp_path / "ckpt"), settings=GPTQSettings(bits=4, group_size=64, fit="minmax"),
-        nsamples=4, seqlen=128, eval_seqlen=128, eval_windows=2, max_tokens=8, serve_bf16=False,
+        out=str(tmp_path / "ckpt"),
+        settings=GPTQSettings(bits=4, group_size=64, fit="minmax"),
+        nsamples=4,
+        seqlen=128,
+        eval_seqlen=128,
+        eval_windows=2,
+        max_tokens=8,
+        serve_bf16=False,
     )
     r = demo.run_demo(job)
     served = r.served["LeanQuant"]
@@ -216,7 +237,9 @@ def test_demo_serves_with_vllm(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("answers", [("Paris.", "Paris."), ("Paris.", "L'Étoile, la Marseillaise")])
-def test_differing_answers_are_explained(answers, tiny_model, calib_text, tmp_path, monkeypatch, capsys):
+def test_differing_answers_are_explained(
+    answers, tiny_model, calib_text, tmp_path, monkeypatch, capsys
+):
     """When the original and the checkpoint answer differently the demo says why that is not
     evidence either way (a near-tie of a small model's greedy decoding); not when they agree."""
     replies = iter(answers)

@@ -135,7 +135,7 @@ def test_dynamic_groups_with_g_idx_are_refit_by_their_stored_group():
     s = GPTQSettings(bits=3, group_size=32, fit="affine", static_groups=False, refit=True)
     r = quantize_weight(W, H, s)
     assert r.g_idx is not None
-    Q = (r.codes.float() - r.zeros.T.gather(1, r.g_idx.long()[None].expand_as(r.codes)).float())
+    Q = r.codes.float() - r.zeros.T.gather(1, r.g_idx.long()[None].expand_as(r.codes)).float()
     assert torch.equal(Q * r.scales.T.gather(1, r.g_idx.long()[None].expand_as(r.codes)), r.Q)
     assert float(r.refit_loss[:, 1].sum()) < float(r.refit_loss[:, 0].sum())
 
@@ -143,7 +143,9 @@ def test_dynamic_groups_with_g_idx_are_refit_by_their_stored_group():
 def test_refit_is_refused_where_it_cannot_apply(capsys, tiny_model, tmp_path):
     with pytest.raises(ValueError, match="EXL2's ladder"):
         GPTQSettings(fit="exl2", refit=True)
-    err = user_error(capsys, ["quantize", str(tiny_model("llama")), str(tmp_path / "o"), "--rtn", "--refit"])
+    err = user_error(
+        capsys, ["quantize", str(tiny_model("llama")), str(tmp_path / "o"), "--rtn", "--refit"]
+    )
     assert "--refit" in err and "calibration" in err
 
 
@@ -151,7 +153,9 @@ def test_pipeline_reports_refit_and_stores_what_it_refit(tiny_model, calib_text,
     out = tmp_path / "q"
     seen = {}
     s = GPTQSettings(bits=3, group_size=32, fit="affine", refit=True)
-    job = QuantizeJob(tiny_model("llama"), out, settings=s, calib=str(calib_text), nsamples=4, seqlen=32)
+    job = QuantizeJob(
+        tiny_model("llama"), out, settings=s, calib=str(calib_text), nsamples=4, seqlen=32
+    )
     quantize_model(job, observer=lambda name, r: seen.__setitem__(name, r.Q.clone()))
     report = json.loads((out / REPORT_FILE).read_text())
     pairs = [r["refit_loss"] for layer in report["layers"] for r in layer]
@@ -177,7 +181,9 @@ def test_without_refit_the_report_and_config_are_as_before(tiny_model, calib_tex
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fit,group_size,bits", [("affine", 64, 3), ("nonuniform", -1, 3), ("nf", 64, 4)])
+@pytest.mark.parametrize(
+    "fit,group_size,bits", [("affine", 64, 3), ("nonuniform", -1, 3), ("nf", 64, 4)]
+)
 def test_refit_lowers_the_loss_on_a_real_smollm2_layer(fit, group_size, bits):
     """Real weights and a real H: SmolLM2-135M's layer-5 up_proj, inputs from 4 windows of 256
     tokens of the bundled Wikipedia sample."""
@@ -191,7 +197,9 @@ def test_refit_lowers_the_loss_on_a_real_smollm2_layer(fit, group_size, bits):
     ids = tok(wiki_splits().calib.read_text()[:40000], return_tensors="pt")["input_ids"][0]
     sub = model.model.layers[5].mlp.up_proj
     xs = []
-    handle = sub.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    handle = sub.register_forward_pre_hook(
+        lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     with torch.no_grad():
         for k in range(4):
             model(input_ids=ids[k * 256 : (k + 1) * 256][None])

@@ -205,3 +205,21 @@ def user_error(capsys, argv: list[str]) -> str:
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def quantize_observed(src, out, **job) -> tuple[dict, dict]:
+    """Run the pipeline on ``src`` into ``out`` (``job``: the other QuantizeJob fields) and
+    return (checkpoint module name -> the quantized weight Q the pipeline observed, the
+    quantize report). A sublayer quantized twice fails the test."""
+    import json
+
+    from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
+
+    Q: dict = {}
+
+    def observer(name, r):
+        assert name not in Q, f"{name} quantized twice"
+        Q[name] = r.Q.clone()
+
+    quantize_model(QuantizeJob(model=src, out=out, **job), observer)
+    return Q, json.loads((out / REPORT_FILE).read_text())

@@ -10,7 +10,6 @@ the source tensors with the observed Q substituted.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quantize_observed
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +25,6 @@ from leanquant_serve.format import Checkpoint, load_reference_model
 from quantizer import layer_step, moe
 from quantizer.errors import UserError
 from quantizer.gptq import GPTQSettings
-from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
 
 NSAMPLES, SEQLEN = 4, 32
 LAYERS, EXPERTS = 2, 4
@@ -61,18 +60,8 @@ class MoeRun:
 
 
 def quantize(src: Path, out: Path, **kw) -> tuple[dict[str, torch.Tensor], dict]:
-    Q: dict[str, torch.Tensor] = {}
-
-    def observer(name, r):
-        assert name not in Q, f"{name} quantized twice"
-        Q[name] = r.Q.clone()
-
-    job = QuantizeJob(
-        model=src, out=out, settings=SETTINGS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=2,
-        **kw,
-    )  # fmt: skip
-    quantize_model(job, observer)
-    return Q, json.loads((out / REPORT_FILE).read_text())
+    job = dict(settings=SETTINGS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=2)
+    return quantize_observed(src, out, **job, **kw)
 
 
 CASES = [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import user_error
+from conftest import quantize_observed, user_error
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForImageTextToText,
@@ -31,7 +31,6 @@ from transformers import (
 
 from leanquant_serve.format import Checkpoint, load_reference_model
 from quantizer.gptq import GPTQSettings
-from quantizer.pipeline import REPORT_FILE, QuantizeJob, quantize_model
 
 NSAMPLES, SEQLEN = 4, 32
 SETTINGS = GPTQSettings(bits=4, group_size=32, blocksize=32)
@@ -49,18 +48,8 @@ class WrapperRun:
 
 
 def quantize(src: Path, out: Path, **kw) -> tuple[dict[str, torch.Tensor], dict]:
-    Q: dict[str, torch.Tensor] = {}
-
-    def observer(name, r):
-        assert name not in Q, f"{name} quantized twice"
-        Q[name] = r.Q.clone()
-
-    job = QuantizeJob(
-        model=src, out=out, settings=SETTINGS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=2,
-        **kw,
-    )  # fmt: skip
-    quantize_model(job, observer)
-    return Q, json.loads((out / REPORT_FILE).read_text())
+    job = dict(settings=SETTINGS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=2)
+    return quantize_observed(src, out, **job, **kw)
 
 
 WRAPPERS = {  # the class each tiny wrapper (conftest.MULTIMODAL_ARCHITECTURES) loads as

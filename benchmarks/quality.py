@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -201,7 +202,8 @@ def commit() -> str:
 
 def measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Namespace) -> dict:
     """One row: quantize (its own process) and evaluate; or the bf16 row; or the g128 check."""
-    return {**_measure(key, job, src, a), "commit": commit()}
+    load = os.getloadavg()[0]  # the seconds mean little beside other jobs on a small machine
+    return {**_measure(key, job, src, a), "commit": commit(), "load_1min_before": load}
 
 
 def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Namespace) -> dict:
@@ -372,7 +374,9 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
         lines += [
             "",
             "Perplexity / GPTQ's (time / GPTQ's). A ratio ≥ 1 (marked **not better**) is a "
-            "setting where that method does not beat GPTQ.",
+            "setting where that method does not beat GPTQ. Times compare only between rows run "
+            "at the same load (each row's `load_1min_before` in the JSON, where recorded): on a "
+            "2-core machine other jobs slow a run several-fold.",
             "",
             "| setting | " + " | ".join(others) + " |",
             "|---" * (len(others) + 1) + "|",

@@ -3,6 +3,7 @@ tokenizer and a calibration text, all written once per test session to a tempora
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -223,3 +224,25 @@ def quantize_observed(src, out, **job) -> tuple[dict, dict]:
 
     quantize_model(QuantizeJob(model=src, out=out, **job), observer)
     return Q, json.loads((out / REPORT_FILE).read_text())
+
+
+@contextlib.contextmanager
+def vllm_tensor_parallel_rank(rank: int, world: int):
+    """vLLM's parallel layers built as on ``rank`` of ``world`` tensor-parallel ranks, in one
+    process: the rank and world-size getters its linear layers and parameters read are patched,
+    inside a default ``VllmConfig``."""
+    from unittest import mock
+
+    import vllm.model_executor.layers.linear as vllm_linear
+    import vllm.model_executor.parameter as vllm_parameter
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()), contextlib.ExitStack() as stack:
+        for mod in (vllm_linear, vllm_parameter):
+            stack.enter_context(
+                mock.patch.object(mod, "get_tensor_model_parallel_rank", lambda: rank)
+            )
+            stack.enter_context(
+                mock.patch.object(mod, "get_tensor_model_parallel_world_size", lambda: world)
+            )
+        yield

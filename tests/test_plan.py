@@ -4,17 +4,15 @@ writes, and against the parameters vLLM's own layers build for each tensor-paral
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, SUPPORTED, VOCAB
+from conftest import ARCHITECTURES, SUPPORTED, VOCAB, vllm_tensor_parallel_rank
 from safetensors import safe_open
 
 from leanquant.cli import main
@@ -482,9 +480,6 @@ RANK_CONFIGS = {
 @pytest.mark.parametrize("name", list(RANK_CONFIGS))
 def test_weights_per_gpu_equal_the_parameters_vllm_builds(name, world, tmp_path):
     pytest.importorskip("vllm")
-    import vllm.model_executor.layers.linear as vllm_linear
-    import vllm.model_executor.parameter as vllm_parameter
-    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.linear import (
         MergedColumnParallelLinear,
         QKVParallelLinear,
@@ -497,17 +492,7 @@ def test_weights_per_gpu_equal_the_parameters_vllm_builds(name, world, tmp_path)
     h, i, heads, kv, hd = 128, 256, 4, 2, 32
     per_rank = set()
     for rank in range(world):
-        patches = [
-            mock.patch.object(mod, fn, value)
-            for mod in (vllm_linear, vllm_parameter)
-            for fn, value in (
-                ("get_tensor_model_parallel_rank", lambda r=rank: r),
-                ("get_tensor_model_parallel_world_size", lambda: world),
-            )
-        ]
-        with set_current_vllm_config(VllmConfig()), contextlib.ExitStack() as stack:
-            for p in patches:
-                stack.enter_context(p)
+        with vllm_tensor_parallel_rank(rank, world):
             qc = LeanQuantVLLMConfig.from_config(cfg.to_dict())
             qc.packed_modules_mapping = {
                 "qkv_proj": ["q_proj", "k_proj", "v_proj"],

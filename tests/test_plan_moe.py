@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import MOE_ARCHITECTURES, VOCAB
+from conftest import MOE_ARCHITECTURES, VOCAB, vllm_tensor_parallel_rank
 from safetensors import safe_open
 
 from leanquant.cli import main
@@ -351,12 +351,7 @@ def test_mla_attention_per_rank_equals_the_parameters_vllm_builds(world):
     q_b_proj and kv_b_proj column parallel, o_proj row parallel) with the leanquant method:
     their parameters on each rank have the bytes the planner counts for them."""
     pytest.importorskip("vllm")
-    import contextlib
-    from unittest import mock
 
-    import vllm.model_executor.layers.linear as vllm_linear
-    import vllm.model_executor.parameter as vllm_parameter
-    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.linear import (
         ColumnParallelLinear,
         MergedColumnParallelLinear,
@@ -372,17 +367,7 @@ def test_mla_attention_per_rank_equals_the_parameters_vllm_builds(world):
     h, heads, ql, kvl, rope, nope, vd = 128, 4, 64, 32, 16, 32, 32
     per_rank = set()
     for rank in range(world):
-        patches = [
-            mock.patch.object(mod, fn, value)
-            for mod in (vllm_linear, vllm_parameter)
-            for fn, value in (
-                ("get_tensor_model_parallel_rank", lambda r=rank: r),
-                ("get_tensor_model_parallel_world_size", lambda: world),
-            )
-        ]
-        with set_current_vllm_config(VllmConfig()), contextlib.ExitStack() as stack:
-            for p in patches:
-                stack.enter_context(p)
+        with vllm_tensor_parallel_rank(rank, world):
             qc = LeanQuantVLLMConfig.from_config(cfg.to_dict())
             qc.packed_modules_mapping = {"fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"]}
             kw = dict(bias=False, params_dtype=torch.float16, quant_config=qc)

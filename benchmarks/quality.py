@@ -231,9 +231,9 @@ def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Names
         f"--bits {bits} --group-size {g} --calib wiki-sample --nsamples {a.nsamples} "
         f"--seqlen {a.seqlen} --overwrite --resume"  # a killed row continues, same bytes
     ).split()
-    t = time.time()
+    t, cpu = time.time(), children_cpu_seconds()
     p = run(CLI + ["quantize", str(src), str(out), *flags, *METHODS[method]])
-    wall = time.time() - t
+    wall, cpu = time.time() - t, children_cpu_seconds() - cpu
     if p.returncode:
         raise RuntimeError(f"{setting} {method} failed:\n{p.stderr[-3000:]}")
     report = json.loads((out / "quantize_report.json").read_text())
@@ -245,9 +245,20 @@ def _measure(key: str, job: tuple[str, str] | None, src: Path, a: argparse.Names
         **evaluate(out, a, ref=src),
         "seconds": report["seconds"],
         "wall_seconds": wall,
+        "cpu_seconds": cpu,
         "peak_rss_gib": report["peak_rss_bytes"] / 2**30,
         **size_model(src, out, bits, g, grid),
     }
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes (the quantize run): less
+    sensitive than wall seconds to other jobs on a shared machine, so time ratios between rows
+    compare better on them."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def bnb_nf4(src: Path, out: Path, group: int, a: argparse.Namespace) -> dict:
@@ -315,6 +326,14 @@ def group_fit(src: Path, a: argparse.Namespace) -> dict:
     return r
 
 
+def time_ratio(r: dict, g: dict) -> str:
+    """Row r's quantization time over row g's: CPU seconds where both rows recorded them
+    (marked 'cpu'), else wall seconds (comparable only at equal load)."""
+    if r.get("cpu_seconds") and g.get("cpu_seconds"):
+        return f"{r['cpu_seconds'] / g['cpu_seconds']:.2f}× cpu"
+    return f"{r['seconds'] / g['seconds']:.2f}×"
+
+
 def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
     import torch
 
@@ -376,7 +395,8 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
             "Perplexity / GPTQ's (time / GPTQ's). A ratio ≥ 1 (marked **not better**) is a "
             "setting where that method does not beat GPTQ. Times compare only between rows run "
             "at the same load (each row's `load_1min_before` in the JSON, where recorded): on a "
-            "2-core machine other jobs slow a run several-fold.",
+            "2-core machine other jobs slow a run several-fold; ratios marked 'cpu' compare the "
+            "quantize processes' CPU seconds, which other jobs disturb much less.",
             "",
             "| setting | " + " | ".join(others) + " |",
             "|---" * (len(others) + 1) + "|",
@@ -388,7 +408,7 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
             cells = []
             for m in others:
                 r = row(s, m)
-                t = "" if r is None else f" ({r['seconds'] / g['seconds']:.2f}×)"
+                t = "" if r is None else f" ({time_ratio(r, g)})"
                 cells.append(_vs(r, g) + t)
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
 
@@ -427,7 +447,7 @@ def write_results(rows: dict, g128: dict, a: argparse.Namespace) -> None:
                 if base is None or r is None:
                     continue
                 kl = [f" / {x['kl']:.3f}" if x.get("kl") is not None else "" for x in (base, r)]
-                t = f"{r['seconds'] / g['seconds']:.2f}×" if g else "-"
+                t = time_ratio(r, g) if g else "-"
                 lines.append(
                     f"| {s} | {m.removesuffix('+refit')} | {base['perplexity']:.2f}{kl[0]} "
                     f"| {r['perplexity']:.2f}{kl[1]} "

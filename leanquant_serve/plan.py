@@ -38,9 +38,19 @@ shard holds its slice of ``qweight`` (and ``g_idx``) and, unless the contract's
 :func:`~leanquant_serve.format.tensors.scales_on_every_rank` says otherwise, the groups of its
 input slice.
 
+**Multimodal wrappers** (``Gemma3ForConditionalGeneration``, ``Mistral3ForConditionalGeneration``:
+a config with ``text_config`` and ``vision_config``, a model type of the quantizer's
+``TESTED_MULTIMODAL_MODEL_TYPES``): the text decoder is planned as its text model is (its
+``text_config`` through the path above: quantized layers, KV cache), under the checkpoint's
+names (``language_model.model.layers``); the modules beside it, vision tower and projector, are
+found as the quantizer finds them (:func:`quantizer.model_walk.beside_text_decoder` on the
+wrapper built on the meta device by transformers' own class) and counted as 16-bit weights,
+element by element off that model (:attr:`Architecture.towers`): the quantizer copies them
+unchanged. Other wrappers, and wrappers around an untested text model, are refused.
+
 Nothing here accounts for speculative decoding (DeepSeek-V3's multi-token-prediction layer is
-not counted), LoRA adapters, multimodal encoders, prefix caching beyond the KV pool itself, or
-memory taken by other processes on the GPUs.
+not counted), LoRA adapters, a vision encoder's own activations in the profile run, prefix
+caching beyond the KV pool itself, or memory taken by other processes on the GPUs.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ import importlib
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -317,6 +327,12 @@ class Architecture:
     qk_rope_head_dim: int | None = None
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
+    # Multimodal wrapper (None: a causal LM): the wrapper's model_type; model_type above is its
+    # text model's, whose decoder the rest of these fields describe
+    wrapper: str | None = None
+    # Modules beside the text decoder (vision tower, projector): (checkpoint name, elements),
+    # 16-bit; reported in the summary as {name: elements}
+    towers: tuple[tuple[str, int], ...] = field(default=(), repr=False)
     # Not part of the summary (:meth:`summary`): the layers themselves.
     layers_name: str = field(default="model.layers", repr=False)  # the decoder stack's path
     linears: tuple[LayerLinear, ...] = field(default=(), repr=False)  # layer 0's, forward order
@@ -326,20 +342,31 @@ class Architecture:
 
     @classmethod
     def from_config(cls, d: Mapping[str, Any], name: str = "model") -> Architecture:
-        """Shapes of the model of config dict ``d`` (``name`` labels errors). Raises
+        """Shapes of the model of config dict ``d`` (``name`` labels errors); of a multimodal
+        wrapper's text model, with its towers (see the module docstring). Raises
         :class:`PlanError` for a model type transformers does not know, one outside the
-        quantizer's tested set, or a config its class refuses."""
+        quantizer's tested set (wrappers: ``TESTED_MULTIMODAL_MODEL_TYPES`` around a tested
+        text model), or a config its class refuses."""
         return _architecture(json.dumps(dict(d), sort_keys=True, default=str), name)
 
     def summary(self) -> dict[str, Any]:
         """The sizes as ``Plan.architecture`` reports them (the layers' linears left out, and
         the MoE / MLA fields of a model without them)."""
-        skip = {"layers_name", "linears", "layer_16bit_elements", "kinds", "layer_kind"}
-        return {
+        skip = {"layers_name", "linears", "layer_16bit_elements", "kinds", "layer_kind", "towers"}
+        out = {
             f.name: getattr(self, f.name)
             for f in fields(self)
             if f.name not in skip and getattr(self, f.name) is not None
         }
+        if self.towers:
+            out["towers"] = dict(self.towers)
+        return out
+
+    @property
+    def tower_bytes(self) -> int:
+        """Bytes of the modules beside a wrapper's text decoder (vision tower, projector), all
+        16-bit; 0 for a causal LM."""
+        return sum(n for _, n in self.towers) * ELEMENT_16BIT
 
     @property
     def is_mla(self) -> bool:
@@ -374,17 +401,31 @@ def _config_class(d: Mapping[str, Any], name: str) -> PretrainedConfig:
             f"{name}: model_type {mt!r} is not a model type transformers "
             f"{transformers.__version__} knows"
         )
-    if mt not in supported_model_types():
+    wrappers = supported_wrapper_types()
+    if "text_config" in (getattr(CONFIG_MAPPING[mt], "sub_configs", None) or {}):
+        if mt not in wrappers:
+            raise PlanError(
+                f"{name}: model_type {mt!r} is a multimodal wrapper plan does not support "
+                f"(supported wrappers: {', '.join(wrappers)})"
+            )
+    elif mt not in supported_model_types():
         raise PlanError(
             f"{name}: model_type {mt!r} is not supported by plan "
-            f"(supported: {', '.join(sorted(supported_model_types()))}; multimodal configs "
-            "are not)"
+            f"(supported: {', '.join(sorted(supported_model_types()))}; multimodal wrappers: "
+            f"{', '.join(wrappers)})"
         )
     kwargs = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
     try:
-        return AutoConfig.for_model(mt, **kwargs)
+        config = AutoConfig.for_model(mt, **kwargs)
     except Exception as e:  # transformers' validators raise many types, for a user's config
         raise PlanError(f"{name}: transformers' {mt} config refuses it: {_one_line(e)}") from None
+    text_type = getattr(config.get_text_config(), "model_type", None)
+    if config.get_text_config() is not config and text_type not in supported_model_types():
+        raise PlanError(
+            f"{name}: the {mt} wrapper's text model is {text_type!r}, not one plan supports "
+            f"(supported: {', '.join(sorted(supported_model_types()))})"
+        )
+    return config
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -393,6 +434,14 @@ def supported_model_types() -> tuple[str, ...]:
 
     known = TESTED_MODEL_TYPES + TESTED_MOE_MODEL_TYPES
     return known + tuple(t for t in PLAN_ONLY_MODEL_TYPES if t not in known)
+
+
+def supported_wrapper_types() -> tuple[str, ...]:
+    """The multimodal wrappers plan knows: the quantizer's tested ones
+    (``quantizer.model_walk.TESTED_MULTIMODAL_MODEL_TYPES``)."""
+    from quantizer.model_walk import TESTED_MULTIMODAL_MODEL_TYPES
+
+    return TESTED_MULTIMODAL_MODEL_TYPES
 
 
 def quantizer_tested(model_type: str) -> bool:
@@ -537,14 +586,63 @@ def _fused_params(layer: Any, experts: Experts) -> list[tuple[str, Any]]:
 
 @functools.lru_cache(maxsize=32)
 def _architecture(config_json: str, name: str) -> Architecture:
+    config = _config_class(json.loads(config_json), name)
+    if config.get_text_config() is not config:
+        return _wrapper_architecture(config, name)
+    return _decoder_architecture(config, name)
+
+
+def _wrapper_architecture(config: PretrainedConfig, name: str) -> Architecture:
+    """A multimodal wrapper: its text decoder as :func:`_decoder_architecture` plans its
+    ``text_config``, under the wrapper checkpoint's names, and the modules beside it (the
+    quantizer's :func:`~quantizer.model_walk.beside_text_decoder`), counted off the wrapper
+    transformers builds on the meta device."""
+    import torch
+
+    from leanquant_serve.format.hf_names import auto_model_class, checkpoint_module
+    from quantizer.errors import UserError
+    from quantizer.model_walk import beside_text_decoder, find_decoder_layers
+
+    text = _decoder_architecture(config.get_text_config(), name)
+    try:
+        with torch.device("meta"):
+            whole = auto_model_class(config).from_config(config, dtype=torch.bfloat16)
+        layers_name, layers = find_decoder_layers(whole)
+        towers = tuple(
+            (
+                checkpoint_module(whole, t),
+                sum(p.numel() for p in whole.get_submodule(t).parameters()),
+            )
+            for t in beside_text_decoder(whole, layers_name)
+        )
+        stack = checkpoint_module(whole, f"{layers_name}.0").removesuffix(".0")
+        head = whole.get_output_embeddings()
+        tied = head is not None and head.weight is whole.get_input_embeddings().weight
+    except UserError as e:  # the quantizer's walkers: not a wrapper it could quantize
+        raise PlanError(f"{name}: {e}") from None
+    except Exception as e:  # what transformers raises for a config it cannot build varies
+        raise PlanError(
+            f"{name}: transformers cannot build its {config.model_type} model: {_one_line(e)}"
+        ) from None
+    if len(layers) != text.num_layers:
+        raise PlanError(
+            f"{name}: the wrapper's text decoder has {len(layers)} layers, its text_config "
+            f"{text.num_layers}"
+        )
+    return replace(
+        text, wrapper=config.model_type, towers=towers, layers_name=stack, tie_word_embeddings=tied
+    )
+
+
+def _decoder_architecture(config: PretrainedConfig, name: str) -> Architecture:
+    """The :class:`Architecture` of a causal LM's (or a wrapper's text model's) ``config``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from quantizer.errors import UserError
     from quantizer.model_walk import find_decoder_layers
 
-    d = json.loads(config_json)
-    config = _config_class(d, name)
+    model_type = config.model_type
 
     def need(key: str) -> int:
         v = getattr(config, key, None)
@@ -591,7 +689,7 @@ def _architecture(config_json: str, name: str) -> Architecture:
         raise PlanError(f"{name}: {e}" if isinstance(e, UserError) else str(e)) from None
     except Exception as e:  # what transformers raises for a config it cannot build varies
         raise PlanError(
-            f"{name}: transformers cannot build its {d['model_type']} layer: {_one_line(e)}"
+            f"{name}: transformers cannot build its {model_type} layer: {_one_line(e)}"
         ) from None
     k0 = kinds[0]
     linears = [lin for k in kinds for lin in k.linears]
@@ -604,7 +702,7 @@ def _architecture(config_json: str, name: str) -> Architecture:
     ]
     return Architecture(
         name=name,
-        model_type=d["model_type"],
+        model_type=model_type,
         hidden_size=hidden,
         intermediate_size=sizes["intermediate_size"],
         num_layers=sizes["num_hidden_layers"],
@@ -836,7 +934,8 @@ def all_layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, shard: Shard) 
 
 
 def checkpoint_bytes(a: Architecture, cfg: LeanQuantConfig | None) -> dict[str, int]:
-    """Bytes of every tensor the checkpoint stores (headers and tokenizer files not included)."""
+    """Bytes of every tensor the checkpoint stores (headers and tokenizer files not included);
+    ``towers``: a multimodal wrapper's vision tower and projector (16-bit), 0 for a causal LM."""
     emb = a.vocab_size * a.hidden_size * ELEMENT_16BIT
     layers = sum(all_layer_bytes(a, cfg, WHOLE))
     head = 0 if a.tie_word_embeddings else emb
@@ -846,8 +945,24 @@ def checkpoint_bytes(a: Architecture, cfg: LeanQuantConfig | None) -> dict[str, 
         "embed_tokens": emb,
         "lm_head": head,
         "final_norm": norm,
-        "total": layers + emb + head + norm,
+        "towers": a.tower_bytes,
+        "total": layers + emb + head + norm + a.tower_bytes,
     }
+
+
+def towers_line(a: Architecture, engine: str) -> str:
+    """The plan's line on a wrapper's modules beside the text decoder: what they are, their
+    16-bit bytes, and how ``engine`` holds them."""
+    parts = ", ".join(f"{n} {e:,}" for n, e in a.towers)
+    return (
+        f"{a.wrapper} wrapper: the text decoder ({a.model_type}) planned as that text model; "
+        f"beside it {parts} elements stay 16-bit (copied unchanged by the quantizer): "
+        f"{_gb(a.tower_bytes)}, counted whole on every GPU ({engine} builds them on every "
+        "pipeline stage and by default splits the vision tower's attention/MLP linears over "
+        "tensor-parallel ranks, so with tp > 1 this over-counts them; --limit-mm-per-prompt "
+        "'{\"image\": 0}' leaves them out); the vision encoder's own profile-run activations "
+        "are not counted"
+    )
 
 
 def activation_bytes(
@@ -951,6 +1066,11 @@ def plan(inp: PlanInput) -> Plan:
     _validate(inp)
     name, d = load_model_config(inp.model)
     a = Architecture.from_config(d, name)
+    if a.wrapper and inp.engine != "vllm":
+        raise PlanError(
+            f"--engine {inp.engine}: multimodal wrappers ({a.wrapper}) are not modelled for it; "
+            "plan them with --engine vllm"
+        )
     cfg, bits = _quant_config(inp, d)
     if inp.max_model_len > a.max_position_embeddings:
         raise PlanError(
@@ -974,6 +1094,8 @@ def plan(inp: PlanInput) -> Plan:
     routers = sorted({r for k in a.kinds for r in k.routers})
     if routers:  # kept 16-bit by the quantizer's rule (quantizer.moe.routers), every layer
         quant["routers_16bit"] = routers
+    if a.towers:  # copied unchanged by the quantizer (quantizer.model_walk.beside_text_decoder)
+        quant["towers_16bit"] = [n for n, _ in a.towers]
     common = {
         "model": name,
         "architecture": a.summary(),
@@ -985,7 +1107,10 @@ def plan(inp: PlanInput) -> Plan:
         "concurrency": inp.concurrency,
         "checkpoint_bytes": checkpoint_bytes(a, cfg),
     }
-    return _engine_part(inp.engine).plan_engine(inp, a, cfg, common)
+    p = _engine_part(inp.engine).plan_engine(inp, a, cfg, common)
+    if a.towers:
+        p.assumptions.insert(1, towers_line(a, inp.engine))
+    return p
 
 
 def _engine_part(engine: str) -> Any:
@@ -1022,14 +1147,26 @@ def format_plan(p: Plan) -> str:
         if a.get("num_experts")
         else ""
     )
+    wrapper = f"{a['wrapper']} wrapper, text model " if a.get("wrapper") else ""
     rows = [
         (
             "model",
-            f"{p.model} ({a['model_type']}: {a['num_layers']} layers, hidden "
+            f"{p.model} ({wrapper}{a['model_type']}: {a['num_layers']} layers, hidden "
             f"{a['hidden_size']}, intermediate {a['intermediate_size']}, {a['num_heads']} "
             f"heads, {attention}, vocab {a['vocab_size']}{moe})",
         ),
         ("weights", quant),
+        *(
+            [
+                (
+                    "beside the text decoder",
+                    ", ".join(f"{n} {e:,}" for n, e in a["towers"].items())
+                    + f" elements, 16-bit: {_gb(p.checkpoint_bytes['towers'])} on every GPU",
+                )
+            ]
+            if a.get("towers")
+            else []
+        ),
         ("engine", f"{p.engine}, {layout}, {p.gpu_mem_bytes / GiB:g} GiB each"),
         ("checkpoint tensors", _gb(p.checkpoint_bytes["total"])),
         (

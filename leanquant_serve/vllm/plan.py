@@ -411,6 +411,7 @@ def plan_engine(
     start = 0
     for s, n in enumerate(parts):
         w = sum(layer_bytes[start : start + n]) + n * mla_absorbed_bytes(a, tp)
+        w += a.tower_bytes  # a multimodal wrapper's towers, whole on every stage (plan.towers_line)
         start += n
         if s == 0:
             w += emb_rank

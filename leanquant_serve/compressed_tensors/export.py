@@ -22,6 +22,27 @@ W is (out, in), a LeanQuant layer stores ``qweight`` (in*b/32, out), ``scales`` 
 ``channel`` for group_size -1), ``actorder`` "weight" for act-order with static groups (the
 layout does not change), ``ignore`` = every ``nn.Linear`` of the architecture left unquantized.
 
+Mixture-of-Experts checkpoints (transformers holds the experts fused, 3-D; the checkpoint
+stores one linear per expert under the hub names, e.g. Mixtral's
+``model.layers.L.block_sparse_moe.experts.E.w1``): each expert linear is written like any
+other linear (the tensors above), the layout vLLM 0.32's ``CompressedTensorsWNA16MoEMethod``
+allocates per expert (``w13_weight_packed`` (E, 2I, H*b/32), ``w13_weight_scale`` (E, 2I, G),
+``w13_weight_zero_point`` (E, 2I*b/32, G), ``w13_weight_shape`` (E, 2); ``w2_*`` alike) and
+its ``FusedMoE`` loader fills from those names through the model's ``expert_params_mapping``.
+vLLM's method takes no ``weight_g_idx`` for experts (act-order static groups need none). The
+config group targeting ``Linear`` also reaches the fused experts (vLLM maps it onto
+``RoutedExperts``); every expert linear of one layer must be quantized alike (vLLM picks one
+scheme per layer), else :class:`ExportError`. Routers and shared-expert gates (found from the
+model, :func:`quantizer.moe.routers`) are listed in ``ignore``: vLLM's Qwen3-MoE builds its
+router with the quantization config, so without that entry it would expect a packed router.
+Which of vLLM 0.32's WNA16 MoE backends run the experts (read from
+``fused_moe/oracle/int_wna16.py`` and the experts' ``_supports_quant_scheme``): Marlin and
+Triton (CUDA) 4-bit with or without zero points and symmetric 8-bit (Triton: groups only);
+the CPU backend (``CPUExpertsInt4``: x86 with AMX only) symmetric 4-bit with groups of any
+size but 32, computing with int8-quantized activations (W4A8); other widths (symmetric 2-bit,
+asymmetric 8-bit) only Humming (CUDA, optional ``humming`` package): those exports are
+written with a warning.
+
 Not exportable (:class:`ExportError`): nonuniform grids (a lookup table per row, not affine);
 3-bit (compressed-tensors 0.17 packs 10 codes per word, vLLM 0.32 sizes ``weight_packed`` for a
 dense 3-bit stream: no file satisfies both); asymmetric 2-bit (no stock vLLM kernel takes zero
@@ -39,12 +60,20 @@ from typing import Any
 
 import torch
 
-from ..export import Exporter, ExportError, check_fused_parts, export, model_linears
+from ..export import (
+    Exporter,
+    ExportError,
+    check_fused_parts,
+    export,
+    meta_model,
+    model_linears,
+)
 from ..format import (
     Checkpoint,
     infer_linear_shape,
     unpack_codes,
 )
+from ..format.hf_names import checkpoint_module
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +85,61 @@ SYMMETRIC_BITS = (2, 4, 8)  # of LeanQuant's 2/3/4/8; 3-bit: see the module docs
 # vLLM fuses sibling linears that read one input (qkv_proj, gate_up_proj); it refuses a fused
 # layer whose parts are quantized differently.
 FUSED_WHY = "vLLM fuses them and needs one scheme for all"
+# vLLM 0.32's WNA16 MoE backends without the optional Humming: Marlin/Triton take (bits,
+# symmetric) in here (kInt4Static*, kInt4Static*Asym, kInt8Static); anything else only Humming
+MOE_MARLIN_KINDS = ((4, True), (4, False), (8, True))
+
+
+@dataclass(frozen=True)
+class MoeLayout:
+    """The fused-experts layers of an architecture, in checkpoint names."""
+
+    experts: dict[str, list[str]]  # experts module -> its expert linears (what vLLM fuses)
+    routers: list[str]  # routers and shared-expert gates: kept dense
+
+
+def moe_layout(model: torch.nn.Module) -> MoeLayout:
+    """Experts and routers of every decoder layer of ``model`` (a meta skeleton will do), found
+    as the quantizer finds them (:func:`quantizer.moe.find_fused_experts`,
+    :func:`quantizer.moe.routers`), under checkpoint names. Empty for dense models."""
+    from quantizer.model_walk import find_decoder_layers
+    from quantizer.moe import find_fused_experts, routers
+
+    try:
+        layers_name, layers = find_decoder_layers(model)
+    except ValueError as e:  # UserError
+        raise ExportError(str(e)) from e
+    experts: dict[str, list[str]] = {}
+    found_routers: list[str] = []
+    for i, layer in enumerate(layers):
+        prefix = f"{layers_name}.{i}"
+        try:
+            fused = find_fused_experts(model, layer, prefix)
+        except ValueError as e:  # UserError
+            raise ExportError(str(e)) from e
+        for fe in fused:
+            names = [f"{prefix}.{lin.name}" for lin in fe.linears]
+            # named as the checkpoint names them: what all its expert linears' names begin with
+            parts = [n.split(".") for n in names]
+            diverge = (k for k, c in enumerate(zip(*parts, strict=False)) if len(set(c)) > 1)
+            common = next(diverge, len(parts[0]) - 1)
+            experts[".".join(parts[0][:common])] = names
+        for r in routers(layer, fused):
+            found_routers.append(checkpoint_module(model, f"{prefix}.{r}"))
+    return MoeLayout(experts, found_routers)
+
+
+def _check_experts(layout: MoeLayout, quantized: set[str]) -> None:
+    """Every expert linear of one fused-experts layer quantized, or none (ExportError)."""
+    for name, linears in layout.experts.items():
+        dense = [n for n in linears if n not in quantized]
+        if dense and len(dense) < len(linears):
+            shown = ", ".join(n.removeprefix(name + ".") for n in dense[:3])
+            raise ExportError(
+                f"{name}: {len(linears) - len(dense)} of {len(linears)} expert linears are "
+                f"quantized (dense: {shown}{', ...' if len(dense) > 3 else ''}); vLLM's "
+                "fused-MoE layer loads every expert linear of a layer with one scheme"
+            )
 
 
 @dataclass(frozen=True)
@@ -177,13 +261,39 @@ class CompressedTensorsExporter(Exporter):
         super().__init__(src, prefixes)
         cfg = src.qcfg
         self.symmetric = _plan(src, prefixes)
-        linears, fused = model_linears(src.hf_config, src.path)
-        strays = sorted(set(prefixes) - set(linears))
+        model = meta_model(src.hf_config, src.path)
+        linears, fused = model_linears(src.hf_config, src.path, model)
+        # checkpoint names (what the quantized prefixes, vLLM's loader and `ignore` use)
+        linears = [checkpoint_module(model, n) for n in linears]
+        layout = moe_layout(model)
+        # routers read the layer's input beside a shared expert's gate/up, but vLLM builds
+        # them as their own layers (never fused): not part of any fused group
+        fused = [
+            [m for m in (checkpoint_module(model, n) for n in group) if m not in layout.routers]
+            for group in fused
+        ]
+        experts = [n for group in layout.experts.values() for n in group]
+        strays = sorted(set(prefixes) - set(linears) - set(experts))
         if strays:
-            raise ExportError(f"{strays[0]}: quantized, but not an nn.Linear of the architecture")
+            raise ExportError(
+                f"{strays[0]}: quantized, but neither an nn.Linear nor an expert linear of "
+                "the architecture"
+            )
         quantized = set(prefixes)
         check_fused_parts(quantized, fused, FUSED_WHY)
+        _check_experts(layout, quantized)
+        self.experts_quantized = sum(n in quantized for n in experts)
+        if self.experts_quantized and (cfg.bits, self.symmetric) not in MOE_MARLIN_KINDS:
+            log.warning(
+                "%s: %s %d-bit experts run only on vLLM's Humming MoE backend (CUDA, optional "
+                "humming package); Marlin, Triton and the CPU backend take 4-bit and "
+                "symmetric 8-bit experts",
+                src.path,
+                "symmetric" if self.symmetric else "asymmetric",
+                cfg.bits,
+            )
         ignore = [n for n in linears if n not in quantized]
+        ignore += [n for n in [*layout.routers, *experts] if n not in quantized and n not in ignore]
         actorder = "weight" if cfg.desc_act else None  # dynamic groups were refused in _plan
         self.qconfig = quantization_config(
             cfg.bits, self.symmetric, cfg.group_size, actorder, ignore

@@ -99,14 +99,11 @@ def open_source(src_dir: Path | str, out_dir: Path | str) -> tuple[Checkpoint, P
     return src, out, prefixes
 
 
-def model_linears(hf_config: Mapping[str, Any], path: Path) -> tuple[list[str], list[list[str]]]:
-    """Names of every ``nn.Linear`` of the architecture, and those that read one input (what
-    vLLM fuses), from a meta-device skeleton traced once (no weights read). Every exporter that
-    must know the model's linears calls this. Raises FormatError without a model_type,
-    ExportError if transformers cannot build or trace the architecture."""
+def meta_model(hf_config: Mapping[str, Any], path: Path) -> torch.nn.Module:
+    """The architecture of ``hf_config`` as a meta-device skeleton (no weights, no memory), as
+    ``AutoModelForCausalLM.from_config`` builds it. Raises FormatError without a model_type,
+    ExportError if transformers cannot build the architecture."""
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy imports, only needed here
-
-    from quantizer.model_walk import shared_input_groups
 
     config_dict = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     if "model_type" not in config_dict:
@@ -116,9 +113,23 @@ def model_linears(hf_config: Mapping[str, Any], path: Path) -> tuple[list[str], 
         # bfloat16: the dtype every kernel a trace may reach accepts (grouped MoE matmuls
         # take nothing else); no memory is allocated on the meta device
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     except (ValueError, KeyError) as e:
         raise ExportError(f"{path}: cannot build the architecture to list its linears ({e})") from e
+
+
+def model_linears(
+    hf_config: Mapping[str, Any], path: Path, model: torch.nn.Module | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Names of every ``nn.Linear`` of the architecture, and those that read one input (what
+    vLLM fuses), from a meta-device skeleton traced once (no weights read): ``model`` if given,
+    else :func:`meta_model`. Every exporter that must know the model's linears calls this.
+    Raises FormatError without a model_type, ExportError if transformers cannot build or trace
+    the architecture."""
+    from quantizer.model_walk import shared_input_groups
+
+    if model is None:
+        model = meta_model(hf_config, path)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
         groups = shared_input_groups(model)

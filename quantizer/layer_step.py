@@ -12,6 +12,7 @@ import itertools
 import logging
 import re
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -63,7 +64,10 @@ def quantize_layer(
     """Load decoder layer ``i``, quantize its linears group by group and then its experts
     (Hessians from ``acts``, whose inputs then advance through the quantized layer), hand
     every tensor to the writer (under the checkpoint's names, hf_names.to_checkpoint) and
-    free the layer; returns its sublayer reports and its MoE fallbacks."""
+    free the layer; returns its sublayer reports and its MoE fallbacks.
+
+    The writer gets the layer's unquantized tensors first, then each sublayer's tensors as
+    soon as it is stored (in the order quantized): the layer's results are never all held."""
     src, writer = run.src, run.writer
     prefix, layer = f"{run.layers_name}.{i}", run.layers[i]
     linears, fused, _ = layer_linears(run, layer, prefix)
@@ -73,25 +77,37 @@ def quantize_layer(
     stored = load_layer(
         src, layer, prefix, run.device, run.dtype, set(layer_names) - quantized_weights
     )
-    results: list[tuple[dict[str, Tensor], SublayerReport]] = []
+    rest = {
+        n: stored[n] if n in stored else src.get(n)
+        for n in layer_names
+        if n not in quantized_weights
+    }
+    writer.add(to_checkpoint(run.model, rest))
+    del stored, rest
+    reports: list[SublayerReport] = []
     fallbacks: list[dict] = []
     n_experts = sum(len(fe.linears) for fe in fused)
     sub = tqdm(total=len(linears) + n_experts, desc=f"layer {i}", unit="sublayer", leave=False)
+
+    def write(results: Iterable[tuple[dict[str, Tensor], SublayerReport]]) -> None:
+        for tensors, report in results:
+            writer.add(tensors)
+            del tensors  # (the writer holds its own copy)
+            reports.append(report)
+            sub.update()
+
     if acts is None:
         for name in linears:
-            results += quantize_group(run, prefix, [name], linears, None)
-            sub.update()
+            write(quantize_members(run, prefix, [name], linears, None))
     else:
         run_first = functools.partial(layer_forward, layer, acts.first(), kwargs)
         for group in sequential_groups(linears, run_first):
             h = hessian(layer, linears[group[0]], acts, kwargs, run.hessian_device)
             check_finite(h, f"{prefix}.{group[0]}", i)
-            results += quantize_group(run, prefix, group, linears, h)
-            sub.update(len(group))
+            write(quantize_members(run, prefix, group, linears, h))
             del h
     for fe in fused:
-        results += quantize_experts(run, prefix, i, layer, fe, acts, kwargs, fallbacks)
-        sub.update(len(fe.linears))
+        write(quantize_experts(run, prefix, i, layer, fe, acts, kwargs, fallbacks))
     if acts is not None:
         with torch.no_grad():  # inputs of the next layer, through the quantized layer
             step = functools.partial(layer_forward, layer, kwargs=kwargs)
@@ -102,18 +118,8 @@ def quantize_layer(
                 "(try --dtype float32, a larger --damp or other calibration data)"
             )
     sub.close()
-
-    rest = {
-        n: stored[n] if n in stored else src.get(n)
-        for n in layer_names
-        if n not in quantized_weights
-    }
-    writer.add(to_checkpoint(run.model, rest))
-    del stored, rest
-    for tensors, _ in results:
-        writer.add(tensors)
     layer.to("meta")  # free the layer
-    return [r for _, r in results], fallbacks
+    return reports, fallbacks
 
 
 def check_finite(h: Hessian, name: str, i: int) -> None:
@@ -126,9 +132,10 @@ def check_finite(h: Hessian, name: str, i: int) -> None:
 
 
 def _as_linear(W: Tensor) -> nn.Linear:
-    """An nn.Linear holding a copy of ``W`` (out, in): what quantize_group works on."""
+    """An nn.Linear whose weight is ``W`` (out, in) itself, no copy (a view of a fused
+    experts parameter): what quantize_members works on and writes Q into."""
     m = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
-    m.weight = nn.Parameter(W.clone(), requires_grad=False)
+    m.weight = nn.Parameter(W, requires_grad=False)
     return m
 
 
@@ -141,26 +148,22 @@ def quantize_experts(
     acts: Activations | None,
     kwargs: dict,
     fallbacks: list[dict],
-) -> list[tuple[dict[str, Tensor], SublayerReport]]:
+) -> Iterator[tuple[dict[str, Tensor], SublayerReport]]:
     """Quantize every expert linear of ``fe`` (each stored as its own linear), stage by stage
-    in call order (gate/up, then down with the quantized gate/up upstream), writing Q back
-    into the fused parameters. H per stage: ``all``, stage 0: the experts' input, one H for
-    every expert, factored once; otherwise one H per (expert, parameter) from the tokens
-    ``--moe-calibration`` sends, falling back to the expert's all-token H below
-    ``--moe-min-tokens`` tokens (appended to ``fallbacks``)."""
+    in call order (gate/up, then down with the quantized gate/up upstream), yielding each
+    one's checkpoint tensors and report as soon as it is stored; its Q is written into the
+    fused parameter in place (a stage's inputs depend only on earlier stages, so the Hessians
+    are those of writing Q back after the stage). H per stage: ``all``, stage 0: the experts'
+    input, one H for every expert, factored once; ``all``, later stages: one H per (expert,
+    parameter) from every token; ``routed``: one H per (expert, parameter) from the tokens the
+    router sends, falling back to the expert's all-token H below ``--moe-min-tokens`` tokens
+    (appended to ``fallbacks``)."""
     job = run.job
     mods = {lin.name: _as_linear(fe.weight(lin)) for lin in fe.linears}
-    results: list[tuple[dict[str, Tensor], SublayerReport]] = []
-
-    def write_back(lins: list[ExpertLinear]) -> None:
-        for lin in lins:
-            fe.weight(lin).copy_(mods[lin.name].weight.data)
-
     if acts is None:  # RTN
         for lin in fe.linears:
-            results += quantize_group(run, prefix, [lin.name], mods, None)
-        write_back(fe.linears)
-        return results
+            yield from quantize_members(run, prefix, [lin.name], mods, None)
+        return
     stages = call_order(fe, functools.partial(layer_forward, layer, acts.first(), kwargs))
     feeds = ExpertFeeds(run, layer, fe, acts, kwargs)
     for stage in sorted(set(stages.values())):
@@ -169,7 +172,7 @@ def quantize_experts(
         if stage == 0 and job.moe_calibration == "all":
             h = feeds.input_hessian(consume=True)
             check_finite(h, f"{prefix}.{fe.name}", i)
-            results += quantize_group(run, prefix, [lin.name for lin in lins], mods, h)
+            yield from quantize_members(run, prefix, [lin.name for lin in lins], mods, h)
         else:
             # per-expert Hessians, a chunk of experts at a time (at most
             # moe.EXPERT_HESSIAN_BYTES of them held at once; the same bytes for any chunk)
@@ -179,11 +182,9 @@ def quantize_experts(
             for first in range(0, fe.num_experts, chunk):
                 experts = set(range(first, min(first + chunk, fe.num_experts)))
                 part = [lin for lin in lins if lin.expert in experts]
-                results += _expert_groups(
+                yield from _expert_groups(
                     run, prefix, i, feeds, mods, params, part, experts, stage == 0, fallbacks
                 )
-        write_back(lins)
-    return results
 
 
 def _expert_groups(
@@ -197,19 +198,30 @@ def _expert_groups(
     experts: set[int],
     stage0: bool,
     fallbacks: list[dict],
-) -> list[tuple[dict[str, Tensor], SublayerReport]]:
+) -> Iterator[tuple[dict[str, Tensor], SublayerReport]]:
     """Quantize ``lins`` (one stage, the given ``experts``; ``stage0``: the stage reading the
     experts' input) with one H per (parameter, expert) from the tokens --moe-calibration
-    sends; those below --moe-min-tokens use their all-token H instead (appended to
-    ``fallbacks``)."""
+    sends. ``routed``: those below --moe-min-tokens use their all-token H instead (appended
+    to ``fallbacks``). ``all``: every expert already sees every calibration token, so none
+    falls back; a calibration set below --moe-min-tokens is logged."""
     job = run.job
     route = None if job.moe_calibration == "routed" else "all"
     hs = feeds.hessians(params, route, experts)
     keys = sorted({(lin.param, lin.expert) for lin in lins})
-    starved = [k for k in keys if k not in hs or hs[k].n < job.moe_min_tokens]
     by_key: dict[tuple[str, int], list[str]] = {}
     for lin in lins:
         by_key.setdefault((lin.param, lin.expert), []).append(lin.name)
+    starved = []
+    if route is None:
+        starved = [k for k in keys if k not in hs or hs[k].n < job.moe_min_tokens]
+    else:
+        few = sorted({hs[k].n for k in keys if hs[k].n < job.moe_min_tokens})
+        if few:
+            log.warning(
+                "%s: --moe-calibration all sends every one of the %d calibration tokens to "
+                "every expert, fewer than --moe-min-tokens %d; nothing to fall back to (more "
+                "calibration tokens raise it)", prefix, few[0], job.moe_min_tokens,
+            )  # fmt: skip
     for key in starved:
         tokens = hs[key].n if key in hs else 0
         fallbacks += [{"name": f"{prefix}.{n}", "tokens": tokens} for n in by_key[key]]
@@ -219,11 +231,9 @@ def _expert_groups(
     elif starved:
         hs = feeds.hessians(params, "all", {e for _, e in starved})
         groups += [(by_key[k], hs.pop(k)) for k in starved]
-    results = []
     for names, h in groups:
         check_finite(h, f"{prefix}.{names[0]}", i)
-        results += quantize_group(run, prefix, names, mods, h)
-    return results
+        yield from quantize_members(run, prefix, names, mods, h)
 
 
 class ExpertFeeds:
@@ -254,7 +264,7 @@ class ExpertFeeds:
             handle.remove()
 
     def input_hessian(self, consume: bool = False) -> Hessian:
-        """H of the experts' input (every token), accumulated once per layer. quantize_group
+        """H of the experts' input (every token), accumulated once per layer. quantize_members
         consumes the H it is given: a copy unless ``consume`` (the last use)."""
         if self._input is None:
             first = next(iter(self.fe.params.values()))
@@ -318,11 +328,22 @@ def quantize_group(
     run: Run, prefix: str, group: list[str], linears: dict[str, nn.Linear], h: Hessian | None
 ) -> list[tuple[dict[str, Tensor], SublayerReport]]:
     """Quantize the sublayers of ``group`` (they share the input, hence H) in place; returns
-    each one's checkpoint tensors and report.
+    each one's checkpoint tensors and report (all of them at once: :func:`quantize_members`
+    hands them out one at a time)."""
+    return list(quantize_members(run, prefix, group, linears, h))
 
-    H is factored once, on the Hessian device; the group's rows are then split evenly over
-    the devices, each quantizing its slices with its own copy of U (in threads: GPU kernels
-    run concurrently). The slices give exactly the rows a single device would."""
+
+def quantize_members(
+    run: Run, prefix: str, group: list[str], linears: dict[str, nn.Linear], h: Hessian | None
+) -> Iterator[tuple[dict[str, Tensor], SublayerReport]]:
+    """Quantize the sublayers of ``group`` (they share the input, hence H) in place, one at a
+    time, yielding each one's checkpoint tensors and report as soon as it is stored: at most
+    one member's result is held (a group of 256 expert linears sharing one H included).
+
+    H is factored once, on the Hessian device, and U copied once to each device; each
+    member's rows are then split evenly over the devices, each quantizing its slice (in
+    threads: GPU kernels run concurrently). The slices give exactly the rows a single device
+    would. Each report's seconds: its own quantization plus an equal share of the factoring."""
     s = run.job.settings
     t = time.time()
     try:
@@ -335,40 +356,42 @@ def quantize_group(
             "%s.%s: %d of %d inputs are zero in every calibration token (weights kept, rounded "
             "to nearest)", prefix, "/".join(group), dead, len(prep.dead),
         )  # fmt: skip
-    weights = [linears[n].weight.data for n in group]
     # A row-coupled grid (one parameter per group shared by all rows) is fitted on whole
     # weights: its rows stay on the first device (the Hessian still goes to the second).
-    row_devices = 1 if s.fit in ROW_COUPLED_GRIDS else len(run.devices)
-    plan = row_plan([w.shape[0] for w in weights], row_devices)
+    devices = run.devices[:1] if s.fit in ROW_COUPLED_GRIDS else run.devices
+    preps = [None if prep is None else prep.to(d) for d in devices]  # U copied to each device
+    prep = None
+    shared = (time.time() - t) / len(group)
 
-    def one(m: int, a: int, b: int, device: torch.device, p) -> QuantizedWeight:
-        try:
-            return quantize_weight(weights[m][a:b].to(device), p, s, rows=(a, len(weights[m])))
-        except FP16RangeError as e:
-            raise fp16_range_error(prefix, group[m], weights[m], e, h is None) from e
-
-    def work(device: torch.device, slices: list[tuple[int, int, int]]):
-        p = None if prep is None else prep.to(device)  # U copied to each device
+    def work(W: Tensor, name: str, device: torch.device, p, a: int, b: int):
         # the thread's current CUDA device, for anything allocated without an explicit device
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            return [(m, a, one(m, a, b, device, p)) for m, a, b in slices]
+            try:
+                return quantize_weight(W[a:b].to(device), p, s, rows=(a, len(W)))
+            except FP16RangeError as e:
+                raise fp16_range_error(prefix, name, W, e, h is None) from e
 
-    if len(plan) == 1:
-        done = [work(run.devices[0], plan[0])]
-    else:
-        with ThreadPoolExecutor(len(run.devices)) as pool:
-            done = list(pool.map(work, run.devices, plan))
-    prep = None  # free U before the results are packed
-    seconds = (time.time() - t) / len(group)
-    # Devices take consecutive row ranges, so the slices arrive in row order.
-    parts: list[list[QuantizedWeight]] = [[] for _ in group]
-    for m, _, r in (x for per_device in done for x in per_device):
-        parts[m].append(r)
-    stored = []
-    for m, name in enumerate(group):  # one whole weight at a time
-        r = QuantizedWeight.cat(parts[m], run.device)
-        stored.append(store_sublayer(run, prefix, name, linears[name], r, seconds, dead))
-    return stored
+    with ThreadPoolExecutor(len(devices)) if len(devices) > 1 else contextlib.nullcontext() as pool:
+        for m, name in enumerate(group):
+            t = time.time()
+            W = linears[name].weight.data
+            # one slice of rows per device, in row order
+            slices = [sl[0] for sl in row_plan([W.shape[0]], len(devices))]
+            args = [(W, name, devices[k], preps[k], a, b) for k, (_, a, b) in enumerate(slices)]
+            if pool is None:
+                parts = [work(*args[0])]
+            else:
+                parts = list(pool.map(lambda x: work(*x), args))
+            del args
+            if m == len(group) - 1:  # free U before the last result is packed
+                preps.clear()
+            r = QuantizedWeight.cat(parts, run.device)
+            del parts
+            seconds = shared + time.time() - t
+            stored = store_sublayer(run, prefix, name, linears[name], r, seconds, dead)
+            del r  # (nothing of this member is held while the next one is quantized)
+            yield stored
+            del stored
 
 
 def fp16_range_error(prefix: str, name: str, W: Tensor, e: FP16RangeError, rtn: bool) -> UserError:
@@ -403,7 +426,8 @@ def store_sublayer(
     full, qcfg = checkpoint_module(run.model, f"{prefix}.{name}"), run.qcfg
     if not torch.isfinite(r.Q).all():
         raise UserError(f"{full}: quantization produced NaN/Inf (check the calibration data)")
-    m.weight.data = r.Q.to(m.weight.dtype)  # later sublayers see the quantized output
+    m.weight.data.copy_(r.Q)  # later sublayers see the quantized output (in place: an
+    # expert's weight is a view of its fused parameter)
     if qcfg.grid == "nonuniform":
         grid = {"lut": r.lut}
     else:

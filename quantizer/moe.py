@@ -19,8 +19,9 @@ module, e.g. Mixtral's ``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts
 Calibration (``--moe-calibration``): ``all`` (llm-compressor's choice) feeds every calibration
 token through every expert for the Hessians, so stage 0 of every expert shares one H (the
 experts' input), factored once per layer; ``routed`` uses only the tokens the router sends.
-An expert linear with fewer than ``--moe-min-tokens`` tokens falls back to its all-token
-Hessian and is counted in the report. The layer's outputs for the next layer always use the
+Under ``routed``, an expert linear with fewer than ``--moe-min-tokens`` tokens falls back to
+its all-token Hessian and is counted in the report (under ``all`` every expert sees every
+token: nothing falls back, and fewer calibration tokens than the minimum are logged). The layer's outputs for the next layer always use the
 real routing.
 """
 

@@ -21,8 +21,8 @@ token through every expert for the Hessians, so stage 0 of every expert shares o
 experts' input), factored once per layer; ``routed`` uses only the tokens the router sends.
 Under ``routed``, an expert linear with fewer than ``--moe-min-tokens`` tokens falls back to
 its all-token Hessian and is counted in the report (under ``all`` every expert sees every
-token: nothing falls back, and fewer calibration tokens than the minimum are logged). The layer's outputs for the next layer always use the
-real routing.
+token: nothing falls back, and fewer calibration tokens than the minimum are logged). The
+layer's outputs for the next layer always use the real routing.
 """
 
 from __future__ import annotations

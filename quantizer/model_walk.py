@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 # Architectures covered by the test-suite (tiny random models of each).
 TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
-# Mixture-of-Experts architectures the quantizer is tested on (tests/test_moe.py); kept apart
-# from TESTED_MODEL_TYPES, which the planner also reads and which does not know MoE yet.
-TESTED_MOE_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
+# Mixture-of-Experts architectures the quantizer is tested on (tests/test_moe.py; DeepSeek-V3,
+# MLA and a first dense layer: tests/test_moe_deepseek.py); kept apart from TESTED_MODEL_TYPES,
+# which the planner also reads and which does not know MoE yet.
+TESTED_MOE_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")
 # Multimodal wrappers tested (tests/test_multimodal.py): quantized on their text decoder, which
 # must be of a tested type above. Apart from TESTED_MODEL_TYPES for the same reason as MoE.
 TESTED_MULTIMODAL_MODEL_TYPES = ("gemma3", "mistral3")
@@ -178,7 +179,15 @@ class StopForward(Exception):
 def sequential_groups(linears: dict[str, nn.Linear], run: Callable[[], object]) -> list[list[str]]:
     """Sublayers in execution order, grouped by shared input tensor (true-sequential order).
 
-    ``run`` performs one forward pass of the layer.
+    A group is every sublayer fed one tensor, also when other sublayers run between them
+    (DeepSeek's MLA: ``q_a_proj``, ``q_b_proj``, then ``kv_a_proj_with_mqa`` on ``q_a_proj``'s
+    input), placed at its first member's call: they share one H, hence one act-order
+    permutation and one ``g_idx``, as the engines that fuse them (vLLM's ``fused_qkv_a_proj``)
+    need. Quantizing a later member with the group loses nothing: its input existed before the
+    group's first call, so no sublayer quantized in between can change it.
+
+    ``run`` performs one forward pass of the layer. Raises UserError if a sublayer is never
+    called.
     """
     # An input is identified by its memory, shape, strides and version (in-place writes bump
     # it). Inputs are kept alive until the pass ends: a freed input's memory may be reused for
@@ -197,18 +206,18 @@ def sequential_groups(linears: dict[str, nn.Linear], run: Callable[[], object]) 
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    last_key = None
+    group_of: dict[tuple, list[str]] = {}  # input key -> the group its readers form
     for name, x, version in calls:
         # meta tensors (a skeleton traced without weights) all have data_ptr 0: the object
         # itself, kept alive in ``calls``, identifies them
         key = (id(x) if x.is_meta else x.data_ptr(), tuple(x.shape), x.stride(), version)
         if any(name in g for g in groups):
             continue  # called twice: keep its first position
-        if groups and key == last_key:
-            groups[-1].append(name)
+        if key in group_of:
+            group_of[key].append(name)
         else:
-            groups.append([name])
-        last_key = key
+            group_of[key] = [name]
+            groups.append(group_of[key])
     missing = set(linears) - {n for g in groups for n in g}
     if missing:
         raise UserError(f"linear sublayers never called in a forward pass: {sorted(missing)}")

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    DeepseekV3Config,
     Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
@@ -99,6 +100,23 @@ MOE_ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
     ),
 }
 
+# DeepSeek-V3 (tests/test_moe_deepseek.py): MLA attention (q_a/q_b low rank 32, kv latent 32 +
+# rope 16, 4 heads of nope 16 + rope 16, v 16), layer 0 a dense MLP (128), layers 1-2 MoE: 8
+# routed experts of 32 in 4 groups, top-2 of the best 2 groups, one shared expert; every
+# in_features (64, 32, 128) a multiple of 32. topk_method and scoring_func as DeepSeek-V3's own
+# config.json has them (transformers ignores them; vLLM's deepseek_v2.py reads them). Kept apart
+# from MOE_ARCHITECTURES, whose tests assume 4 experts in every layer.
+MLA_ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
+    "deepseek_v3": lambda v: DeepseekV3Config(
+        vocab_size=v, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, n_shared_experts=1, max_position_embeddings=256,
+        topk_method="noaux_tc", scoring_func="sigmoid",
+    ),
+}  # fmt: skip
+
 # Multimodal wrappers (tests/test_multimodal.py): a text decoder of a tested architecture
 # (the tiny configs above) inside its ...ForConditionalGeneration, with a tiny vision tower
 # (SigLIP for Gemma 3, Pixtral for Mistral 3: 2 layers, hidden 32, 28x28 images of 14x14
@@ -159,7 +177,8 @@ def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
     """``tiny_model(arch, nan_in=None)``: path of a tiny random bf16 model folder of ``arch``
-    (a key of ARCHITECTURES, MOE_ARCHITECTURES or MULTIMODAL_ARCHITECTURES) with the tokenizer; ``nan_in`` names a weight given one NaN.
+    (a key of ARCHITECTURES, MOE_ARCHITECTURES, MLA_ARCHITECTURES or MULTIMODAL_ARCHITECTURES)
+    with the tokenizer; ``nan_in`` names a weight given one NaN.
     Folders are written once per session and must not be modified by tests."""
     cache: dict[tuple[str, str | None], Path] = {}
 
@@ -167,9 +186,8 @@ def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
         if (arch, nan_in) in cache:
             return cache[arch, nan_in]
         torch.manual_seed(0)
-        config = {**ARCHITECTURES, **MOE_ARCHITECTURES, **MULTIMODAL_ARCHITECTURES}[arch](
-            len(tokenizer)
-        )
+        tables = (ARCHITECTURES, MOE_ARCHITECTURES, MLA_ARCHITECTURES, MULTIMODAL_ARCHITECTURES)
+        config = next(t[arch] for t in tables if arch in t)(len(tokenizer))
         auto = (
             AutoModelForImageTextToText
             if arch in MULTIMODAL_ARCHITECTURES

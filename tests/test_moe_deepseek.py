@@ -1,0 +1,328 @@
+"""DeepSeek-V3 quantized end to end (issue 15): Multi-head Latent Attention, a first dense layer
+then MoE layers with one shared and 8 routed experts (tiny random model, conftest's
+``MLA_ARCHITECTURES``), in the hub layout ``save_pretrained`` writes (one tensor per expert
+linear) and the fused layout transformers holds in memory (``mlp.experts.gate_up_proj``).
+
+Expectations come from outside the quantizer: the linears from the source file's keys and
+hand counts, the expert names from vLLM's own expert-parameter mapping (what deepseek_v2.py's
+``load_weights`` matches), the in-memory quantized model from transformers' ``from_pretrained``
+on the source tensors with the observed Q put in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MLA_ARCHITECTURES, VOCAB, quantize_observed
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_moe import fused_copy
+from transformers import AutoModelForCausalLM
+
+from leanquant_serve.format import Checkpoint, load_reference_model
+from quantizer.gptq import GPTQSettings
+from quantizer.model_walk import find_decoder_layers, find_linears, sequential_groups
+
+NSAMPLES, SEQLEN = 4, 32
+LAYERS, DENSE, EXPERTS, TOP_K = 3, 1, 8, 2  # layer 0 dense, layers 1-2 MoE
+MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+ROUTERS = {f"model.layers.{i}.mlp.gate" for i in range(DENSE, LAYERS)}
+# act-order with dynamic groups: every linear stores g_idx (the fused parts must agree)
+SETTINGS = GPTQSettings(bits=4, group_size=32, blocksize=32, static_groups=False)
+
+
+def expected_linears() -> set[str]:
+    """Every linear of the tiny model, counted by hand from its structure."""
+    names = set()
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        names |= {f"{p}.self_attn.{n}" for n in MLA}
+        if i < DENSE:
+            names |= {f"{p}.mlp.{n}" for n in MLP}
+        else:
+            names |= {f"{p}.mlp.shared_experts.{n}" for n in MLP}
+            names |= {f"{p}.mlp.experts.{e}.{n}" for e in range(EXPERTS) for n in MLP}
+    return names
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_model, tmp_path_factory) -> Path:
+    """The tiny DeepSeek-V3 as save_pretrained writes it, with each router's
+    e_score_correction_bias set to random float32 values (DeepSeek-V3's checkpoints store it in
+    float32; transformers initialises it to zero) so that it steers the routing."""
+    dest = shutil.copytree(tiny_model("deepseek_v3"), tmp_path_factory.mktemp("ds") / "hub")
+    state = load_file(dest / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    for r in ROUTERS:
+        state[f"{r}.e_score_correction_bias"] = torch.randn(EXPERTS, generator=g) * 0.05
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+@dataclass
+class DsRun:
+    layout: str
+    src: Path
+    out: Path
+    Q: dict[str, torch.Tensor]
+    report: dict
+
+
+def quantize(src: Path, out: Path, **kw) -> tuple[dict[str, torch.Tensor], dict]:
+    job = dict(settings=SETTINGS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=2)
+    return quantize_observed(src, out, **{**job, **kw})
+
+
+_RUNS: dict[tuple, tuple[Path, dict, dict]] = {}  # one quantization per (source, options)
+
+
+def quantize_once(src: Path, tmp_path_factory, **kw) -> tuple[Path, dict, dict]:
+    """(output, observed Q, report) of quantizing ``src`` with ``kw``, run once per module."""
+    key = (src, *sorted(kw.items()))
+    if key not in _RUNS:
+        out = tmp_path_factory.mktemp("out") / "ckpt"
+        _RUNS[key] = (out, *quantize(src, out, **kw))
+    return _RUNS[key]
+
+
+CASES = [("hub", "all", {}), ("fused", "routed", {"moe_min_tokens": 8})]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def ds_run(request, hub, calib_text, tmp_path_factory) -> DsRun:
+    layout, calibration, kw = request.param
+    src = hub if layout == "hub" else fused_copy(hub, tmp_path_factory.mktemp("fused") / "m")
+    out, Q, report = quantize_once(
+        src, tmp_path_factory, calib=str(calib_text), moe_calibration=calibration, **kw
+    )
+    return DsRun(layout, src, out, Q, report)
+
+
+def test_the_layouts_differ_and_the_structure_is_as_configured(ds_run: DsRun, hub: Path):
+    keys = set(load_file(ds_run.src / "model.safetensors"))
+    assert any(re.search(r"mlp\.experts\.\d+\.gate_proj", k) for k in keys) == (
+        ds_run.layout == "hub"
+    )
+    model = AutoModelForCausalLM.from_pretrained(hub, dtype=torch.bfloat16)
+    _, layers = find_decoder_layers(model)
+    assert [type(layer.mlp).__name__ for layer in layers] == [
+        "DeepseekV3MLP", "DeepseekV3MoE", "DeepseekV3MoE"
+    ]  # fmt: skip
+    assert len(expected_linears()) == LAYERS * 5 + 3 + (LAYERS - DENSE) * (3 + EXPERTS * 3) == 72
+
+
+def test_every_linear_is_quantized_and_only_the_routers_stay_dense(ds_run: DsRun, hub: Path):
+    ckpt = Checkpoint(ds_run.out)
+    ckpt.validate()
+    names = set(ckpt.tensor_names())
+    quantized = {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")}
+    hub_state = load_file(hub / "model.safetensors")
+    hub_linears = {
+        k.removesuffix(".weight")
+        for k, v in hub_state.items()
+        if ".layers." in k and k.endswith(".weight") and v.dim() == 2
+    }
+    assert quantized == expected_linears() == hub_linears - ROUTERS
+    assert set(ds_run.Q) == quantized  # each observed once (quantize_observed checks)
+    # the only dense weights of >= 2 dimensions in the decoder layers: the routers
+    dense = {n for n in names if ".layers." in n and n.endswith(".weight") and "norm" not in n}
+    assert dense == {f"{r}.weight" for r in ROUTERS}
+    assert ROUTERS <= set(ckpt.qcfg.modules_to_not_convert)
+    assert {s["name"] for s in ds_run.report["skipped"]} == {f"{r}.weight" for r in ROUTERS}
+    # everything not quantized is the source's tensor, bit for bit and in its dtype: the
+    # routers' weights and their float32 e_score_correction_bias, norms, embeddings, head
+    src = load_file(ds_run.src / "model.safetensors")
+    got = {n: ckpt.get(n) for n in names}
+    kept = {k for k in hub_state if k.rpartition(".")[0] not in quantized}
+    for k in kept:
+        want = hub_state[k] if ds_run.layout == "hub" else src[k]
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+    assert all(got[f"{r}.e_score_correction_bias"].abs().max() > 0 for r in ROUTERS)
+    assert set(got) == kept | {n for n in names if n.rpartition(".")[0] in quantized}
+
+
+def test_expert_names_are_those_vllm_deepseek_v2_loads(ds_run: DsRun):
+    """Each stored expert linear matches exactly one entry of vLLM's expert-parameter mapping
+    (built as deepseek_v2.py's load_weights builds it: gate_proj / down_proj / up_proj) and each
+    entry one linear per MoE layer; the MLA projections vLLM fuses (fused_qkv_a_proj:
+    q_a_proj + kv_a_proj_with_mqa) and the routers' tensors are under the names it reads; the
+    config keeps what deepseek_v2.py needs to build the router with its bias."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe.layer import fused_moe_make_expert_params_mapping
+
+    mapping = fused_moe_make_expert_params_mapping(
+        torch.nn.Module(), ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
+        ckpt_up_proj_name="up_proj", num_experts=EXPERTS,
+    )  # fmt: skip
+    ckpt = Checkpoint(ds_run.out)
+    names = set(ckpt.tensor_names())
+    quantized = {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")}
+    for i in range(DENSE, LAYERS):
+        experts = {n for n in quantized if n.startswith(f"model.layers.{i}.mlp.experts.")}
+        assert len(experts) == EXPERTS * 3
+        for n in experts:
+            hits = [m for m in mapping if m[1] in f"{n}.qweight"]
+            assert len(hits) == 1, (n, hits)
+        for _, weight_name, _, _ in mapping:
+            assert sum(weight_name in f"{n}." for n in experts) == 1, weight_name
+        for r in ("weight", "e_score_correction_bias"):
+            assert f"model.layers.{i}.mlp.gate.{r}" in names
+    for i in range(LAYERS):
+        for part in ("q_a_proj", "kv_a_proj_with_mqa"):
+            assert f"model.layers.{i}.self_attn.{part}" in quantized
+    config = json.loads((ds_run.out / "config.json").read_text())
+    assert (config["topk_method"], config["scoring_func"]) == ("noaux_tc", "sigmoid")
+
+
+def test_reference_model_is_the_source_with_the_observed_weights(
+    ds_run: DsRun, hub: Path, tmp_path
+):
+    ckpt = Checkpoint(ds_run.out)
+    for name, Q in ds_run.Q.items():
+        assert torch.equal(ckpt.dequantized_weight(name), Q), name
+    # transformers' own loader builds the expected model from the hub tensors with Q put in
+    expected_dir = shutil.copytree(hub, tmp_path / "expected")
+    state = load_file(expected_dir / "model.safetensors")
+    assert {f"{n}.weight" for n in ds_run.Q} <= set(state)
+    state.update({f"{n}.weight": Q for n, Q in ds_run.Q.items()})
+    if ds_run.layout == "fused":  # its source held the routers' bias in bf16
+        src = load_file(ds_run.src / "model.safetensors")
+        state.update({f"{r}.e_score_correction_bias": src[f"{r}.e_score_correction_bias"]
+                      for r in ROUTERS})  # fmt: skip
+    state = {k: v.to(torch.float32) for k, v in state.items()}
+    save_file(state, expected_dir / "model.safetensors", metadata={"format": "pt"})
+    expected = AutoModelForCausalLM.from_pretrained(expected_dir, dtype=torch.float32).eval()
+    ids = torch.randint(
+        0, expected.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        want = expected(input_ids=ids, use_cache=False).logits
+        got = load_reference_model(ds_run.out)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_report_counts_every_linear(ds_run: DsRun):
+    per_layer = [[r["name"] for r in layer] for layer in ds_run.report["layers"]]
+    assert [len(n) for n in per_layer] == [5 + 3] + [5 + 3 + EXPERTS * 3] * (LAYERS - DENSE)
+    assert all(len(set(n)) == len(n) for n in per_layer)
+
+
+# ------------------------------------------------ MLA: q_a and kv_a read one input, one g_idx
+
+
+def test_mla_projections_of_one_input_form_one_group(hub):
+    """q_a_proj and kv_a_proj_with_mqa read the same normed hidden states, with q_b_proj
+    called between them: one group (one H, one act-order permutation), placed first."""
+    model = AutoModelForCausalLM.from_pretrained(hub, dtype=torch.float32)
+    _, layers = find_decoder_layers(model)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    want_attn = [
+        ["self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"],
+        ["self_attn.q_b_proj"], ["self_attn.kv_b_proj"], ["self_attn.o_proj"],
+    ]  # fmt: skip
+    for i, mlp in ((0, "mlp"), (1, "mlp.shared_experts")):
+        groups = sequential_groups(find_linears(layers[i]), lambda: model(input_ids=ids))
+        assert groups == [*want_attn, [f"{mlp}.gate_proj", f"{mlp}.up_proj"], [f"{mlp}.down_proj"]]
+
+
+def test_fused_qkv_a_parts_store_one_g_idx(ds_run: DsRun):
+    """vLLM loads q_a_proj and kv_a_proj_with_mqa into one fused_qkv_a_proj with one g_idx:
+    the checkpoint's two g_idx are equal, and a real act-order permutation (not the identity's
+    column // group), so that the check can fail."""
+    ckpt = Checkpoint(ds_run.out)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}.self_attn"
+        a, b = ckpt.get(f"{p}.q_a_proj.g_idx"), ckpt.get(f"{p}.kv_a_proj_with_mqa.g_idx")
+        assert torch.equal(a, b)
+        assert not torch.equal(a, torch.arange(a.numel(), dtype=a.dtype) // 32)
+    order = [r["name"] for r in ds_run.report["layers"][0]]
+    assert order[:2] == ["self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"]
+
+
+# ------------------------------------------------------------- starved experts, RTN, the planner
+
+
+@pytest.fixture(scope="module")
+def hub_all(hub, calib_text, tmp_path_factory) -> Path:
+    return quantize_once(hub, tmp_path_factory, calib=str(calib_text), moe_calibration="all")[0]
+
+
+def test_starved_experts_fall_back_to_their_all_token_hessian(hub, calib_text, tmp_path, hub_all):
+    """routed with a minimum no expert reaches: every routed expert linear (2 layers x 8 x 3)
+    falls back and is reported with its routed token count, the shared experts never; the
+    checkpoint is exactly the all-token one."""
+    out = tmp_path / "starved"
+    _, report = quantize(
+        hub, out, calib=str(calib_text), moe_calibration="routed",
+        moe_min_tokens=NSAMPLES * SEQLEN + 1,
+    )  # fmt: skip
+    fallbacks = report["moe_fallbacks"]
+    assert len(fallbacks) == (LAYERS - DENSE) * EXPERTS * 3
+    assert not any("shared_experts" in f["name"] for f in fallbacks)
+    assert all(0 <= f["tokens"] <= NSAMPLES * SEQLEN for f in fallbacks)
+    for i in range(DENSE, LAYERS):  # top-2: each token reaches 2 routed experts
+        gate = [
+            f["tokens"] for f in fallbacks
+            if f["name"].startswith(f"model.layers.{i}.") and f["name"].endswith(".gate_proj")
+        ]  # fmt: skip
+        assert len(gate) == EXPERTS and sum(gate) == TOP_K * NSAMPLES * SEQLEN
+    a, b = load_file(out / "model.safetensors"), load_file(hub_all / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_routed_without_fallback_differs_from_all(hub, calib_text, tmp_path, hub_all):
+    out = tmp_path / "routed"
+    _, report = quantize(
+        hub, out, calib=str(calib_text), moe_calibration="routed", moe_min_tokens=1
+    )
+    Checkpoint(out).validate()
+    a, b = load_file(out / "model.safetensors"), load_file(hub_all / "model.safetensors")
+    experts = [k for k in a if ".mlp.experts." in k and k.endswith(".qweight")]
+    assert len(experts) == (LAYERS - DENSE) * EXPERTS * 3
+    assert any(not torch.equal(a[k], b[k]) for k in experts)
+    # up to the first MoE layer's routed experts, nothing changed (later layers see its output)
+    for k in a:
+        layer = re.search(r"\.layers\.(\d+)\.", k)
+        if layer and int(layer[1]) <= DENSE and ".mlp.experts." not in k:
+            assert torch.equal(a[k], b[k]), k
+    assert all(f["tokens"] == 0 for f in report.get("moe_fallbacks", []))
+
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4}
+
+
+def test_rtn_quantizes_every_linear_and_the_planner_counts_its_bytes(hub, tmp_path):
+    """RTN (no calibration): the same 72 linears; ``leanquant plan`` reads the checkpoint
+    (MoE and MLA shapes) and plans the bytes stored, but for the routers' biases."""
+    from leanquant_serve.plan import Architecture, PlanInput, plan
+
+    out = tmp_path / "rtn"
+    quantize(hub, out, rtn=True)
+    names = set(Checkpoint(out).tensor_names())
+    assert {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")} == (
+        expected_linears()
+    )
+    stored = 0
+    with safe_open(out / "model.safetensors", "pt") as st:
+        for name in st.keys():  # noqa: SIM118  (safe_open has no __iter__)
+            t = st.get_slice(name)
+            stored += math.prod(t.get_shape()) * _DTYPE_BYTES[t.get_dtype()]
+    p = plan(PlanInput(str(out), max_model_len=64))
+    # the planner counts a layer's parameters, not the routers' e_score_correction_bias (a
+    # persistent buffer, float32 here as in DeepSeek-V3's checkpoints): a known gap of
+    # MoE layers x experts x 4 bytes (58 x 256 x 4 = 59 kB for DeepSeek-V3)
+    biases = (LAYERS - DENSE) * EXPERTS * 4
+    assert p.checkpoint_bytes["total"] == stored - biases
+    assert not any("do not cover" in w for w in p.warnings)  # deepseek_v3 is a tested type
+    a = Architecture.from_config(MLA_ARCHITECTURES["deepseek_v3"](VOCAB).to_dict(), "ds")
+    assert (a.num_experts, a.moe_layers, a.kv_lora_rank, a.qk_rope_head_dim) == (8, 2, 32, 16)

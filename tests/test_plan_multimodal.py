@@ -64,12 +64,15 @@ def siglip_elements(h: int, inter: int, layers: int, image: int, patch: int) -> 
     return layers * layer + (3 * patch * patch * h + h) + (image // patch) ** 2 * h + 2 * h
 
 
-def gemma3_text_elements(hidden: int, inter: int, layers: int, vocab: int) -> int:
-    """Gemma 3's text model with tied embeddings: 8 query heads and 4 KV heads of 256, four
-    RMSNorms of hidden and q_norm/k_norm of 256 per layer, the final norm."""
-    q, kv = 8 * 256, 4 * 256
-    layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 4 * hidden + 2 * 256
-    return vocab * hidden + layers * layer + hidden
+def gemma3_text_elements(
+    hidden: int, inter: int, layers: int, heads: int = 8, kv_heads: int = 4, head_dim: int = 256
+) -> int:
+    """Gemma 3's text model (vocabulary 262208) with tied embeddings: per layer q/k/v/o and
+    gate/up/down without biases, four RMSNorms of hidden and q_norm/k_norm of head_dim; the
+    final norm."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 4 * hidden + 2 * head_dim
+    return 262208 * hidden + layers * layer + hidden
 
 
 def write(tmp_path: Path, d: dict, name: str = "config.json") -> str:
@@ -89,7 +92,7 @@ def test_gemma3_4b_by_hand(tmp_path):
     assert p.architecture["towers"] == {"vision_tower": tower, "multi_modal_projector": projector}
     assert p.architecture["wrapper"] == "gemma3"
     assert p.architecture["model_type"] == "gemma3_text"
-    text = gemma3_text_elements(2560, 10240, 34, 262208)
+    text = gemma3_text_elements(2560, 10240, 34)
     assert p.checkpoint_bytes["towers"] == 2 * (tower + projector)
     assert p.checkpoint_bytes["lm_head"] == 0  # tied, as the wrapper ties them
     # the hub's safetensors metadata for google/gemma-3-4b-it: 4,300,079,472 parameters
@@ -103,6 +106,36 @@ def test_gemma3_4b_by_hand(tmp_path):
     assert "gemma3 wrapper, text model gemma3_text: 34 layers" in out
     assert "vision_tower 416,866,032, multi_modal_projector 2,950,272 elements, 16-bit" in out
     assert "counted whole on every GPU" in out  # the assumption line
+
+
+# google/gemma-3-27b-it's config.json (https://huggingface.co/google/gemma-3-27b-it): the
+# same vision_config; its text_config sizes
+GEMMA3_27B = {
+    **GEMMA3_4B,
+    "text_config": {
+        "head_dim": 128,
+        "hidden_size": 5376,
+        "intermediate_size": 21504,
+        "model_type": "gemma3_text",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 62,
+        "num_key_value_heads": 16,
+        "query_pre_attn_scalar": 168,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+}
+
+
+def test_gemma3_27b_by_hand(tmp_path):
+    """Gemma 3 27B, 16-bit: the same SigLIP tower, a 1152 × 5376 projector; 27,432,406,640
+    parameters in all, the hub's safetensors count for google/gemma-3-27b-it."""
+    p = plan(PlanInput(write(tmp_path, GEMMA3_27B), bits=16))
+    tower, projector = siglip_elements(1152, 4304, 27, 896, 14), 1152 * 5376 + 1152
+    assert p.architecture["towers"] == {"vision_tower": tower, "multi_modal_projector": projector}
+    text = gemma3_text_elements(5376, 21504, 62, heads=32, kv_heads=16, head_dim=128)
+    assert text + tower + projector == 27_432_406_640
+    assert p.checkpoint_bytes["total"] == 2 * (text + tower + projector)
 
 
 def test_the_text_decoder_is_planned_as_its_text_model(tmp_path):

@@ -14,6 +14,7 @@ transformers model, teacher-forced.
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from unittest import mock
 
@@ -84,13 +85,18 @@ def random_experts(cfg: LeanQuantConfig) -> dict[tuple[int, str], dict[str, torc
     }
 
 
-def build_moe(cfg: LeanQuantConfig, rank: int, world: int, act: torch.dtype, quantized=None):
-    """vLLM's FusedMoE layer for Mixtral's ``block_sparse_moe.experts`` as TP rank ``rank``."""
+def build_moe(
+    cfg: LeanQuantConfig, rank: int, world: int, act: torch.dtype, quantized=None, *,
+    cuda: bool = False,
+):  # fmt: skip
+    """vLLM's FusedMoE layer for Mixtral's ``block_sparse_moe.experts`` as TP rank ``rank``;
+    ``cuda``: its quant method chosen as on an sm90 GPU (:func:`fake_cuda`)."""
     qc = LeanQuantVLLMConfig.from_config(cfg.to_dict())
     qc.quantized = quantized
     with (
         set_current_vllm_config(VllmConfig()),
         mock.patch.object(vllm_moe_config, "get_tensor_model_parallel_rank", lambda: rank),
+        fake_cuda() if cuda else contextlib.nullcontext(),
     ):
         runner = FusedMoEFactory(
             num_experts=E, top_k=TOP_K, hidden_size=HIDDEN, intermediate_size=INTER,
@@ -293,3 +299,155 @@ def test_served_moe_tokens_and_logprobs_match_reference(served_moe, tokenizer):
     assert ties <= 2
     paths = linear_paths(log.read_text())
     assert "portable (dense experts, vLLM fused MoE)" in paths, paths
+
+
+# --- CUDA: the hand-over to vLLM's WNA16 MoE kernels (Marlin MoE), decided and converted here
+
+
+@contextlib.contextmanager
+def fake_cuda(capability: int = 90):
+    """vLLM's platform object (one instance, shared by the plugin and vLLM's WNA16 MoE oracle)
+    answering as an NVIDIA GPU of compute capability ``capability`` (90: H100/H200), so the
+    real oracle runs its CUDA branch. Layers are built before entering: only the method choice
+    and the hand-over run under it (nothing here can launch a CUDA kernel)."""
+    # vLLM modules that probe CUDA ops at import (resolve_quant_method imports this one lazily)
+    # must be imported on the real platform first
+    import vllm.model_executor.layers.quantization.online.fp8  # noqa: F401
+    from vllm.platforms import current_platform as p
+    from vllm.platforms.interface import DeviceCapability
+
+    cap = DeviceCapability(capability // 10, capability % 10)
+    fake = {
+        "is_cuda": lambda: True, "is_cuda_alike": lambda: True, "is_cpu": lambda: False,
+        "is_rocm": lambda: False, "is_xpu": lambda: False,
+        "get_device_capability": lambda device_id=0: cap,
+        "has_device_capability": lambda c, device_id=0: cap.to_int() >= (
+            c if isinstance(c, int) else c[0] * 10 + c[1]
+        ),
+    }  # fmt: skip
+    with mock.patch.multiple(p, **fake, create=True):
+        yield
+
+
+def choose(cfg: LeanQuantConfig, act=torch.float16, capability=90):
+    """(quant method, why) the plugin picks for this MoE layer on a (faked) GPU."""
+    from leanquant_serve.vllm.moe import moe_method
+
+    layer = build_moe(cfg, 0, 1, act)
+    qc = LeanQuantVLLMConfig.from_config(cfg.to_dict())
+    with set_current_vllm_config(VllmConfig()), fake_cuda(capability):
+        method = moe_method(qc, layer, PREFIX)
+    return method, getattr(method, "why", None)
+
+
+WNA16_CASES = {  # config name -> expected method on an sm90 GPU (None: portable), why
+    "aff4-g32": ("MarlinExperts", None),
+    "aff4-g128": ("MarlinExperts", None),
+    "aff4-pc": ("MarlinExperts", None),
+    "aff8-pc": (None, "vLLM's int8 MoE kernels are symmetric"),
+    "aff8-g64": (None, "vLLM's int8 MoE kernels are symmetric"),
+    "aff3-g32": (None, "take 4- or 8-bit weights, not 3-bit"),
+    "aff4-actorder": (None, "take no g_idx"),
+    "nf4-g64": (None, "fixed table with a per-group scale"),
+    "nu4": (None, "learned per-row tables"),
+}
+GPU_CONFIGS = {
+    **CONFIGS,
+    "aff4-g128": LeanQuantConfig(bits=4, group_size=128),
+    "aff4-pc": LeanQuantConfig(bits=4, group_size=-1),
+    "aff8-g64": LeanQuantConfig(bits=8, group_size=64),
+}
+
+
+@pytest.mark.parametrize("name", list(WNA16_CASES))
+def test_method_chosen_on_a_gpu(name):
+    """vLLM's own WNA16 MoE oracle, run in its CUDA branch: affine 4-bit experts without g_idx
+    go to Marlin MoE; every other kind stays portable and says why in one line."""
+    from leanquant_serve.vllm.moe import LeanQuantWNA16MoEMethod
+
+    want, why = WNA16_CASES[name]
+    method, got_why = choose(GPU_CONFIGS[name])
+    if want is None:
+        assert type(method) is LeanQuantMoEMethod and why in got_why, got_why
+    else:
+        assert type(method) is LeanQuantWNA16MoEMethod, got_why
+        assert method.experts_cls.__name__ == want and method.wna16_backend.value == "MARLIN"
+
+
+def test_method_chosen_for_the_run():
+    """The GPU path needs 16-bit activations, a GPU at all, a Marlin-capable one, and is
+    switched off by LEANQUANT_MOE_KERNEL=portable; vLLM's own rule for an intermediate
+    slice that splits a Marlin group is its oracle's (Triton WNA16 then)."""
+    from leanquant_serve.vllm.moe import LeanQuantWNA16MoEMethod, moe_method
+
+    cfg = CONFIGS["aff4-g32"]
+    method, why = choose(cfg, act=torch.float32)
+    assert type(method) is LeanQuantMoEMethod and "not torch.float32" in why
+    method, _ = choose(cfg, act=torch.bfloat16)
+    assert type(method) is LeanQuantWNA16MoEMethod
+    # sm70 (V100): Marlin needs sm75; vLLM's oracle takes its Triton WNA16 MoE kernel instead
+    method, _ = choose(cfg, capability=70)
+    assert type(method) is LeanQuantWNA16MoEMethod
+    backend = (method.wna16_backend.value, method.experts_cls.__name__)
+    assert backend == ("TRITON", "TritonWNA16Experts")
+    layer = build_moe(cfg, 0, 1, torch.float16)  # the real platform: this machine's CPU
+    with set_current_vllm_config(VllmConfig()):
+        method = moe_method(LeanQuantVLLMConfig.from_config(cfg.to_dict()), layer, PREFIX)
+    assert type(method) is LeanQuantMoEMethod and "on CUDA only" in method.why
+    with mock.patch.dict("os.environ", {"LEANQUANT_MOE_KERNEL": "portable"}):
+        method, why = choose(cfg)
+        assert type(method) is LeanQuantMoEMethod and why == "LEANQUANT_MOE_KERNEL=portable"
+
+
+def unpack_compressed_tensors(packed, scale, zero_point, bits, in_features):
+    """Dense (E, N, K) float32 weights from compressed-tensors' MoE tensors, by
+    compressed-tensors' own unpacker (signed codes and zero points: the offset cancels) and
+    its dequantization rule w = (q - z) * s with groups of K // G consecutive inputs."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    E, N = packed.shape[:2]
+    G = scale.shape[2]
+    q = unpack_from_int32(packed, bits, torch.Size([E, N, in_features]), packed_dim=1)
+    z = unpack_from_int32(zero_point, bits, torch.Size([E, N, G]), packed_dim=0)
+    rows = in_features // G
+    z, s = z.float().repeat_interleave(rows, 2), scale.float().repeat_interleave(rows, 2)
+    return (q.float() - z) * s
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("name", ["aff4-g32", "aff4-g128", "aff4-pc"])
+def test_hand_over_to_compressed_tensors_layout_is_exact(name, world):
+    """Each rank's experts, loaded through vLLM's loader and handed over in vLLM's
+    compressed-tensors WNA16 MoE layout, unpack (by compressed-tensors' own code) to exactly
+    that rank's slice of the reference dequantizer's weights; scales in fp16 (the dtype to
+    serve with) are exact; also through vLLM's own int4 GPTQ-layout dequantizer, fed the
+    K-first transposes its Marlin repack starts from. (8-bit experts are never handed over on
+    vLLM 0.32: no backend takes asymmetric int8, test_method_chosen_on_a_gpu.)"""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import _unpack_and_dequant_int4_gptq
+
+    from leanquant_serve.vllm.moe import LeanQuantWNA16MoEMethod
+
+    cfg = GPU_CONFIGS[name]
+    stored = random_experts(cfg)
+    w = {k: dequantize_linear(cfg, t) for k, t in stored.items()}
+    part = INTER // world
+    for rank in range(world):
+        layer = build_moe(cfg, rank, world, torch.float16, cuda=True)
+        method = layer.quant_method
+        assert isinstance(method, LeanQuantWNA16MoEMethod)
+        load_experts(layer, stored)
+        method.hand_over(layer)
+        assert not hasattr(layer, "w13_qweight") and not hasattr(layer, "w2_zero_points")
+        t13 = [getattr(layer, f"w13_weight_{s}") for s in ("packed", "scale", "zero_point")]
+        t2 = [getattr(layer, f"w2_weight_{s}") for s in ("packed", "scale", "zero_point")]
+        assert t13[0].shape == (E, 2 * part, HIDDEN * cfg.bits // 32)
+        assert t13[1].dtype == torch.float16
+        w13 = unpack_compressed_tensors(*t13, cfg.bits, HIDDEN)
+        w2 = unpack_compressed_tensors(*t2, cfg.bits, part)
+        rows = slice(rank * part, (rank + 1) * part)
+        for e in range(E):
+            assert torch.equal(w13[e], torch.cat([w[e, "w1"][rows], w[e, "w3"][rows]]))
+            assert torch.equal(w2[e], w[e, "w2"][:, rows]), (e, rank)
+        k_first = [t.data.transpose(1, 2).contiguous() for t in t13]  # as Marlin's prep does
+        got = _unpack_and_dequant_int4_gptq(*k_first, transpose_output=True, output_dtype=torch.float32)
+        assert torch.equal(got, w13)

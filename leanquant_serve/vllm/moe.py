@@ -31,16 +31,28 @@ points go through vLLM's own ``RoutedExperts.weight_loader`` (GPTQ's K-first lay
 slice them the same way. A shard that would split a group or a packed word is refused by the
 contract's rule (``format.shard_misfits``), as for dense layers.
 
-Compute: the portable path. After loading, every expert is dequantized with the reference
-dequantizer's arithmetic (``kernels.portable``) to the activation dtype, and vLLM's
-unquantized fused-MoE path runs the dense experts (on CPU its grouped-GEMM kernel). The
-experts then take the memory of an unquantized model (the quantized tensors are freed).
-This is the path for every grid (affine, table, nonuniform) and every platform; vLLM's
-WNA16 MoE kernels (Marlin MoE on CUDA, CPU int4 MoE) are not used yet.
+Compute, chosen per layer by :func:`moe_method` (the reason logged once per kind of layer):
+
+- **vLLM's WNA16 MoE kernels** (CUDA; affine 4- or 8-bit experts without ``g_idx``, 16-bit
+  activations): after loading, the experts are handed to vLLM's own compressed-tensors WNA16
+  MoE method (``CompressedTensorsWNA16MoEMethod``, asymmetric ``QuantizationArgs``), whose
+  oracle picks the kernel (Marlin MoE on sm75+ for int4, else Triton WNA16, ...) and whose
+  ``process_weights_after_loading`` repacks for it (Marlin: ``gptq_marlin_moe_repack``,
+  ``marlin_moe_permute_scales``, ``moe_packed_to_marlin_zero_points``). Our tensors become
+  its N-first layout by a transpose (:func:`to_compressed_tensors`: the codes, words and
+  values do not change); the experts stay packed on the GPU. Written against vLLM 0.32's API,
+  not run on a GPU. vLLM 0.32's int8 MoE kernels are symmetric only, so 8-bit experts (which
+  store zero points) find no backend there and run the portable path.
+- **portable** (every other case, and on every other platform): after loading, every
+  expert is dequantized with the reference dequantizer's arithmetic (``kernels.portable``)
+  to the activation dtype, and vLLM's unquantized fused-MoE path runs the dense experts (on
+  CPU its grouped-GEMM kernel). The experts then take the memory of an unquantized model (the
+  quantized tensors are freed). ``LEANQUANT_MOE_KERNEL=portable`` forces it everywhere.
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -50,21 +62,30 @@ from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightSc
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
     UnquantizedFusedMoEMethod,
 )
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_wna16 import (  # noqa: E501
+    CompressedTensorsWNA16MoEMethod,
+)
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
 
 from ..format import FormatError, fused_misfit
 from ..format.tensors import scales_on_every_rank
 from ..kernels import portable
-from .linear import PORTABLE, _LeanQuantLinearMethod, _log_once
+from .linear import KERNEL_ACT_DTYPES, PORTABLE, _LeanQuantLinearMethod, _log_once
 
 if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationArgs
     from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
 
+    from ..format import LeanQuantConfig
     from .config import LeanQuantVLLMConfig
 
 logger = init_logger(f"vllm.{__name__}")
 
 SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
+WNA16_BITS = (4, 8)  # the weight widths vLLM's WNA16 MoE kernels take
+MOE_KERNEL_ENV = "LEANQUANT_MOE_KERNEL"  # auto (default) | portable
 
 
 def expert_linears(layer: RoutedExperts, prefix: str) -> list[str]:
@@ -96,12 +117,92 @@ def experts_quantized(config: LeanQuantVLLMConfig, layer: RoutedExperts, prefix:
     return bool(done)
 
 
+def moe_kernel_mode() -> str:
+    """``auto`` (vLLM's WNA16 MoE kernels where they take the experts) or ``portable``
+    (always the portable path); ``LEANQUANT_MOE_KERNEL`` sets it. Raises ValueError otherwise."""
+    mode = os.environ.get(MOE_KERNEL_ENV, "auto")
+    if mode not in ("auto", "portable"):
+        raise ValueError(f"{MOE_KERNEL_ENV}={mode!r}: expected auto or portable")
+    return mode
+
+
+def wna16_misfit(qcfg: LeanQuantConfig, moe: FusedMoEConfig) -> str | None:
+    """Why these experts cannot go to vLLM's WNA16 MoE kernels (None: they are handed to
+    vLLM's oracle, which may still find no kernel: :func:`moe_method`). One home for the
+    conditions vLLM's oracle does not check itself or checks only by failing."""
+    if moe_kernel_mode() == "portable":
+        return f"{MOE_KERNEL_ENV}=portable"
+    if not current_platform.is_cuda():
+        return "vLLM's WNA16 MoE kernels are used on CUDA only (CPU int4 MoE: symmetric, AMX)"
+    if qcfg.grid == "nonuniform":
+        return "no vLLM MoE kernel takes learned per-row tables"
+    if qcfg.grid == "table":
+        return "no vLLM MoE kernel takes a fixed table with a per-group scale"
+    if qcfg.bits not in WNA16_BITS:
+        return f"vLLM's WNA16 MoE kernels take 4- or 8-bit weights, not {qcfg.bits}-bit"
+    if qcfg.uses_g_idx:
+        return "act-order with dynamic groups (g_idx): vLLM >= 0.32's MoE kernels take no g_idx"
+    if moe.in_dtype not in KERNEL_ACT_DTYPES:
+        return (
+            f"vLLM's WNA16 MoE kernels compute in float16/bfloat16, not {moe.in_dtype} "
+            "(serve with --dtype float16 to use them)"
+        )
+    if moe.has_bias:
+        return "expert biases are not handed to vLLM's WNA16 MoE kernels"
+    return None
+
+
+def compressed_tensors_args(qcfg: LeanQuantConfig) -> QuantizationArgs:
+    """Our affine experts as compressed-tensors weight arguments: ``num_bits``, asymmetric
+    (the contract always stores zero points; z = 2**(b-1) everywhere gives the same weights),
+    ``group`` with ``group_size`` or ``channel`` for group_size -1, no act-order (static
+    groups keep the original column order, so the layout is that of plain groups)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    per_channel = qcfg.group_size == -1
+    return QuantizationArgs(
+        num_bits=qcfg.bits, type="int", symmetric=False,
+        strategy="channel" if per_channel else "group",
+        group_size=None if per_channel else qcfg.group_size,
+    )  # fmt: skip
+
+
+def to_compressed_tensors(
+    qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One stacked expert projection (w13 or w2) of the contract, (E, K*b/32, N) int32
+    ``qweight``, (E, G, N) fp16 ``scales`` and (E, G, N*b/32) int32 ``zero_points``, as
+    compressed-tensors ``pack-quantized`` MoE tensors (what ``CompressedTensorsWNA16MoEMethod``
+    allocates, N-first): ``weight_packed`` (E, N, K*b/32), ``weight_scale`` (E, N, G) in
+    ``dtype`` and ``weight_zero_point`` (E, N*b/32, G).
+
+    A transpose of each: compressed-tensors packs 32/b codes per int32 word, code j at bits
+    [j*b, (j+1)*b), along K for weights and along N for zero points, stores the unsigned code
+    (signed + 2**(b-1)) and the true zero point, w = (q - z) * s; at b = 4 and 8 that is our
+    bitstream and our values (the per-linear export, ``compressed_tensors/export.py``, writes
+    the same transposes). The scale cast is exact for ``float16``."""
+    packed = qweight.transpose(1, 2).contiguous()
+    scale = scales.transpose(1, 2).to(dtype).contiguous()
+    zero_point = zero_points.transpose(1, 2).contiguous()
+    return packed, scale, zero_point
+
+
 def moe_method(config: LeanQuantVLLMConfig, layer: RoutedExperts, prefix: str):
-    """The quant method for a ``RoutedExperts`` layer: ours when its experts are stored
-    quantized, vLLM's unquantized one when they are all dense."""
+    """The quant method for a ``RoutedExperts`` layer: vLLM's unquantized one when its experts
+    are all dense; :class:`LeanQuantWNA16MoEMethod` when vLLM's WNA16 MoE oracle finds a
+    kernel for them (:func:`wna16_misfit` first); else :class:`LeanQuantMoEMethod` (portable),
+    which logs why."""
     if not experts_quantized(config, layer, prefix):
         return UnquantizedFusedMoEMethod(layer.moe_config)
-    return LeanQuantMoEMethod(config, layer.moe_config)
+    why = wna16_misfit(config.qcfg, layer.moe_config)
+    if why is None:
+        try:
+            return LeanQuantWNA16MoEMethod(config, layer.moe_config, prefix)
+        except (NotImplementedError, ValueError, AssertionError) as e:
+            why = f"vLLM's WNA16 MoE oracle: {str(e).strip() or type(e).__name__}"
+            if config.qcfg.bits == 8:
+                why += " (vLLM's int8 MoE kernels are symmetric; these experts store zero points)"
+    return LeanQuantMoEMethod(config, layer.moe_config, why)
 
 
 def _moe_loader(vllm_loader, param_name: str, dtype: torch.dtype):
@@ -126,21 +227,13 @@ def _moe_loader(vllm_loader, param_name: str, dtype: torch.dtype):
     return load
 
 
-class LeanQuantMoEMethod(UnquantizedFusedMoEMethod):
-    """LeanQuant experts (any grid, any bits) on vLLM's fused-MoE layer: quantized parameters
-    at load (table in the module docstring), dense experts in the activation dtype after it,
-    computed by vLLM's unquantized fused-MoE path (whatever it selects on this platform).
+class _StoredExperts:
+    """The contract's expert tensors on a ``RoutedExperts`` layer (table in the module
+    docstring), loaded through vLLM's MoE loader: what both MoE methods share. Needs
+    ``self.qcfg`` and ``self.moe`` (vLLM's ``FusedMoEConfig``)."""
 
-    Raises FormatError at construction when this rank's intermediate slice would split a
-    group or a packed word, and while loading when a checkpoint tensor does not fit."""
-
-    def __init__(self, config: LeanQuantVLLMConfig, moe) -> None:
-        super().__init__(moe)
-        self.qcfg = config.qcfg
-
-    @property
-    def supports_eplb(self) -> bool:
-        return False  # EPLB moves expert weights after load; ours are rebuilt then, untested
+    qcfg: LeanQuantConfig
+    moe: FusedMoEConfig
 
     def _check_partition(self, layer, tp: int, hidden: int, inter: int, parts: int) -> None:
         """Gate/up (w13) read all H inputs and give this rank ``inter`` outputs per part; down
@@ -157,18 +250,19 @@ class LeanQuantMoEMethod(UnquantizedFusedMoEMethod):
             self, SimpleNamespace(prefix=f"{prefix} (w2: expert down)", tp_size=tp), inter, [hidden]
         )
 
-    def create_weights(
+    def _create_stored(
         self,
         layer: RoutedExperts,
         num_experts: int,
         hidden_size: int,
         intermediate_size_per_partition: int,
         params_dtype: torch.dtype,
-        **extra_weight_attrs,
+        extra_weight_attrs: dict,
     ) -> None:
+        """Register the stored expert tensors of this rank, in the checkpoint's (unpadded)
+        sizes; remembers ``padded`` (H, I as vLLM's backend sized them), ``act_dtype``,
+        ``parts`` (S). Raises FormatError when this rank's slice would split a group or word."""
         qcfg, b = self.qcfg, self.qcfg.bits
-        # quantized tensors hold the checkpoint's sizes; padding (if the backend rounds up)
-        # is added when the dense experts are formed
         hidden = self.moe.hidden_dim_unpadded
         inter = self.moe.intermediate_size_per_partition_unpadded
         self.padded = (hidden_size, intermediate_size_per_partition)
@@ -177,6 +271,7 @@ class LeanQuantMoEMethod(UnquantizedFusedMoEMethod):
         self._check_partition(layer, tp, hidden, inter, parts)
         self.act_dtype = params_dtype
         self.parts = parts
+        extra_weight_attrs = dict(extra_weight_attrs)
         loader = extra_weight_attrs.pop("weight_loader")
         E = num_experts
         replicated = scales_on_every_rank(qcfg)
@@ -224,13 +319,6 @@ class LeanQuantMoEMethod(UnquantizedFusedMoEMethod):
                 param,
                 {"weight_loader": _moe_loader(self._own_loader(layer, name), name, data.dtype)},
             )
-        self.portable = "dense"
-        layer.leanquant_kernel = f"{PORTABLE} (dense experts, vLLM fused MoE)"
-        _log_once(
-            f"{qcfg.grid} {b}-bit MoE expert layers use {layer.leanquant_kernel}",
-            "dequantized once at load to the activation dtype; vLLM's MoE kernels for our "
-            "tensors are not wired yet",
-        )
 
     def _own_loader(self, layer: RoutedExperts, name: str):
         """Loader for the per-expert tensors vLLM's MoE loader does not know (g_idx, lut),
@@ -260,6 +348,123 @@ class LeanQuantMoEMethod(UnquantizedFusedMoEMethod):
             return True if return_success else None
 
         return load
+
+
+class LeanQuantWNA16MoEMethod(_StoredExperts, CompressedTensorsWNA16MoEMethod):
+    """Affine 4/8-bit LeanQuant experts on vLLM's WNA16 MoE kernels (CUDA; Marlin MoE where
+    it fits), through vLLM's own compressed-tensors WNA16 MoE method: the contract's tensors
+    at load (module docstring), handed over in its layout after it (:meth:`hand_over`), then
+    its repack, quant config and ``apply``. Written against vLLM 0.32's API, not run on a GPU.
+
+    Construction runs vLLM's WNA16 MoE oracle and raises what it raises when no kernel takes
+    the experts (NotImplementedError, ValueError; :func:`moe_method` falls back). Raises
+    FormatError in ``create_weights`` for a rank slice that splits a group or a packed word,
+    or when vLLM pads the hidden size (an all-to-all backend's alignment)."""
+
+    def __init__(self, config: LeanQuantVLLMConfig, moe: FusedMoEConfig, layer_name: str) -> None:
+        self.qcfg = config.qcfg
+        super().__init__(compressed_tensors_args(config.qcfg), None, moe, layer_name)
+
+    @property
+    def supports_eplb(self) -> bool:
+        return False  # vLLM's says True for its Triton backend; with our hand-over, untested
+
+    def create_weights(
+        self,
+        layer: RoutedExperts,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        qcfg = self.qcfg
+        if hidden_size != self.moe.hidden_dim_unpadded:
+            raise FormatError(
+                f"{getattr(layer, 'layer_name', '?')}: vLLM pads the MoE hidden size "
+                f"{self.moe.hidden_dim_unpadded} to {hidden_size}, which the hand-over to its "
+                f"WNA16 MoE kernels does not do; set {MOE_KERNEL_ENV}=portable"
+            )
+        self._create_stored(
+            layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+            extra_weight_attrs,
+        )  # fmt: skip
+        # what CompressedTensorsWNA16MoEMethod.create_weights sets besides its tensors
+        inter = self.moe.intermediate_size_per_partition_unpadded
+        layer.num_groups_w13 = qcfg.n_groups(self.moe.hidden_dim_unpadded)
+        layer.num_groups_w2 = 1 if qcfg.group_size == -1 else inter // qcfg.group_size
+        layer.a13_scale = None
+        layer.a2_scale = None
+        layer.leanquant_kernel = (
+            f"{self.experts_cls.__name__} (vLLM WNA16 MoE, backend {self.wna16_backend.value})"
+        )
+        g = "pc" if qcfg.group_size == -1 else qcfg.group_size
+        _log_once(
+            f"affine {qcfg.bits}-bit g{g} MoE expert layers use {layer.leanquant_kernel}",
+            "written against vLLM 0.32's API, not run on a GPU by this project",
+        )
+
+    def hand_over(self, layer: RoutedExperts) -> None:
+        """Replace our stored expert tensors by vLLM's compressed-tensors MoE parameters
+        (``w13_weight_packed``, ``w13_weight_scale``, ``w13_weight_zero_point`` and the
+        ``w2_`` twins; :func:`to_compressed_tensors`), in the activation dtype for scales."""
+        for stem in ("w13", "w2"):
+            t = [getattr(layer, f"{stem}_{s}").data for s in ("qweight", "scales", "zero_points")]
+            converted = to_compressed_tensors(*t, self.act_dtype)
+            for suffix in ("qweight", "scales", "zero_points"):
+                delattr(layer, f"{stem}_{suffix}")
+            for suffix, data in zip(("packed", "scale", "zero_point"), converted, strict=True):
+                layer.register_parameter(
+                    f"{stem}_weight_{suffix}", torch.nn.Parameter(data, requires_grad=False)
+                )
+
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        self.hand_over(layer)
+        super().process_weights_after_loading(layer)  # vLLM's repack and kernel
+
+
+class LeanQuantMoEMethod(_StoredExperts, UnquantizedFusedMoEMethod):
+    """LeanQuant experts (any grid, any bits) on vLLM's fused-MoE layer: quantized parameters
+    at load (table in the module docstring), dense experts in the activation dtype after it,
+    computed by vLLM's unquantized fused-MoE path (whatever it selects on this platform).
+    ``why``: the reason the WNA16 kernels do not take them, logged once.
+
+    Raises FormatError at construction when this rank's intermediate slice would split a
+    group or a packed word, and while loading when a checkpoint tensor does not fit."""
+
+    def __init__(self, config: LeanQuantVLLMConfig, moe, why: str | None = None) -> None:
+        super().__init__(moe)
+        self.qcfg = config.qcfg
+        self.why = why
+
+    @property
+    def supports_eplb(self) -> bool:
+        return False  # EPLB moves expert weights after load; ours are rebuilt then, untested
+
+    def create_weights(
+        self,
+        layer: RoutedExperts,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        # quantized tensors hold the checkpoint's sizes; padding (if the backend rounds up)
+        # is added when the dense experts are formed
+        self._create_stored(
+            layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+            extra_weight_attrs,
+        )  # fmt: skip
+        qcfg = self.qcfg
+        self.portable = "dense"
+        layer.leanquant_kernel = f"{PORTABLE} (dense experts, vLLM fused MoE)"
+        _log_once(
+            f"{qcfg.grid} {qcfg.bits}-bit MoE expert layers use {layer.leanquant_kernel}",
+            f"dequantized once at load to the activation dtype: {self.why}"
+            if self.why
+            else "dequantized once at load to the activation dtype",
+        )
 
     def dense_experts(self, layer: RoutedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 (E, S*I_pad, H_pad), w2 (E, H_pad, I_pad)) in the activation dtype: every

@@ -79,16 +79,38 @@ def layer_forward(layer: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
 
 
 def load_layer(
-    src: SourceModel, layer: nn.Module, prefix: str, device, dtype, keep: set[str]
+    src: SourceModel,
+    layer: nn.Module,
+    prefix: str,
+    device,
+    dtype,
+    keep: set[str],
+    blocks: dict[str, list[tuple[str, int, int, int]]] | None = None,
 ) -> dict[str, Tensor]:
     """Materialise the layer from the shards, one tensor at a time; returns the tensors named
-    in ``keep`` as stored (the others are dropped as soon as the module holds them)."""
+    in ``keep`` as stored (the others are dropped as soon as the module holds them).
+
+    ``blocks``: fused experts parameters (names relative to the layer) -> their stored linears
+    as (checkpoint key, expert, first row, end row). A parameter whose checkpoint tensors are
+    exactly those keys (the hub layout: one tensor per expert linear) is filled block by block
+    in ``dtype``, so the layer never holds more than it plus one expert linear; transformers'
+    conversion would first stack and concatenate every expert's tensor in the checkpoint's
+    dtype (at 128 experts, ~2 GB beside the layer). Either way the same values."""
     kept = {}
-    for p, _ in layer.named_parameters():
-        t = fits_dtype(f"{prefix}.{p}", src.get_finite(f"{prefix}.{p}"), dtype)
+    for p, param in layer.named_parameters():
+        name = f"{prefix}.{p}"
+        parts = (blocks or {}).get(p)
+        if parts and src.keys_of(name) == {key for key, *_ in parts}:
+            t = torch.empty(param.shape, dtype=dtype, device=device)
+            for key, e, a, b in parts:
+                t[e, a:b].copy_(fits_dtype(key, src.get_finite_key(key), dtype))
+            set_module_tensor_to_device(layer, p, device, value=t, dtype=dtype)
+            del t
+            continue
+        t = fits_dtype(name, src.get_finite(name), dtype)
         set_module_tensor_to_device(layer, p, device, value=t, dtype=dtype)
-        if f"{prefix}.{p}" in keep:
-            kept[f"{prefix}.{p}"] = t
+        if name in keep:
+            kept[name] = t
     return kept
 
 

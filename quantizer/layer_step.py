@@ -75,8 +75,9 @@ def quantize_layer(
     quantized_weights |= {f"{prefix}.{p}" for fe in fused for p in fe.params}
     layer_names = src.names(prefix + ".")
     stored = load_layer(
-        src, layer, prefix, run.device, run.dtype, set(layer_names) - quantized_weights
-    )
+        src, layer, prefix, run.device, run.dtype, set(layer_names) - quantized_weights,
+        stored_blocks(fused, prefix),
+    )  # fmt: skip
     rest = {
         n: stored[n] if n in stored else src.get(n)
         for n in layer_names
@@ -120,6 +121,20 @@ def quantize_layer(
     sub.close()
     layer.to("meta")  # free the layer
     return reports, fallbacks
+
+
+def stored_blocks(
+    fused: list[FusedExperts], prefix: str
+) -> dict[str, list[tuple[str, int, int, int]]]:
+    """Each fused parameter of the experts of decoder layer ``prefix`` (relative name) -> its
+    stored linears as (checkpoint key, expert, first row, end row): what load_layer fills it
+    from one linear at a time."""
+    blocks: dict[str, list[tuple[str, int, int, int]]] = {}
+    for fe in fused:
+        for lin in fe.linears:
+            key = f"{prefix}.{lin.name}.weight"
+            blocks.setdefault(lin.param, []).append((key, lin.expert, *lin.rows))
+    return blocks
 
 
 def check_finite(h: Hessian, name: str, i: int) -> None:

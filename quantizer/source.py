@@ -108,10 +108,21 @@ class SourceModel:
 
     def get_finite(self, name: str) -> Tensor:
         """The tensor, refusing NaN/Inf (a corrupt or diverged checkpoint)."""
-        t = self.get(name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"tensor {name} contains NaN or Inf values")
-        return t
+        return _finite(name, self.get(name))
+
+    def get_finite_key(self, key: str) -> Tensor:
+        """The checkpoint tensor ``key`` (see get_key), refusing NaN/Inf as get_finite does."""
+        return _finite(key, self.get_key(key))
+
+    def keys_of(self, name: str) -> set[str]:
+        """The checkpoint keys model tensor ``name`` (see bind) is built from."""
+        return {key for key, _ in self.sources[name].keys}
+
+
+def _finite(name: str, t: Tensor) -> Tensor:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise UserError(f"tensor {name} contains NaN or Inf values")
+    return t
 
 
 def load_config(path: Path):

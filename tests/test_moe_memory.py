@@ -106,3 +106,45 @@ def test_all_mode_below_the_minimum_reports_no_fallback(tiny_model, calib_text, 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _load(model_dir, monkeypatch=None):
+    """Layer 0 of ``model_dir`` loaded as the pipeline loads it (fp32), and the model names
+    SourceModel.get was asked for."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantizer.capture import load_layer
+    from quantizer.moe import find_fused_experts
+    from quantizer.source import SourceModel
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    src = SourceModel(model_dir)
+    src.bind(model)
+    asked = []
+    real = src.get
+    src.get = lambda name: asked.append(name) or real(name)
+    layer, prefix = model.model.layers[0], "model.layers.0"
+    fused = find_fused_experts(model, layer, prefix)
+    blocks = layer_step.stored_blocks(fused, prefix)
+    load_layer(src, layer, prefix, torch.device("cpu"), torch.float32, set(), blocks)
+    return dict(layer.named_parameters()), asked
+
+
+def test_fused_experts_are_filled_one_stored_linear_at_a_time(tiny_model, tmp_path):
+    """Hub layout: the fused parameters are filled from each expert linear's own tensor (never
+    asked for whole, so transformers' stacking never runs) and equal what its conversion
+    builds; the fused layout is read whole. Both give the same layer."""
+    from test_moe import fused_copy
+
+    hub = tiny_model("qwen3_moe")
+    fused_dir = fused_copy(hub, tmp_path / "fused")
+    got, asked = _load(hub)
+    want, asked_fused = _load(fused_dir)
+    experts = {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+    assert not {f"model.layers.0.{p}" for p in experts} & set(asked)
+    assert {f"model.layers.0.{p}" for p in experts} <= set(asked_fused)
+    assert got.keys() == want.keys() and experts <= set(got)
+    for name in got:
+        assert got[name].dtype == torch.float32
+        assert torch.equal(got[name], want[name]), name

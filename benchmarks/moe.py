@@ -85,31 +85,49 @@ VOCAB = 49152  # the bundled SmolLM2 tokenizer's
 EXPERT_LINEAR = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.qweight$")
 
 
-def config(shape: str, layers: int):
-    """The Qwen3MoeConfig of ``shape`` with ``layers`` decoder layers."""
+def shape_config(shape: str, experts: int | None = None) -> dict:
+    """The config fields of ``shape``, with ``experts`` experts instead of its own (a reduced
+    layer: the same linears, fewer of them; top-k at most the experts)."""
+    c = dict(SHAPES[shape])
+    if experts is not None:
+        c["num_experts"] = experts
+        c["num_experts_per_tok"] = min(c["num_experts_per_tok"], experts)
+    return c
+
+
+def tag(shape: str, experts: int | None = None) -> str:
+    """The name of ``shape`` with ``experts`` experts: ``shape``, or ``shape``-e<experts>."""
+    return shape if experts is None else f"{shape}-e{experts}"
+
+
+def config(shape: str, layers: int, experts: int | None = None):
+    """The Qwen3MoeConfig of ``shape`` with ``layers`` decoder layers (and ``experts``)."""
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        **SHAPES[shape], num_hidden_layers=layers, vocab_size=VOCAB, tie_word_embeddings=False,
+        **shape_config(shape, experts), num_hidden_layers=layers, vocab_size=VOCAB, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         torch_dtype="bfloat16",
     )  # fmt: skip
 
 
-def skeleton(shape: str, layers: int) -> torch.nn.Module:
+def skeleton(shape: str, layers: int, experts: int | None = None) -> torch.nn.Module:
     """The model on the meta device (shapes and names only, no memory)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config(shape, layers), dtype=torch.bfloat16)
+        cfg = config(shape, layers, experts)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
 
 
-def layer_params(shape: str) -> int:
+def layer_params(shape: str, experts: int | None = None) -> int:
     """Parameters of one decoder layer."""
-    return sum(p.numel() for p in skeleton(shape, 1).model.layers[0].parameters())
+    return sum(p.numel() for p in skeleton(shape, 1, experts).model.layers[0].parameters())
 
 
-def write_model(path: Path, shape: str, layers: int, seed: int = 0) -> None:
+def write_model(
+    path: Path, shape: str, layers: int, seed: int = 0, experts: int | None = None
+) -> None:
     """A Qwen3-MoE of ``shape`` with random bf16 weights, one shard per decoder layer, under
     the checkpoint names save_pretrained writes (hf_names.to_checkpoint)."""
     from safetensors.torch import save_file
@@ -118,7 +136,7 @@ def write_model(path: Path, shape: str, layers: int, seed: int = 0) -> None:
     from leanquant_serve.format.hf_names import to_checkpoint
     from quantizer.assets import smollm2_dir
 
-    model = skeleton(shape, layers)
+    model = skeleton(shape, layers, experts)
     g = torch.Generator().manual_seed(seed)
 
     def rand(name: str, p: torch.Tensor) -> torch.Tensor:
@@ -177,15 +195,37 @@ def child_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def quantize(model: Path, out: Path, flags: list[str]) -> dict:
-    """One ``leanquant quantize`` process: its report's seconds and peak RSS, its wall and CPU
-    seconds, the load average around it, its fallbacks and the expert linears it stored."""
+def code_label(repo: Path) -> str:
+    """The checkout ``repo``'s commit, "+wip" when its code differs from the commit."""
+    git = ["git", "-C", str(repo)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        sys.exit(f"benchmarks/moe.py: {repo} is not a git checkout: name its code with --label")
+    changed = subprocess.run(
+        [*git, "status", "--porcelain", "--", "quantizer", "leanquant", "leanquant_serve"],
+        capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    return head.stdout.strip() + ("+wip" if changed else "")
+
+
+def quantize(
+    model: Path, out: Path, flags: list[str], repo: Path = ROOT, trace: Path | None = None
+) -> dict:
+    """One ``leanquant quantize`` process of the checkout ``repo``: its report's seconds and
+    peak RSS, its wall and CPU seconds, the load average around it, its fallbacks and the
+    expert linears it stored; with ``trace`` (a JSON file), run under benchmarks/rss_phases.py:
+    the peak RSS of each quantizer step too."""
     from leanquant_serve.format import Checkpoint
 
-    cmd = [sys.executable, "-m", "leanquant.cli", "quantize", str(model), str(out), *flags]
+    args = ["quantize", str(model), str(out), *flags]
+    if trace is None:
+        cmd = [sys.executable, "-m", "leanquant.cli", *args]
+    else:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "rss_phases.py"), str(trace), *args]
     print("$", " ".join(cmd[1:]), flush=True)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     load_before, cpu_before, t = os.getloadavg(), child_cpu_seconds(), time.time()
-    p = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, cwd=repo, env=env, stderr=subprocess.PIPE, text=True)
     wall, cpu = time.time() - t, child_cpu_seconds() - cpu_before
     if p.returncode != 0:
         sys.exit(
@@ -209,6 +249,7 @@ def quantize(model: Path, out: Path, flags: list[str]) -> dict:
         "fallback_tokens": sorted(f["tokens"] for f in fallbacks),
         "activation_bytes": report.get("activation_bytes"),
         "quantized_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        **({} if trace is None else {"rss_trace": json.loads(trace.read_text())}),
     }
 
 
@@ -218,13 +259,19 @@ def without_mode(flags: list[str]) -> list[str]:
     return flags[:i] + flags[i + 2 :]
 
 
+def run_key(r: dict) -> str:
+    """What a run's summary is keyed by: its mode, and the code that ran (``--label``) if
+    recorded."""
+    return r["mode"] if "code" not in r else f"{r['mode']}, {r['code']}"
+
+
 def summarize(runs: list[dict], full_layers: int) -> dict[str, dict]:
-    """Per mode: seconds and CPU seconds per layer (run's / layers of its largest run) and
+    """Per mode (and code, run_key): seconds and CPU seconds per layer (run's / layers of its largest run) and
     their projection to ``full_layers``; with two layer counts, the marginal layer (difference of
     the runs' seconds) and its projection, and the peak RSS of each count."""
     out = {}
-    for mode in sorted({r["mode"] for r in runs}):
-        rs = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["layers"])
+    for mode in sorted({run_key(r) for r in runs}):
+        rs = sorted((r for r in runs if run_key(r) == mode), key=lambda r: r["layers"])
         big = rs[-1]
         per_layer = big["seconds"] / big["layers"]
         cpu = big["child_cpu_seconds"] / big["layers"]
@@ -260,24 +307,63 @@ def markdown(result: dict) -> list[str]:
         f"{a['moe_intermediate_size']}, top-{a['top_k']}, hidden {a['hidden_size']}; "
         f"one decoder layer = {a['layer_params'] / 1e6:.1f} M parameters "
         f"({a['layer_params'] * 2 / gib:.2f} GiB bf16, {a['layer_params'] * 4 / gib:.2f} GiB fp32). "
-        f"{a['bits']}-bit, group {a['group_size']}, affine grid, {a['nsamples']} x {a['seqlen']} "
-        f"calibration tokens (wiki-sample), --moe-min-tokens {a['moe_min_tokens']}.",
+        f"{a['bits']}-bit, group {a['group_size']}, {a.get('grid', 'affine')} grid, "
+        f"{a['nsamples']} x {a['seqlen']} "
+        f"calibration tokens (wiki-sample), --moe-min-tokens {a['moe_min_tokens']}"
+        + (f", --skip {a['skip']} (left dense)" if a.get("skip") else "")
+        + ".",
         "",
-        "| mode | layers | run s | CPU s (child) | sublayer quantize s | peak RSS GiB "
-        "| expert linears quantized | fell back (starved) | load before → after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | code | layers | run s | CPU s (child) | sublayer quantize s | peak RSS GiB "
+        "| x layer fp32 | expert linears quantized | fell back (routed, starved) "
+        "| load before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fp32 = a["layer_params"] * 4
     for r in result["runs"]:
         fb = str(r["fallbacks"])
         if r["fallbacks"]:
             t = r["fallback_tokens"]
             fb += f" (tokens {t[0]}..{t[-1]})"
         lines.append(
-            f"| {r['mode']} | {r['layers']} | {r['seconds']:.0f} | {r['child_cpu_seconds']:.0f} "
-            f"| {r['quantize_seconds']:.0f} | {r['peak_rss_bytes'] / gib:.2f} "
+            f"| {r['mode']} | {r.get('code', '')} | {r['layers']} | {r['seconds']:.0f} "
+            f"| {r['child_cpu_seconds']:.0f} | {r['quantize_seconds']:.0f} "
+            f"| {r['peak_rss_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / fp32:.2f} "
             f"| {r['expert_linears_quantized']} of {r['layers'] * a['experts'] * 3} | {fb} "
             f"| {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |"
         )
+    traced = [r for r in result["runs"] if "rss_trace" in r]
+    if traced:
+        phases = sorted(
+            {p for r in traced for p in r["rss_trace"]["phases"]},
+            key=lambda p: -max(r["rss_trace"]["phases"].get(p, 0) for r in traced),
+        )
+        lines += [
+            "",
+            "Peak RSS (GiB) in each quantizer step (benchmarks/rss_phases.py: RSS sampled every "
+            "10 ms, each sample counted in the step running then; * the run's peak). Above the "
+            "first layer: the peak minus the RSS as the first decoder layer begins loading "
+            "(interpreter, torch, skeleton, calibration inputs, the writer's buffer of the "
+            "embeddings and head), in GiB and in layers in fp32:",
+            "",
+            "| step | " + " | ".join(f"{run_key(r)}, {r['layers']} l" for r in traced) + " |",
+            "|---|" + "---|" * len(traced),
+        ]
+        cells = []
+        for r in traced:
+            t = r["rss_trace"]
+            if t.get("first_layer_rss_bytes") is None:
+                cells.append("")
+            else:
+                above = t["peak_rss_bytes"] - t["first_layer_rss_bytes"]
+                cells.append(f"{above / gib:.2f} ({above / fp32:.2f} x)")
+        lines.append("| **peak above the first layer** | " + " | ".join(cells) + " |")
+        for p in phases:
+            cells = []
+            for r in traced:
+                v = r["rss_trace"]["phases"].get(p)
+                star = "*" if p == r["rss_trace"]["peak_phase"] else ""
+                cells.append("" if v is None else f"{v / gib:.2f}{star}")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
     full = result["full_layers"]
     lines += [
         "",
@@ -294,7 +380,7 @@ def markdown(result: dict) -> list[str]:
             f"layer -> {s['projected_cpu_seconds'] / 3600:.1f} CPU hours (at least "
             f"{s['projected_cpu_seconds'] / m['torch_threads'] / 3600:.1f} h on "
             f"{m['torch_threads']} idle threads). Peak RSS "
-            f"{max(rss.values()) / (a['layer_params'] * 4):.1f} x one layer in fp32"
+            f"{max(rss.values()) / (a['layer_params'] * 4):.2f} x one layer in fp32"
         )
         if "marginal_seconds_per_layer" in s:
             counts = sorted(rss, key=int)
@@ -313,6 +399,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--shape", choices=SHAPES, default="qwen3-30b-a3b")
+    ap.add_argument(
+        "--experts", type=int, default=None,
+        help="experts per layer instead of the shape's (a reduced layer: minutes, not an hour; "
+        "its runs, model and results are named <shape>-e<experts>)",
+    )  # fmt: skip
     ap.add_argument("--layers", default="1", help="decoder layer counts to run, e.g. 1,2")
     ap.add_argument("--modes", default="all,routed", help="--moe-calibration values to run")
     ap.add_argument("--nsamples", type=int, default=8)
@@ -327,30 +418,72 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--redo", action="store_true", help="measure cached runs again")
+    ap.add_argument(
+        "--repo", type=Path, default=ROOT,
+        help="the checkout whose quantizer runs (e.g. an older commit's files, to measure "
+        "before and after a change on one model); default this one",
+    )  # fmt: skip
+    ap.add_argument(
+        "--label", default=None,
+        help="the code's name in the table (default: --repo's commit, +wip if its code is "
+        "changed)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="run each quantize under benchmarks/rss_phases.py: the peak RSS of each step",
+    )
+    ap.add_argument(
+        "--skip",
+        default=None,
+        help="a quantize --skip regex, e.g. self_attn: the attention left dense (a memory "
+        "measurement of the experts alone, without its minutes of column loop)",
+    )
+    ap.add_argument(
+        "--grid",
+        default="affine",
+        help="the quantize --grid (minmax: the same tensors held, minutes less of grid search)",
+    )
     a = ap.parse_args(argv)
     counts = sorted({int(x) for x in a.layers.split(",")})
     modes = a.modes.split(",")
-    full = a.work / f"synthetic-moe-{a.shape}-{counts[-1]}l"
-    cache = a.work / f"moe-bench-{a.shape}-runs"
+    name = tag(a.shape, a.experts)
+    full = a.work / f"synthetic-moe-{name}-{counts[-1]}l"
+    cache = a.work / f"moe-bench-{name}-runs"
     common = ["--bits", str(a.bits), "--group-size", str(a.group_size), "--calib", "wiki-sample",
               "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
               "--moe-min-tokens", str(a.moe_min_tokens), "--overwrite", "--fresh"]  # fmt: skip
+    if a.grid != "affine":  # (flags of earlier runs unchanged: their cached runs still count)
+        common = ["--grid", a.grid, *common]
+    if a.skip is not None:
+        common = ["--skip", a.skip, *common]
+    label = a.label or code_label(a.repo)
+    n = common.index("--overwrite")
     for layers in counts:
         for mode in modes:
-            flags = [*common[:10], "--moe-calibration", mode, *common[10:]]
-            cached = cache / f"{mode}-{layers}l-{'_'.join(flags)}.json"
+            flags = [*common[:n], "--moe-calibration", mode, *common[n:]]
+            code = "" if a.repo == ROOT and a.label is None and not a.trace else f"-{label}"
+            cached = cache / (
+                f"{mode}-{layers}l{code}{'-trace' if a.trace else ''}-{'_'.join(flags)}.json"
+            )
             if cached.exists() and not a.redo:
                 print(f"  {mode}, {layers} layer(s): cached in {cached}", flush=True)
                 continue
             if not full.exists():
-                write_model(full, a.shape, counts[-1])
+                write_model(full, a.shape, counts[-1], experts=a.experts)
             model = full
             if layers < counts[-1]:
                 model = full.with_name(f"{full.name}-first{layers}")
                 if not model.exists():
                     layer_view(full, model, layers)
-            out = a.work / f"moe-bench-{a.shape}"  # removed after each run
-            r = {"mode": mode, "flags": flags, **quantize(model, out, flags)}
+            out = a.work / f"moe-bench-{name}.{os.getpid()}"  # removed after each run
+            trace = cache / f"trace-{os.getpid()}.tmp" if a.trace else None
+            if trace is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+            r = {"mode": mode, "code": label, "flags": flags,
+                 **quantize(model, out, flags, a.repo.resolve(), trace)}  # fmt: skip
+            if trace is not None:
+                trace.unlink()
             shutil.rmtree(out)
             cache.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(r, indent=1))
@@ -359,18 +492,23 @@ def main(argv: list[str] | None = None) -> None:
     # every finished run with these settings (any mode, any layer count), this one's or earlier
     runs = [json.loads(f.read_text()) for f in sorted(cache.glob("*.json"))]
     runs = [r for r in runs if without_mode(r["flags"]) == common]
-    runs.sort(key=lambda r: (r["layers"], r["mode"] != "all", r["mode"]))
-    shape = SHAPES[a.shape]
+    runs.sort(key=lambda r: (r["layers"], r["mode"] != "all", r["mode"], r.get("code", "")))
+    shape = shape_config(a.shape, a.experts)
     settings = {
-        "shape": a.shape, "hidden_size": shape["hidden_size"], "experts": shape["num_experts"],
+        "shape": name, "hidden_size": shape["hidden_size"], "experts": shape["num_experts"],
         "top_k": shape["num_experts_per_tok"], "moe_intermediate_size": shape["moe_intermediate_size"],
-        "layer_params": layer_params(a.shape), "vocab": VOCAB, "bits": a.bits,
+        "layer_params": layer_params(a.shape, a.experts), "vocab": VOCAB, "bits": a.bits,
         "group_size": a.group_size, "nsamples": a.nsamples, "seqlen": a.seqlen,
-        "moe_min_tokens": a.moe_min_tokens,
+        "moe_min_tokens": a.moe_min_tokens, "grid": a.grid, "skip": a.skip,
     }  # fmt: skip
     command = (
-        f"python benchmarks/moe.py --shape {a.shape} --layers {a.layers} --modes {a.modes} "
+        f"python benchmarks/moe.py --shape {a.shape}"
+        + (f" --experts {a.experts}" if a.experts is not None else "")
+        + f" --layers {a.layers} --modes {a.modes} "
         f"--nsamples {a.nsamples} --seqlen {a.seqlen}"
+        + (f" --grid {a.grid}" if a.grid != "affine" else "")
+        + (f" --skip {a.skip}" if a.skip is not None else "")
+        + (" --trace" if a.trace else "")
     )
     result = {
         "command": command, "machine": machine(), "settings": settings,
@@ -379,9 +517,9 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
     lines = markdown(result)
     a.out.mkdir(parents=True, exist_ok=True)
-    tag = f"moe-{a.shape}-layer"
-    (a.out / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    out_tag = f"moe-{name}-layer"
+    (a.out / f"{out_tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (a.out / f"{out_tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

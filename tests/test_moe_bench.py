@@ -61,6 +61,51 @@ def test_written_model_has_hub_names_one_shard_per_layer(tmp_path):
     assert 0.015 < float(x.float().std()) < 0.025
 
 
+def test_a_reduced_layer_has_fewer_experts_of_the_same_shape():
+    """--experts: the same linears, fewer of them (top-k at most the experts), named apart."""
+    assert bench.shape_config("qwen3-30b-a3b", 16)["num_experts"] == 16
+    assert bench.shape_config("qwen3-30b-a3b", 16)["num_experts_per_tok"] == 8
+    assert bench.shape_config("qwen3-30b-a3b", 4)["num_experts_per_tok"] == 4
+    assert bench.shape_config("qwen3-30b-a3b") == bench.SHAPES["qwen3-30b-a3b"]
+    full, reduced = bench.layer_params("qwen3-30b-a3b"), bench.layer_params("qwen3-30b-a3b", 16)
+    assert full - reduced == (128 - 16) * (3 * 768 * 2048 + 2048)  # experts and router rows
+    assert bench.tag("qwen3-30b-a3b", 16) == "qwen3-30b-a3b-e16"
+    assert bench.tag("qwen3-30b-a3b") == "qwen3-30b-a3b"
+
+
+def test_runs_of_two_checkouts_are_summarized_apart_and_traced_steps_tabled():
+    def run(code, peak, phases):
+        trace = {"peak_rss_bytes": peak, "peak_phase": max(phases, key=phases.get),
+                 "phases": phases}  # fmt: skip
+        return {"mode": "all", "code": code, "layers": 1, "seconds": 10.0,
+                "child_cpu_seconds": 20.0, "peak_rss_bytes": peak, "quantize_seconds": 5.0,
+                "expert_linears_quantized": 24, "fallbacks": 0, "fallback_tokens": [],
+                "load_before": [1.0], "load_after": [2.0], "rss_trace": trace}  # fmt: skip
+
+    gib = 1 << 30
+    runs = [
+        run("old", 6 * gib, {"column loop 768x2048": 6 * gib, "load layer": 2 * gib}),
+        run("new", 3 * gib, {"column loop 768x2048": 2 * gib, "load layer": 3 * gib}),
+    ]
+    summary = bench.summarize(runs, 48)
+    assert sorted(summary) == ["all, new", "all, old"]
+    assert summary["all, old"]["peak_rss_bytes_by_layers"] == {"1": 6 * gib}
+    settings = {"shape": "qwen3-30b-a3b-e8", "experts": 8, "moe_intermediate_size": 768,
+                "top_k": 8, "hidden_size": 2048, "layer_params": gib // 4, "bits": 4,
+                "group_size": 128, "nsamples": 2, "seqlen": 128, "moe_min_tokens": 64,
+                "grid": "minmax", "skip": "self_attn"}  # fmt: skip
+    machine = {"cpu": "x", "avx512f": True, "logical_cpus": 2, "torch_threads": 2,
+               "ram_bytes": 8 * gib, "torch": "2"}  # fmt: skip
+    md = bench.markdown({"command": "c", "machine": machine, "settings": settings,
+                         "full_layers": 48, "runs": runs, "summary": summary})  # fmt: skip
+    text = "\n".join(md)
+    assert "| all | old | 1 | 10 | 20 | 5 | 6.00 | 6.00 | 24 of 24 | 0 |" in text
+    assert "| all | new | 1 | 10 | 20 | 5 | 3.00 | 3.00 | 24 of 24 | 0 |" in text
+    assert "| column loop 768x2048 | 6.00* | 2.00 |" in text  # * the run's peak step
+    assert "| load layer | 2.00 | 3.00* |" in text
+    assert "minmax grid" in text and "--skip self_attn (left dense)" in text
+
+
 def test_summary_arithmetic():
     runs = [
         {
@@ -129,9 +174,9 @@ def test_tiny_end_to_end(tmp_path):
         assert r["expert_linears_quantized"] == layers * experts * 3
         assert r["sublayers"] == layers * (4 + experts * 3)  # q, k, v, o + the experts
         assert r["peak_rss_bytes"] > 0 and r["child_cpu_seconds"] > 0
-        if mode == "all":  # gate/up share the input H; each down projection's all-token
-            # count (every token, every expert) is below this minimum too, and is reported
-            assert r["fallback_tokens"] == [nsamples * seqlen] * layers * experts
+        if mode == "all":  # every expert sees every token: below the minimum, nothing to
+            # fall back to, and nothing is reported as fallen back
+            assert r["fallbacks"] == 0 and r["fallback_tokens"] == []
         else:  # every expert linear, with its routed tokens: top-k of every token, per linear
             assert r["fallbacks"] == layers * experts * 3
             assert sum(r["fallback_tokens"]) == layers * 3 * top_k * nsamples * seqlen
@@ -143,5 +188,6 @@ def test_tiny_end_to_end(tmp_path):
     }
     assert "marginal_seconds_per_layer" not in s["routed"]
     md = (tmp_path / "results" / "moe-tiny-layer.md").read_text()
-    assert "| routed | 1 |" in md and f"| {experts * 3} of {experts * 3} |" in md
-    assert not list((tmp_path / "work").glob("moe-bench-tiny"))  # checkpoints removed
+    code = runs["routed", 1]["code"]
+    assert f"| routed | {code} | 1 |" in md and f"| {experts * 3} of {experts * 3} |" in md
+    assert not list((tmp_path / "work").glob("moe-bench-tiny.*"))  # checkpoints removed

@@ -191,3 +191,23 @@ def test_tiny_end_to_end(tmp_path):
     code = runs["routed", 1]["code"]
     assert f"| routed | {code} | 1 |" in md and f"| {experts * 3} of {experts * 3} |" in md
     assert not list((tmp_path / "work").glob("moe-bench-tiny.*"))  # checkpoints removed
+
+
+@pytest.mark.slow  # a leanquant quantize process
+def test_rss_phases_counts_each_step(tmp_path, tiny_model, calib_text):
+    trace, out = tmp_path / "trace.json", tmp_path / "ckpt"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "rss_phases.py"), str(trace), "quantize",
+           str(tiny_model("qwen3_moe")), str(out), "--calib", str(calib_text), "--nsamples", "4",
+           "--seqlen", "32", "--group-size", "32"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    t = json.loads(trace.read_text())
+    assert t["rc"] == 0 and (out / "quantize_report.json").exists()
+    phases = t["phases"]
+    assert t["peak_rss_bytes"] == max(phases.values()) == phases[t["peak_phase"]]
+    assert {"load layer", "Hessian", "factor H", "pack and check", "writer", "next inputs"} <= set(
+        phases
+    )
+    assert any(p.startswith("column loop ") for p in phases)
+    # (ru_maxrss and a psutil sample are two counters of the kernel's: not compared)
+    assert 0 < t["first_layer_rss_bytes"] <= t["peak_rss_bytes"] and t["ru_maxrss_bytes"] > 0

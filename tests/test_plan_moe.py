@@ -390,3 +390,22 @@ def test_mla_attention_per_rank_equals_the_parameters_vllm_builds(world):
         linear_bytes(cfg, lin.name, *shard.shape(lin), lin.in_features) for lin in attention
     )
     assert planned == per_rank.pop()
+
+
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        (dict(bits=4, group_size=128), "hands them to vLLM's WNA16 MoE kernels"),
+        (dict(bits=8, group_size=128), "int8 MoE kernels are symmetric only"),
+        (dict(bits=3, group_size=128), "not 3-bit"),
+        (dict(bits=4, group_size=-1, grid="nonuniform"), "learned per-row tables"),
+    ],
+)
+def test_expert_memory_warning_follows_the_plugins_kernel_rule(kw, says):
+    """The planner's word on the experts' memory comes from the plugin's own rule
+    (vllm/moe_kernels.py): 4-bit affine experts go to vLLM's WNA16 MoE kernels on CUDA, the
+    rest are dequantized to 16-bit at load, and the warning gives that 16-bit size."""
+    p = plan(PlanInput("mixtral-8x22b", gpus=8, max_model_len=4096, **kw))
+    (w,) = [w for w in p.warnings if w.startswith("experts are planned")]
+    assert says in w and "16-bit size" in w
+    assert ("serves these experts through its portable path" in w) == ("WNA16" not in says)

@@ -346,7 +346,7 @@ WNA16_CASES = {  # config name -> expected method on an sm90 GPU (None: portable
     "aff4-pc": ("MarlinExperts", None),
     "aff8-pc": (None, "vLLM's int8 MoE kernels are symmetric"),
     "aff8-g64": (None, "vLLM's int8 MoE kernels are symmetric"),
-    "aff3-g32": (None, "take 4- or 8-bit weights, not 3-bit"),
+    "aff3-g32": (None, "take 4-bit weights with zero points, not 3-bit"),
     "aff4-actorder": (None, "take no g_idx"),
     "nf4-g64": (None, "fixed table with a per-group scale"),
     "nu4": (None, "learned per-row tables"),
@@ -372,6 +372,24 @@ def test_method_chosen_on_a_gpu(name):
     else:
         assert type(method) is LeanQuantWNA16MoEMethod, got_why
         assert method.experts_cls.__name__ == want and method.wna16_backend.value == "MARLIN"
+
+
+def test_vllms_oracle_refuses_int8_experts_with_zero_points():
+    """The fact behind moe_kernels.WNA16_MOE_BITS (8-bit experts stay portable, and the
+    planner gives them 16-bit memory): vLLM's own WNA16 MoE selection, asked directly in its
+    CUDA branch, finds no kernel for asymmetric int8 experts but one for int4."""
+    from leanquant_serve.vllm.moe import LeanQuantWNA16MoEMethod
+
+    for name, ok in (("aff8-g64", False), ("aff8-pc", False), ("aff4-g128", True)):
+        cfg = GPU_CONFIGS[name]
+        layer = build_moe(cfg, 0, 1, torch.float16)
+        qc = LeanQuantVLLMConfig.from_config(cfg.to_dict())
+        with set_current_vllm_config(VllmConfig()), fake_cuda(90):
+            if ok:
+                LeanQuantWNA16MoEMethod(qc, layer.moe_config, PREFIX)
+            else:
+                with pytest.raises((NotImplementedError, ValueError, AssertionError)):
+                    LeanQuantWNA16MoEMethod(qc, layer.moe_config, PREFIX)
 
 
 def test_method_chosen_for_the_run():

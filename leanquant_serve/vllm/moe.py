@@ -72,6 +72,7 @@ from ..format import FormatError, fused_misfit
 from ..format.tensors import scales_on_every_rank
 from ..kernels import portable
 from .linear import KERNEL_ACT_DTYPES, PORTABLE, _LeanQuantLinearMethod, _log_once
+from .moe_kernels import wna16_moe_config_misfit
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationArgs
@@ -84,7 +85,6 @@ if TYPE_CHECKING:
 logger = init_logger(f"vllm.{__name__}")
 
 SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
-WNA16_BITS = (4, 8)  # the weight widths vLLM's WNA16 MoE kernels take
 MOE_KERNEL_ENV = "LEANQUANT_MOE_KERNEL"  # auto (default) | portable
 
 
@@ -134,14 +134,8 @@ def wna16_misfit(qcfg: LeanQuantConfig, moe: FusedMoEConfig) -> str | None:
         return f"{MOE_KERNEL_ENV}=portable"
     if not current_platform.is_cuda():
         return "vLLM's WNA16 MoE kernels are used on CUDA only (CPU int4 MoE: symmetric, AMX)"
-    if qcfg.grid == "nonuniform":
-        return "no vLLM MoE kernel takes learned per-row tables"
-    if qcfg.grid == "table":
-        return "no vLLM MoE kernel takes a fixed table with a per-group scale"
-    if qcfg.bits not in WNA16_BITS:
-        return f"vLLM's WNA16 MoE kernels take 4- or 8-bit weights, not {qcfg.bits}-bit"
-    if qcfg.uses_g_idx:
-        return "act-order with dynamic groups (g_idx): vLLM >= 0.32's MoE kernels take no g_idx"
+    if why := wna16_moe_config_misfit(qcfg):
+        return why
     if moe.in_dtype not in KERNEL_ACT_DTYPES:
         return (
             f"vLLM's WNA16 MoE kernels compute in float16/bfloat16, not {moe.in_dtype} "
@@ -200,8 +194,6 @@ def moe_method(config: LeanQuantVLLMConfig, layer: RoutedExperts, prefix: str):
             return LeanQuantWNA16MoEMethod(config, layer.moe_config, prefix)
         except (NotImplementedError, ValueError, AssertionError) as e:
             why = f"vLLM's WNA16 MoE oracle: {str(e).strip() or type(e).__name__}"
-            if config.qcfg.bits == 8:
-                why += " (vLLM's int8 MoE kernels are symmetric; these experts store zero points)"
     return LeanQuantMoEMethod(config, layer.moe_config, why)
 
 

@@ -94,6 +94,7 @@ from leanquant_serve.plan import (
     experts_bytes,
     quantizer_tested,
 )
+from leanquant_serve.vllm.moe_kernels import wna16_moe_config_misfit
 
 KV_DTYPES = {"fp16": 2.0, "bf16": 2.0, "fp8": 1.0}  # bytes per cached element (K or V)
 BLOCK_SIZE = 16
@@ -519,11 +520,19 @@ def plan_engine(
     if experts and cfg is not None:
         dense = sum(experts_bytes(a, None, i, shard) for i in range(parts[0]))
         stored = sum(experts_bytes(a, cfg, i, shard) for i in range(parts[0]))
+        extra = f"{dense / GiB:.2f} GiB per GPU (+{(dense - stored) / GiB:.2f} GiB)"
+        why = wna16_moe_config_misfit(cfg)
         warnings.append(
             f"experts are planned at their stored {cfg.bits}-bit size ({stored / GiB:.2f} GiB "
-            "per GPU), which needs a quantized MoE kernel; a serving path that dequantizes "
-            f"experts at load needs their 16-bit size, {dense / GiB:.2f} GiB per GPU "
-            f"(+{(dense - stored) / GiB:.2f} GiB)"
+            "per GPU): "
+            + (
+                "on CUDA with 16-bit activations the plugin hands them to vLLM's WNA16 MoE "
+                "kernels (written against vLLM 0.32, not run on a GPU); its portable path "
+                f"(CPU, float32, LEANQUANT_MOE_KERNEL=portable) needs their 16-bit size, {extra}"
+                if why is None
+                else f"but the plugin serves these experts through its portable path ({why}), "
+                f"which dequantizes them at load: they need their 16-bit size, {extra}"
+            )
         )
     if not quantizer_tested(a.model_type):
         warnings.append(

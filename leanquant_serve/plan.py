@@ -292,6 +292,9 @@ class LayerKind:
     layer_16bit_elements: int
     experts: Experts | None = None
     routers: tuple[str, ...] = ()  # modules that pick experts: kept dense, by the quantizer's rule
+    # persistent buffers (DeepSeek-V3's router e_score_correction_bias): float32 in its
+    # checkpoints and in vLLM's deepseek_v2.py, so 4 bytes each
+    layer_fp32_buffer_elements: int = 0
 
 
 @dataclass(frozen=True)
@@ -568,11 +571,18 @@ def _layer_kind(model: Any, layer: Any, prefix: str, hidden: int, name: str) -> 
     others = [
         p.numel() for n, p in layer.named_parameters() if n not in in_linears and n not in fused
     ]
+    buffers = [
+        b.numel()
+        for n, b in layer.named_buffers()
+        if n.rpartition(".")[2]
+        not in layer.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set
+    ]
     return LayerKind(
         linears=linears,
         layer_16bit_elements=sum(others),
         experts=experts,
         routers=tuple(sorted(dense_routers)),
+        layer_fp32_buffer_elements=sum(buffers),
     )
 
 
@@ -912,6 +922,7 @@ def layer_bytes(a: Architecture, cfg: LeanQuantConfig | None, layer: int, shard:
     """Bytes of decoder layer ``layer`` as ``shard`` holds it on one GPU."""
     kind = a.kind(layer)
     total = kind.layer_16bit_elements * ELEMENT_16BIT  # norms, routers: 16-bit, on every GPU
+    total += kind.layer_fp32_buffer_elements * 4  # routers' score-correction biases: float32
     for lin in kind.linears:
         name = f"{a.layers_name}.{layer}.{lin.name}"
         total += _linear_part(cfg, name, lin, shard.shape(lin), shard.shares_g_idx(lin))

@@ -318,11 +318,12 @@ def test_rtn_quantizes_every_linear_and_the_planner_counts_its_bytes(hub, tmp_pa
             t = st.get_slice(name)
             stored += math.prod(t.get_shape()) * _DTYPE_BYTES[t.get_dtype()]
     p = plan(PlanInput(str(out), max_model_len=64))
-    # the planner counts a layer's parameters, not the routers' e_score_correction_bias (a
-    # persistent buffer, float32 here as in DeepSeek-V3's checkpoints): a known gap of
-    # MoE layers x experts x 4 bytes (58 x 256 x 4 = 59 kB for DeepSeek-V3)
-    biases = (LAYERS - DENSE) * EXPERTS * 4
-    assert p.checkpoint_bytes["total"] == stored - biases
+    # the routers' e_score_correction_bias (a persistent buffer, float32 here as in
+    # DeepSeek-V3's checkpoints) counted at 4 bytes: MoE layers x experts x 4
+    assert p.checkpoint_bytes["total"] == stored
     assert not any("do not cover" in w for w in p.warnings)  # deepseek_v3 is a tested type
     a = Architecture.from_config(MLA_ARCHITECTURES["deepseek_v3"](VOCAB).to_dict(), "ds")
     assert (a.num_experts, a.moe_layers, a.kv_lora_rank, a.qk_rope_head_dim) == (8, 2, 32, 16)
+    buffers = [a.kind(i).layer_fp32_buffer_elements for i in range(a.num_layers)]
+    assert buffers == [0] * DENSE + [EXPERTS] * (LAYERS - DENSE)
+

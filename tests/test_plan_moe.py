@@ -51,7 +51,8 @@ def test_deepseek_v3_parameters_by_hand():
     params = DENSE * dense + (L - DENSE) * moe + 2 * V * H + H
     assert params == 671_026_404_352
     p = plan(PlanInput("deepseek-v3", bits=16, gpus=8, max_model_len=4096))
-    assert p.checkpoint_bytes["total"] == 2 * params
+    # + the routers' e_score_correction_bias, float32 (4 B) as DeepSeek-V3 stores it
+    assert p.checkpoint_bytes["total"] == 2 * params + (L - DENSE) * E * 4
     a = p.architecture
     assert (a["num_experts"], a["experts_per_token"], a["moe_intermediate_size"]) == (E, TOPK, 2048)
     assert (a["moe_layers"], a["kv_lora_rank"], a["qk_rope_head_dim"]) == (58, 512, 64)
@@ -76,7 +77,7 @@ def deepseek_rank_bytes(bits: int, group: int, tp: int = 8) -> int:
     dense = 2 * q(H, I // tp) + q(I // tp, H)  # gate/up column, down row parallel
     # every rank holds all 256 routed experts and the shared one, each split like an MLP
     expert = 2 * q(H, MOE_I // tp) + q(MOE_I // tp, H)
-    moe = E * H * 2 + (E + 1) * expert  # + the 16-bit router (replicated)
+    moe = E * H * 2 + E * 4 + (E + 1) * expert  # + the router (16-bit, its bias fp32: replicated)
     embed = (V // tp) * H * 2  # 129280 is a multiple of 64: no padding
     return DENSE * (attn + dense) + (L - DENSE) * (attn + moe) + 2 * embed + H * 2
 
@@ -102,7 +103,7 @@ def deepseek_plan(bits: int, gpu_mem: float, **kw):
 
 def test_deepseek_v3_4bit_on_8x80gb_by_hand():
     weights = deepseek_rank_bytes(4, 128)
-    assert weights == 44_803_926_784  # 41.73 GiB per GPU
+    assert weights == 44_803_986_176  # 41.73 GiB per GPU
     assert KV_PER_TOKEN == 70_272
     budget = math.ceil(79 * GiB * 9 / 10)
     hr = HEADS // 8

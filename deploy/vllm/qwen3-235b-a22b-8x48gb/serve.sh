@@ -4,8 +4,10 @@
 # Group 64, not 128: each expert's down_proj gets 1536 / 8 = 192 inputs per rank, three whole
 # groups of 64 (a group of 128 would be cut; `leanquant plan` refuses it and says so).
 # Quantize with: leanquant quantize /models/Qwen3-235B-A22B OUT --bits 4 --group-size 64 ...
-# The experts' 4-bit size assumes a quantized MoE kernel: a path that dequantizes experts at
-# load needs 52.88 GiB per GPU and does not fit (see deploy/README.md).
+# The experts' 4-bit size assumes a quantized MoE kernel: the plugin hands these experts to
+# vLLM's WNA16 MoE kernels on CUDA (written against vLLM 0.32, not run on a GPU yet); its
+# portable path dequantizes experts at load, needs 52.88 GiB per GPU and does not fit
+# (see deploy/README.md).
 # Flags agree with this plan (tests/test_deploy.py runs it and checks that it fits):
 # leanquant plan qwen3-235b-a22b --bits 4 --group-size 64 --gpus 8 --gpu-mem 45 --max-model-len 32768 --concurrency 8 --max-num-batched-tokens 2048 --gpu-memory-utilization 0.9
 # Usage: MODEL_DIR=/path/to/checkpoint ./serve.sh [more vllm serve flags]

@@ -365,3 +365,70 @@ def test_widths_only_humming_runs_are_written_with_a_warning(checkpoint, exporte
     with caplog.at_level("WARNING"):
         export_compressed_tensors(checkpoint("qwen3_moe-w4g64sym"), tmp_path / "ct4")
     assert "Humming" not in caplog.text
+
+
+# Normwise relative error of vLLM's CPU MoE kernel against the float32 reference MoE: it
+# computes with int8-quantized activations (W4A8, per-token scales: rounding 2^-8 of each
+# row's max, twice) and bfloat16 outputs (2^-8): a few percent at most (measured 1.3 %);
+# a misread layout (wrong expert, half, group or scale) is near 100 % (checked below).
+CPU_W4A8_RELATIVE = 0.05
+
+
+def test_stock_vllm_cpu_backend_runs_the_exported_experts(vllm_env, checkpoint, exported):
+    """On an AMX CPU, stock vLLM picks its CPU WNA16 MoE backend for a symmetric 4-bit export
+    (groups of 64) and its output is the reference MoE's within CPU_W4A8_RELATIVE; groups of
+    32 get no CPU backend (vLLM's kInt4Static32 key is not in CPUExpertsInt4's list)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    if not CPUExpertsInt4._supports_current_device():
+        pytest.skip("vLLM's CPU WNA16 MoE backend needs an x86 CPU with AMX")
+    kind, module = "qwen3_moe-w4g64sym", "model.layers.0.mlp.experts"
+    src, export = Checkpoint(checkpoint(kind)), exported(kind)
+
+    def build(qc):
+        cfg = CompressedTensorsConfig.from_config(json.loads(json.dumps(qc)))
+        return FusedMoEFactory(
+            num_experts=EXPERTS, top_k=2, hidden_size=HIDDEN, intermediate_size=MOE_INTER,
+            params_dtype=torch.bfloat16, quant_config=cfg, tp_size=1, dp_size=1, pcp_size=1,
+            prefix=module, ckpt_names=CKPT_NAMES["qwen3_moe"],
+        ).routed_experts  # fmt: skip
+
+    qc = quant_config(export)
+    sd = load_file(export / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, HIDDEN, generator=gen)
+    ids = torch.stack([torch.randperm(EXPERTS, generator=gen)[:2] for _ in range(7)]).int()
+    weights = torch.rand(7, 2, generator=gen)
+    with set_current_vllm_config(VllmConfig()):
+        layer = build(qc)
+        assert layer.quant_method.wna16_backend == WNA16MoEBackend.CPU
+        list(layer.load_weights([(n.removeprefix(module + "."), t) for n, t in sd.items() if n.startswith(module + ".")]))
+        layer.quant_method.process_weights_after_loading(layer)
+        got = layer.quant_method.apply(layer, x.bfloat16(), weights, ids, None, None).float()
+        qc32 = json.loads(json.dumps(qc))
+        qc32["config_groups"]["group_0"]["weights"]["group_size"] = 32
+        with pytest.raises(NotImplementedError, match="No WNA16 MoE backend supports"):
+            build(qc32)
+    W = {(e, p): src.dequantized_weight(f"{module}.{e}.{p}") for e in range(EXPERTS)
+         for p in ("gate_proj", "up_proj", "down_proj")}  # fmt: skip
+
+    def moe(expert_of):
+        out = torch.zeros(7, HIDDEN)
+        for t in range(7):
+            for k in range(2):
+                e = expert_of(int(ids[t, k]))
+                h = torch.nn.functional.silu(W[e, "gate_proj"] @ x[t]) * (W[e, "up_proj"] @ x[t])
+                out[t] += weights[t, k] * (W[e, "down_proj"] @ h)
+        return out
+
+    want = moe(lambda e: e)
+    error = float((got - want).norm() / want.norm())
+    assert error < CPU_W4A8_RELATIVE, error
+    misread = moe(lambda e: (e + 1) % EXPERTS)  # the experts one off: what the bound rules out
+    assert float((got - misread).norm() / misread.norm()) > 10 * CPU_W4A8_RELATIVE

@@ -74,6 +74,7 @@ from ..format import (
     unpack_codes,
 )
 from ..format.hf_names import checkpoint_module
+from .layout import to_pack_quantized
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +240,16 @@ def _plan(src: Checkpoint, prefixes: list[str]) -> bool:
 def _convert_linear(src: Checkpoint, prefix: str, symmetric: bool) -> dict[str, torch.Tensor]:
     t = src.linear_tensors(prefix)
     out_features, in_features = infer_linear_shape(src.qcfg, t)
+    packed, scale, zp = to_pack_quantized(
+        t["qweight"], t["scales"], None if symmetric else t["zero_points"]
+    )
     tensors = {
-        f"{prefix}.weight_packed": t["qweight"].t().contiguous(),
-        f"{prefix}.weight_scale": t["scales"].t().contiguous(),
+        f"{prefix}.weight_packed": packed,
+        f"{prefix}.weight_scale": scale,
         f"{prefix}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
-    if not symmetric:
-        tensors[f"{prefix}.weight_zero_point"] = t["zero_points"].t().contiguous()
+    if zp is not None:
+        tensors[f"{prefix}.weight_zero_point"] = zp
     return tensors
 
 

@@ -68,6 +68,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
+from ..compressed_tensors.layout import to_pack_quantized
 from ..format import FormatError, fused_misfit
 from ..format.tensors import scales_on_every_rank
 from ..kernels import portable
@@ -170,15 +171,9 @@ def to_compressed_tensors(
     allocates, N-first): ``weight_packed`` (E, N, K*b/32), ``weight_scale`` (E, N, G) in
     ``dtype`` and ``weight_zero_point`` (E, N*b/32, G).
 
-    A transpose of each: compressed-tensors packs 32/b codes per int32 word, code j at bits
-    [j*b, (j+1)*b), along K for weights and along N for zero points, stores the unsigned code
-    (signed + 2**(b-1)) and the true zero point, w = (q - z) * s; at b = 4 and 8 that is our
-    bitstream and our values (the per-linear export, ``compressed_tensors/export.py``, writes
-    the same transposes). The scale cast is exact for ``float16``."""
-    packed = qweight.transpose(1, 2).contiguous()
-    scale = scales.transpose(1, 2).to(dtype).contiguous()
-    zero_point = zero_points.transpose(1, 2).contiguous()
-    return packed, scale, zero_point
+    A transpose of each (the rule's one home: ``compressed_tensors/layout.py``, which the
+    per-linear export uses too). The scale cast is exact for ``float16``."""
+    return to_pack_quantized(qweight, scales, zero_points, scale_dtype=dtype)
 
 
 def moe_method(config: LeanQuantVLLMConfig, layer: RoutedExperts, prefix: str):

@@ -96,15 +96,24 @@ def portable_mode() -> str:
 
 
 def _densify(layer: torch.nn.Module, w_t: torch.Tensor, names: tuple[str, ...]) -> None:
-    """Replace the stored tensors ``names`` by the dense weight W (out, in) = ``w_t``^T."""
+    """Replace the stored tensors ``names`` by the dense weight W (out, in) = ``w_t``^T, held
+    as ``layer.weight`` in the activation dtype.
+
+    ``weight`` is the name vLLM's readers of a linear's weights look for (vLLM 0.32
+    ``quant_utils.get_and_maybe_dequant_weights``: ``weight``, ``qweight`` or
+    ``weight_packed``), which MLA's ``kv_b_proj`` goes through at load (the CPU ``AMX_MLA``
+    backend and ``split_kv_b_proj``); with our method as ``quant_method`` they then take W from
+    :meth:`apply` on an identity matrix. The layer's ``quant_method`` stays ours: vLLM's checks
+    of ``weight`` on these paths read only its dtype (fp8 or int32 or not), and
+    ``MLAAttention`` frees it on AMX after packing its own copies."""
     for name in names:
         if hasattr(layer, name):
             delattr(layer, name)
-    layer.leanquant_dense = torch.nn.Parameter(w_t.t().contiguous(), requires_grad=False)
+    layer.weight = torch.nn.Parameter(w_t.t().contiguous(), requires_grad=False)
 
 
 def _dense_apply(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
-    return torch.nn.functional.linear(x, layer.leanquant_dense, bias)
+    return torch.nn.functional.linear(x, layer.weight, bias)
 
 
 def _cpu_wna16_available() -> bool:

@@ -259,10 +259,11 @@ def without_mode(flags: list[str]) -> list[str]:
     return flags[:i] + flags[i + 2 :]
 
 
-def run_key(r: dict) -> str:
-    """What a run's summary is keyed by: its mode, and the code that ran (``--label``) if
-    recorded."""
-    return r["mode"] if "code" not in r else f"{r['mode']}, {r['code']}"
+def run_key(r: dict, runs: list[dict]) -> str:
+    """What a run's summary is keyed by: its mode, and the code that ran (``--label``) where
+    ``runs`` hold runs of more than one code."""
+    codes = {x.get("code") for x in runs}
+    return r["mode"] if len(codes) <= 1 else f"{r['mode']}, {r.get('code')}"
 
 
 def summarize(runs: list[dict], full_layers: int) -> dict[str, dict]:
@@ -270,8 +271,8 @@ def summarize(runs: list[dict], full_layers: int) -> dict[str, dict]:
     their projection to ``full_layers``; with two layer counts, the marginal layer (difference of
     the runs' seconds) and its projection, and the peak RSS of each count."""
     out = {}
-    for mode in sorted({run_key(r) for r in runs}):
-        rs = sorted((r for r in runs if run_key(r) == mode), key=lambda r: r["layers"])
+    for mode in sorted({run_key(r, runs) for r in runs}):
+        rs = sorted((r for r in runs if run_key(r, runs) == mode), key=lambda r: r["layers"])
         big = rs[-1]
         per_layer = big["seconds"] / big["layers"]
         cpu = big["child_cpu_seconds"] / big["layers"]
@@ -345,7 +346,7 @@ def markdown(result: dict) -> list[str]:
             "(interpreter, torch, skeleton, calibration inputs, the writer's buffer of the "
             "embeddings and head), in GiB and in layers in fp32:",
             "",
-            "| step | " + " | ".join(f"{run_key(r)}, {r['layers']} l" for r in traced) + " |",
+            "| step | " + " | ".join(f"{run_key(r, traced)}, {r['layers']} l" for r in traced) + " |",
             "|---|" + "---|" * len(traced),
         ]
         cells = []

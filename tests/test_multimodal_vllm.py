@@ -64,18 +64,6 @@ def _torchvision_free_pixtral(tmp: Path, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(tmp) + (os.pathsep + path if path else ""))
 
 
-def _linear_methods(model) -> tuple[str, dict[str, str]]:
-    """The model class vLLM built and the quantization method of each of its linear layers."""
-    from vllm.model_executor.layers.linear import LinearBase
-
-    methods = {
-        n: type(m.quant_method).__name__
-        for n, m in model.named_modules()
-        if isinstance(m, LinearBase)
-    }
-    return type(model).__name__, methods
-
-
 @pytest.fixture(scope="module")
 def quantized_mistral3(tokenizer, calib_text, tmp_path_factory) -> Path:
     v = len(tokenizer)
@@ -110,41 +98,65 @@ def quantized_mistral3(tokenizer, calib_text, tmp_path_factory) -> Path:
     return out
 
 
+# vLLM runs in a fresh process: in-process vllm.LLM scans sys.modules for its kernels
+# (vllm/triton_utils/dispatcher.py) and fails on llvmlite's objects once an earlier test in the
+# same pytest process has imported numba ("'_lib_fn_wrapper' object has no attribute 'get'").
+CHILD = """import json, sys
+from vllm import LLM, SamplingParams
+from vllm.model_executor.layers.linear import LinearBase
+
+def linear_methods(model):
+    return type(model).__name__, {
+        n: type(m.quant_method).__name__ for n, m in model.named_modules()
+        if isinstance(m, LinearBase)
+    }
+
+ckpt, ids, top, n_tokens, out = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+llm = LLM(model=ckpt, dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=2,
+          limit_mm_per_prompt={"image": 0})
+(arch, linears), *_ = llm.apply_model(linear_methods)
+o = llm.generate([{"prompt_token_ids": ids}],
+                 SamplingParams(max_tokens=n_tokens, temperature=0, logprobs=top))[0].outputs[0]
+logprobs = [{str(k): v.logprob for k, v in d.items()} for d in o.logprobs]
+json.dump({"arch": arch, "linears": linears, "tokens": list(o.token_ids), "logprobs": logprobs},
+          open(out, "w"))
+"""
+
+
 def test_vllm_builds_the_quantized_wrapper_and_matches_the_reference(
     quantized_mistral3, tokenizer, calib_text, tmp_path, monkeypatch
 ):
-    _torchvision_free_pixtral(tmp_path, monkeypatch)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM, SamplingParams
+    import json
+    import subprocess
 
-    llm = LLM(
-        model=str(quantized_mistral3), dtype="float32", enforce_eager=True, max_model_len=128,
-        max_num_seqs=2, limit_mm_per_prompt={"image": 0},
+    _torchvision_free_pixtral(tmp_path, monkeypatch)  # the sitecustomize reaches the child too
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    ids = tokenizer(calib_text.read_text()[:400])["input_ids"][:32]
+    result = tmp_path / "served.json"
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, str(quantized_mistral3), json.dumps(ids), str(TOP),
+         str(N_TOKENS), str(result)],
+        env=env, capture_output=True, text=True, timeout=3000,
     )  # fmt: skip
-    (arch, linears), *_ = llm.apply_model(_linear_methods)
-    assert arch == "Mistral3ForConditionalGeneration"
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(result.read_text())
+    assert r["arch"] == "Mistral3ForConditionalGeneration"
+    linears = r["linears"]
     text = {n: m for n, m in linears.items() if n.startswith("language_model.model.layers.")}
     # per layer vLLM's fused qkv_proj, o_proj, gate_up_proj, down_proj: all quantized
     assert len(text) == 2 * 4 and all(m.startswith("LeanQuant") for m in text.values()), text
     assert not any(m.startswith("LeanQuant") for n, m in linears.items() if n not in text)
 
-    ids = tokenizer(calib_text.read_text()[:400])["input_ids"][:32]
-    out = llm.generate(
-        [{"prompt_token_ids": ids}],
-        SamplingParams(max_tokens=N_TOKENS, temperature=0, logprobs=TOP),
-    )[0].outputs[0]
-    served = list(out.token_ids)
+    served = r["tokens"]
     assert len(served) == N_TOKENS
-
     ref = load_reference_model(quantized_mistral3).float().eval()
     assert type(ref).__name__ == "Mistral3ForConditionalGeneration"
     with torch.no_grad():
         logits = ref(input_ids=torch.tensor([ids + served])).logits[0].float()
     lp = torch.log_softmax(logits, -1)[len(ids) - 1 : -1]
-    for i, (t, top) in enumerate(zip(served, out.logprobs, strict=True)):
+    for i, (t, top) in enumerate(zip(served, r["logprobs"], strict=True)):
         assert float(lp[i].max() - lp[i, t]) < TIE_NATS, (i, t, int(lp[i].argmax()))
         # the served token's and the top TOP alternatives' logprobs, each against the reference
         assert len(top) >= TOP
         for alt, x in top.items():
-            assert abs(float(lp[i, alt]) - x.logprob) < LOGPROB_NATS, (i, alt, x.logprob)
+            assert abs(float(lp[i, int(alt)]) - x) < LOGPROB_NATS, (i, alt, x)

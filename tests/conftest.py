@@ -244,6 +244,29 @@ def quantize_observed(src, out, **job) -> tuple[dict, dict]:
     return Q, json.loads((out / REPORT_FILE).read_text())
 
 
+def assert_reference_logits_equal(state: dict, expected_dir, ckpt) -> None:
+    """The reference dequantizer's model of checkpoint ``ckpt`` gives the logits transformers'
+    own ``from_pretrained`` gives for ``state`` (the source's tensors with the observed Q put
+    in, written as float32 into ``expected_dir``, a copy of the source folder), on two random
+    windows of 24 tokens, within rtol 1e-5 (float32 both)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from leanquant_serve.format import load_reference_model
+
+    state = {k: v.to(torch.float32) for k, v in state.items()}
+    save_file(state, Path(expected_dir) / "model.safetensors", metadata={"format": "pt"})
+    expected = AutoModelForCausalLM.from_pretrained(expected_dir, dtype=torch.float32).eval()
+    ids = torch.randint(
+        0, expected.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        want = expected(input_ids=ids, use_cache=False).logits
+        got = load_reference_model(ckpt)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 @contextlib.contextmanager
 def vllm_tensor_parallel_rank(rank: int, world: int):
     """vLLM's parallel layers built as on ``rank`` of ``world`` tensor-parallel ranks, in one

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quantize_observed
+from conftest import assert_reference_logits_equal, quantize_observed
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from leanquant_serve.format import Checkpoint, load_reference_model
+from leanquant_serve.format import Checkpoint
 from quantizer import layer_step, moe
 from quantizer.errors import UserError
 from quantizer.gptq import GPTQSettings
@@ -129,16 +129,7 @@ def test_reference_model_is_the_source_with_the_observed_weights(moe_run: MoeRun
     state = load_file(expected_dir / "model.safetensors")
     assert {f"{n}.weight" for n in moe_run.Q} <= set(state)
     state.update({f"{n}.weight": Q.to(torch.float32) for n, Q in moe_run.Q.items()})
-    state = {k: v.to(torch.float32) for k, v in state.items()}
-    save_file(state, expected_dir / "model.safetensors", metadata={"format": "pt"})
-    expected = AutoModelForCausalLM.from_pretrained(expected_dir, dtype=torch.float32).eval()
-    ids = torch.randint(
-        0, expected.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
-    )
-    with torch.no_grad():
-        want = expected(input_ids=ids, use_cache=False).logits
-        got = load_reference_model(moe_run.out)(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert_reference_logits_equal(state, expected_dir, moe_run.out)
 
 
 def test_report_counts_every_expert_linear(moe_run: MoeRun):

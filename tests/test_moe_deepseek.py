@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLA_ARCHITECTURES, VOCAB, quantize_observed
+from conftest import MLA_ARCHITECTURES, VOCAB, assert_reference_logits_equal, quantize_observed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_moe import fused_copy
 from transformers import AutoModelForCausalLM
 
-from leanquant_serve.format import Checkpoint, load_reference_model
+from leanquant_serve.format import Checkpoint
 from quantizer.gptq import GPTQSettings
 from quantizer.model_walk import find_decoder_layers, find_linears, sequential_groups
 
@@ -197,16 +197,7 @@ def test_reference_model_is_the_source_with_the_observed_weights(
         src = load_file(ds_run.src / "model.safetensors")
         state.update({f"{r}.e_score_correction_bias": src[f"{r}.e_score_correction_bias"]
                       for r in ROUTERS})  # fmt: skip
-    state = {k: v.to(torch.float32) for k, v in state.items()}
-    save_file(state, expected_dir / "model.safetensors", metadata={"format": "pt"})
-    expected = AutoModelForCausalLM.from_pretrained(expected_dir, dtype=torch.float32).eval()
-    ids = torch.randint(
-        0, expected.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
-    )
-    with torch.no_grad():
-        want = expected(input_ids=ids, use_cache=False).logits
-        got = load_reference_model(ds_run.out)(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert_reference_logits_equal(state, expected_dir, ds_run.out)
 
 
 def test_report_counts_every_linear(ds_run: DsRun):
@@ -326,4 +317,3 @@ def test_rtn_quantizes_every_linear_and_the_planner_counts_its_bytes(hub, tmp_pa
     assert (a.num_experts, a.moe_layers, a.kv_lora_rank, a.qk_rope_head_dim) == (8, 2, 32, 16)
     buffers = [a.kind(i).layer_fp32_buffer_elements for i in range(a.num_layers)]
     assert buffers == [0] * DENSE + [EXPERTS] * (LAYERS - DENSE)
-

@@ -219,6 +219,31 @@ def test_kernel_choice_fits_the_run(op_present, act, monkeypatch):
         assert kernel is None and "no cpu_gemm_wna16 op" in reason
 
 
+@pytest.mark.parametrize("mode", ["per-call", "dense"])
+@pytest.mark.parametrize("name", ["aff4-g32", "aff4-actorder", "nu4"])
+def test_vllm_reads_the_weight_back_as_mla_backends_do(name, mode, monkeypatch):
+    """vLLM's MLA backends read kv_b_proj's weight at load through
+    ``get_and_maybe_dequant_weights`` (quantization/utils/quant_utils.py), which finds a
+    quantized layer by ``weight``, ``qweight`` or ``weight_packed`` and then runs its
+    ``apply`` on an identity: both portable modes (float32) must give the reference W."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        get_and_maybe_dequant_weights,
+    )
+
+    monkeypatch.setenv("LEANQUANT_PORTABLE", mode)
+    cfg = CONFIGS[name]
+    stored = make_linear(cfg, HIDDEN, INTER, 7)
+    with tp_rank(0, 1):
+        layer = RowParallelLinear(
+            INTER, HIDDEN, bias=False, params_dtype=torch.float32, quant_config=quant_config(cfg),
+            prefix="model.layers.0.self_attn.kv_b_proj",
+        )  # fmt: skip
+        load(layer, stored)
+        layer.quant_method.process_weights_after_loading(layer)
+        got = get_and_maybe_dequant_weights(layer, torch.float32)
+    torch.testing.assert_close(got, dequantize_linear(cfg, stored), rtol=1e-6, atol=1e-7)
+
+
 def test_tp_size_that_splits_groups_is_refused():
     cfg = LeanQuantConfig(bits=4, group_size=128)
     with tp_rank(0, 4), pytest.raises(FormatError, match="tensor parallel size 4 splits groups"):

@@ -244,6 +244,24 @@ def quantize_observed(src, out, **job) -> tuple[dict, dict]:
     return Q, json.loads((out / REPORT_FILE).read_text())
 
 
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Callable[[str], Path]:
+    """``exported(kind)``: the compressed-tensors export of the requesting module's
+    ``checkpoint(kind)`` fixture (the dense and the MoE export tests), made once per module."""
+    from leanquant_serve.compressed_tensors.export import export_compressed_tensors
+
+    cache: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in cache:
+            out = tmp_path_factory.mktemp(f"{kind}-ct") / "ct"
+            export_compressed_tensors(checkpoint(kind), out)
+            cache[kind] = out
+        return cache[kind]
+
+    return make
+
+
 def assert_reference_logits_equal(state: dict, expected_dir, ckpt) -> None:
     """The reference dequantizer's model of checkpoint ``ckpt`` gives the logits transformers'
     own ``from_pretrained`` gives for ``state`` (the source's tensors with the observed Q put

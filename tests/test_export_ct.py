@@ -92,20 +92,6 @@ def checkpoint(tiny_model, calib_text, tmp_path_factory) -> Callable[[str], Path
     return make
 
 
-@pytest.fixture(scope="module")
-def exported(checkpoint, tmp_path_factory) -> Callable[[str], Path]:
-    cache: dict[str, Path] = {}
-
-    def make(kind: str) -> Path:
-        if kind not in cache:
-            out = tmp_path_factory.mktemp(f"{kind}-ct") / "ct"
-            export_compressed_tensors(checkpoint(kind), out)
-            cache[kind] = out
-        return cache[kind]
-
-    return make
-
-
 def quant_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())["quantization_config"]
 

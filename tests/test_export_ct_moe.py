@@ -22,7 +22,7 @@ from unittest import mock
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_export_ct import _symmetric_copy
+from test_export_ct import _symmetric_copy, quant_config
 
 from leanquant_serve.compressed_tensors.export import ExportError, export_compressed_tensors
 from leanquant_serve.format import Checkpoint, dequantize_linear
@@ -76,24 +76,6 @@ def checkpoint(tiny_model, calib_text, tmp_path_factory) -> Callable[[str], Path
         return cache[kind]
 
     return make
-
-
-@pytest.fixture(scope="module")
-def exported(checkpoint, tmp_path_factory) -> Callable[[str], Path]:
-    cache: dict[str, Path] = {}
-
-    def make(kind: str) -> Path:
-        if kind not in cache:
-            out = tmp_path_factory.mktemp(f"{kind}-ct") / "ct"
-            export_compressed_tensors(checkpoint(kind), out)
-            cache[kind] = out
-        return cache[kind]
-
-    return make
-
-
-def quant_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())["quantization_config"]
 
 
 def hub_experts(arch: str, model: Path) -> dict[str, dict[int, dict[str, str]]]:
@@ -236,7 +218,9 @@ VLLM_CASES = [("mixtral-w4g32", 1), ("mixtral-w4g32", 2), ("qwen3_moe-w4g64sym",
 
 
 @pytest.mark.parametrize("kind, tp", VLLM_CASES)
-def test_stock_vllm_fused_moe_loads_every_expert(kind, tp, vllm_env, tiny_model, checkpoint, exported):
+def test_stock_vllm_fused_moe_loads_every_expert(
+    kind, tp, vllm_env, tiny_model, checkpoint, exported
+):
     """Every layer's experts through stock vLLM's CompressedTensorsWNA16MoEMethod and its
     loader, as each TP rank: the parameters hold exactly the rank's slice of every expert's
     reference weight (gate and up stacked as w13, down as w2)."""
@@ -251,16 +235,24 @@ def test_stock_vllm_fused_moe_loads_every_expert(kind, tp, vllm_env, tiny_model,
     sd = load_file(export / "model.safetensors")
     gate, down, up = CKPT_NAMES[arch]
     for module, by_expert in hub_experts(arch, tiny_model(arch)).items():
-        ref = {(e, p): src.dequantized_weight(lin) for e, ps in by_expert.items() for p, lin in ps.items()}
+        ref = {
+            (e, p): src.dequantized_weight(lin)
+            for e, ps in by_expert.items()
+            for p, lin in ps.items()
+        }
         full = {gate: [], up: [], down: []}  # every rank's slices, put back together below
         for rank in range(tp):
             layer = build_vllm_experts(qc, module, arch, rank, tp)
             assert type(layer.quant_method) is CompressedTensorsWNA16MoEMethod
-            weights = [(n.removeprefix(module + "."), t) for n, t in sd.items() if n.startswith(module + ".")]
+            weights = [
+                (n.removeprefix(module + "."), t)
+                for n, t in sd.items()
+                if n.startswith(module + ".")
+            ]
             loaded = set(layer.load_weights(weights))
             params = {n for n, _ in layer.named_parameters()}
             assert len(weights) == EXPERTS * 3 * (3 if symmetric else 4)
-            assert loaded == params, (loaded ^ params)  # every parameter, each from the file
+            assert loaded == params, loaded ^ params  # every parameter, each from the file
             w13 = vllm_unpack(layer, "w13", bits, symmetric)
             w2 = vllm_unpack(layer, "w2", bits, symmetric)
             for e in range(EXPERTS):
@@ -355,7 +347,9 @@ def test_whole_dense_experts_are_ignored(tiny_model, tmp_path):
     assert set(ignore) == linears | routers | {"lm_head"}
 
 
-def test_widths_only_humming_runs_are_written_with_a_warning(checkpoint, exported, tmp_path, caplog):
+def test_widths_only_humming_runs_are_written_with_a_warning(
+    checkpoint, exported, tmp_path, caplog
+):
     """asymmetric 8-bit experts: no Marlin, Triton or CPU MoE kernel in vLLM 0.32, only the
     optional Humming one; the export is written and says so."""
     with caplog.at_level("WARNING"):
@@ -408,7 +402,15 @@ def test_stock_vllm_cpu_backend_runs_the_exported_experts(vllm_env, checkpoint, 
     with set_current_vllm_config(VllmConfig()):
         layer = build(qc)
         assert layer.quant_method.wna16_backend == WNA16MoEBackend.CPU
-        list(layer.load_weights([(n.removeprefix(module + "."), t) for n, t in sd.items() if n.startswith(module + ".")]))
+        list(
+            layer.load_weights(
+                [
+                    (n.removeprefix(module + "."), t)
+                    for n, t in sd.items()
+                    if n.startswith(module + ".")
+                ]
+            )
+        )
         layer.quant_method.process_weights_after_loading(layer)
         got = layer.quant_method.apply(layer, x.bfloat16(), weights, ids, None, None).float()
         qc32 = json.loads(json.dumps(qc))

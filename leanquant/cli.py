@@ -74,6 +74,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         "loss error per layer: "
         + ", ".join(f"{i}: {sum(r.loss for r in layer):.3g}" for i, layer in enumerate(s.layers))
     )
+    for d in s.dropped:  # e.g. DeepSeek-V3's multi-token-prediction layer
+        print(f"not written: {d['name']} ({d['tensors']} tensors), {d['why']}")
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:

@@ -210,13 +210,16 @@ class Summary:
     # MoE expert linears calibrated on fewer than --moe-min-tokens tokens, which used their
     # all-token Hessian instead ({"name", "tokens"}); absent when none
     moe_fallbacks: list[dict] = field(default_factory=list)
+    # source tensors not written: decoder layers beyond the model's (DeepSeek-V3's
+    # multi-token-prediction layer), {"name", "tensors", "why"}; absent when none
+    dropped: list[dict] = field(default_factory=list)
 
 
 def summary_to_dict(summary: Summary) -> dict:
     """The summary as ``quantize_report.json`` holds it: fields of options that were off
     (``refit_loss`` without --refit) are left out, so such reports are as before them."""
     d = asdict(summary)
-    for key in ("skipped", "moe_fallbacks"):  # reports of dense models stay as before
+    for key in ("skipped", "moe_fallbacks", "dropped"):  # reports of dense models stay as before
         if not d[key]:
             del d[key]
     for layer in d["layers"]:

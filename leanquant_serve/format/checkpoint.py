@@ -41,6 +41,8 @@ AUXILIARY_FILES = (
     "generation_config.json",
     "chat_template.jinja",
     "added_tokens.json",
+    "preprocessor_config.json",  # a multimodal wrapper's image processor (transformers 4)
+    "processor_config.json",  # its processor (transformers 5: the image processor inside)
 )
 
 

@@ -264,6 +264,22 @@ class LayerLinear:
 
 
 @dataclass(frozen=True)
+class TowerLinear:
+    """One ``nn.Linear`` of a multimodal wrapper's module beside the text decoder (vision tower,
+    projector), as transformers builds the wrapper: the engines' parts decide how they hold it
+    (:func:`leanquant_serve.vllm.plan.tower_bytes_per_rank`)."""
+
+    tower: str  # the tower's checkpoint name, e.g. "vision_tower"
+    parent: str  # the module holding it, inside the tower: "vision_model.encoder.layers.0.mlp"
+    name: str  # its attribute in that module: "fc1"
+    in_features: int
+    out_features: int
+    bias: bool
+    sibling: int  # its index among the parent's nn.Linear children, in registration order
+    siblings: int  # how many nn.Linear children the parent holds
+
+
+@dataclass(frozen=True)
 class Experts:
     """A decoder layer's routed experts, held by transformers as fused 3-D parameters
     (E, out, in) and found as the quantizer finds them (:func:`quantizer.moe.find_fused_experts`):
@@ -336,6 +352,7 @@ class Architecture:
     # Modules beside the text decoder (vision tower, projector): (checkpoint name, elements),
     # 16-bit; reported in the summary as {name: elements}
     towers: tuple[tuple[str, int], ...] = field(default=(), repr=False)
+    tower_linears: tuple[TowerLinear, ...] = field(default=(), repr=False)  # their nn.Linears
     # Not part of the summary (:meth:`summary`): the layers themselves.
     layers_name: str = field(default="model.layers", repr=False)  # the decoder stack's path
     linears: tuple[LayerLinear, ...] = field(default=(), repr=False)  # layer 0's, forward order
@@ -355,7 +372,10 @@ class Architecture:
     def summary(self) -> dict[str, Any]:
         """The sizes as ``Plan.architecture`` reports them (the layers' linears left out, and
         the MoE / MLA fields of a model without them)."""
-        skip = {"layers_name", "linears", "layer_16bit_elements", "kinds", "layer_kind", "towers"}
+        skip = {
+            "layers_name", "linears", "layer_16bit_elements", "kinds", "layer_kind", "towers",
+            "tower_linears",
+        }  # fmt: skip
         out = {
             f.name: getattr(self, f.name)
             for f in fields(self)
@@ -618,13 +638,12 @@ def _wrapper_architecture(config: PretrainedConfig, name: str) -> Architecture:
         with torch.device("meta"):
             whole = auto_model_class(config).from_config(config, dtype=torch.bfloat16)
         layers_name, layers = find_decoder_layers(whole)
-        towers = tuple(
-            (
-                checkpoint_module(whole, t),
-                sum(p.numel() for p in whole.get_submodule(t).parameters()),
-            )
+        beside = {
+            checkpoint_module(whole, t): whole.get_submodule(t)
             for t in beside_text_decoder(whole, layers_name)
-        )
+        }
+        towers = tuple((t, sum(p.numel() for p in m.parameters())) for t, m in beside.items())
+        tower_linears = tuple(lin for t, m in beside.items() for lin in _tower_linears(t, m))
         stack = checkpoint_module(whole, f"{layers_name}.0").removesuffix(".0")
         head = whole.get_output_embeddings()
         tied = head is not None and head.weight is whole.get_input_embeddings().weight
@@ -640,8 +659,33 @@ def _wrapper_architecture(config: PretrainedConfig, name: str) -> Architecture:
             f"{text.num_layers}"
         )
     return replace(
-        text, wrapper=config.model_type, towers=towers, layers_name=stack, tie_word_embeddings=tied
-    )
+        text, wrapper=config.model_type, towers=towers, tower_linears=tower_linears,
+        layers_name=stack, tie_word_embeddings=tied,
+    )  # fmt: skip
+
+
+def _tower_linears(tower: str, module: Any) -> list[TowerLinear]:
+    """Every ``nn.Linear`` inside ``module`` (a tower named ``tower``), with its place among its
+    parent's linear children."""
+    import torch
+
+    out = []
+    for parent, m in module.named_modules():
+        children = [(n, c) for n, c in m.named_children() if isinstance(c, torch.nn.Linear)]
+        for i, (n, c) in enumerate(children):
+            out.append(
+                TowerLinear(
+                    tower=tower,
+                    parent=parent,
+                    name=n,
+                    in_features=c.in_features,
+                    out_features=c.out_features,
+                    bias=c.bias is not None,
+                    sibling=i,
+                    siblings=len(children),
+                )  # fmt: skip
+            )
+    return out
 
 
 def _decoder_architecture(config: PretrainedConfig, name: str) -> Architecture:
@@ -968,11 +1012,8 @@ def towers_line(a: Architecture, engine: str) -> str:
     return (
         f"{a.wrapper} wrapper: the text decoder ({a.model_type}) planned as that text model; "
         f"beside it {parts} elements stay 16-bit (copied unchanged by the quantizer): "
-        f"{_gb(a.tower_bytes)}, counted whole on every GPU ({engine} builds them on every "
-        "pipeline stage and by default splits the vision tower's attention/MLP linears over "
-        "tensor-parallel ranks, so with tp > 1 this over-counts them; --limit-mm-per-prompt "
-        "'{\"image\": 0}' leaves them out); the vision encoder's own profile-run activations "
-        "are not counted"
+        f"{_gb(a.tower_bytes)} in the checkpoint, held per GPU as {engine} holds them (below); "
+        "the vision encoder's own profile-run activations are not counted"
     )
 
 
@@ -1036,6 +1077,7 @@ class Plan:
     max_full_length_sequences: int
     reserve: dict[str, int]
     host_bytes: int = 0  # exllamav2: the token embedding, kept in host RAM
+    tower_bytes_per_gpu: int = 0  # a multimodal wrapper's towers on each GPU (in weight_bytes)
     engine_args: list[str] = field(default_factory=list)
     gpu_split_gib: list[float] = field(default_factory=list)  # exllamav2 only
     assumptions: list[str] = field(default_factory=list)
@@ -1172,7 +1214,8 @@ def format_plan(p: Plan) -> str:
                 (
                     "beside the text decoder",
                     ", ".join(f"{n} {e:,}" for n, e in a["towers"].items())
-                    + f" elements, 16-bit: {_gb(p.checkpoint_bytes['towers'])} on every GPU",
+                    + f" elements, 16-bit: {_gb(p.checkpoint_bytes['towers'])}; "
+                    + f"{_gb(p.tower_bytes_per_gpu)} on each GPU",
                 )
             ]
             if a.get("towers")

@@ -105,7 +105,8 @@ def test_gemma3_4b_by_hand(tmp_path):
     out = format_plan(p)
     assert "gemma3 wrapper, text model gemma3_text: 34 layers" in out
     assert "vision_tower 416,866,032, multi_modal_projector 2,950,272 elements, 16-bit" in out
-    assert "counted whole on every GPU" in out  # the assumption line
+    assert p.tower_bytes_per_gpu == p.checkpoint_bytes["towers"]  # TP 1: all of them
+    assert "0.78 GiB per GPU at tp=1" in out  # the assumption line
 
 
 # google/gemma-3-27b-it's config.json (https://huggingface.co/google/gemma-3-27b-it): the
@@ -138,23 +139,101 @@ def test_gemma3_27b_by_hand(tmp_path):
     assert p.checkpoint_bytes["total"] == 2 * (text + tower + projector)
 
 
+def siglip_elements_per_rank(
+    h: int, inter: int, layers: int, image: int, patch: int, tp: int
+) -> int:
+    """SigLIP's vision model (as :func:`siglip_elements`) on one of ``tp`` ranks of vLLM 0.32
+    (``siglip.py``): per layer q/k/v weights and biases (``QKVParallelLinear``), fc1's weight and
+    bias (column parallel) and out_proj's and fc2's weights (row parallel) split over the
+    ranks; out_proj's and fc2's biases, the two LayerNorms, the patch convolution, the position
+    embeddings and the post LayerNorm whole on every rank."""
+    split = 3 * (h * h + h) + (h * inter + inter) + h * h + inter * h
+    whole = h + h + 2 * 2 * h
+    return (
+        layers * (split // tp + whole)
+        + (3 * patch * patch * h + h)
+        + (image // patch) ** 2 * h
+        + 2 * h
+    )
+
+
+@pytest.mark.parametrize(
+    "tp, per_rank",
+    [(1, 423_060_336), (2, 217_420_344), (4, 114_600_348)],
+)
+def test_gemma3_27b_towers_per_rank_by_hand(tmp_path, tp, per_rank):
+    """Gemma 3 27B, 4-bit g128, TP 1/2/4: vLLM splits the SigLIP layers' attention and MLP
+    pairs over the ranks and keeps the rest whole (its 1152 x 5376 projection matrix is a bare
+    parameter, whole on every rank). Elements per GPU, by hand: TP 1 416,866,032 + 6,194,304 =
+    423,060,336; TP 2: 27 x (15,232,592 / 2 + 6,912) + 5,399,424 + 6,194,304 = 217,420,344;
+    TP 4: 27 x (3,808,148 + 6,912) + 5,399,424 + 6,194,304 = 114,600,348 (15,232,592 split
+    and 6,912 whole elements per layer; 5,399,424 for the patch convolution, 4,096 position
+    embeddings and the post LayerNorm). The weights per GPU are the text model's plus these."""
+    h, inter = 1152, 4304
+    assert 4 * h * h + 3 * h + 2 * h * inter + inter == 15_232_592
+    tower = siglip_elements_per_rank(h, inter, 27, 896, 14, tp)
+    assert tower + 1152 * 5376 + 1152 == per_rank
+    kw = dict(gpus=tp, gpu_mem_gib=80, max_model_len=8192)
+    wrapped = plan(PlanInput(write(tmp_path, GEMMA3_27B), **kw))
+    text_d = {**GEMMA3_27B["text_config"], "tie_word_embeddings": True}
+    alone = plan(PlanInput(write(tmp_path, text_d, "text.json"), **kw))
+    assert (wrapped.tp, wrapped.pp) == (tp, 1)
+    assert wrapped.tower_bytes_per_gpu == 2 * per_rank
+    assert wrapped.weight_bytes_per_gpu == alone.weight_bytes_per_gpu + 2 * per_rank
+    assert f"{2 * per_rank / 2**30:.2f} GiB per GPU at tp={tp}" in format_plan(wrapped)
+
+
+def test_tower_split_is_vllms_rank_by_rank(tiny_model, tmp_path):
+    """The planner's per-rank tower bytes equal the parameters vLLM 0.32 itself builds for the
+    tiny Gemma 3's SigLIP tower (``SiglipVisionModel`` under tensor-parallel rank 0 and 1 of 2)
+    plus the projector (a bare matrix and a norm, whole on every rank)."""
+    pytest.importorskip("vllm")
+    from unittest import mock
+
+    import vllm.model_executor.models.siglip as vllm_siglip
+    from conftest import vllm_tensor_parallel_rank
+    from transformers import SiglipVisionConfig
+
+    d = json.loads((tiny_model("gemma3") / "config.json").read_text())
+    d["vision_config"]["vision_use_head"] = False  # as Gemma 3's own configs (vLLM builds none)
+    vision = SiglipVisionConfig(**d["vision_config"])
+    per_rank = set()
+    for rank in range(2):
+        with (
+            vllm_tensor_parallel_rank(rank, 2),
+            mock.patch.object(vllm_siglip, "get_tensor_model_parallel_world_size", lambda: 2),
+        ):
+            tower = vllm_siglip.SiglipVisionModel(vision, prefix="vision_tower")
+        per_rank.add(sum(p.numel() for p in tower.parameters()))
+    assert len(per_rank) == 1
+    (vllm_tower,) = per_rank
+    text, h_vision = d["text_config"]["hidden_size"], vision.hidden_size
+    projector = h_vision * text + h_vision
+    p = plan(PlanInput(write(tmp_path, d), gpus=2, bits=16, gpu_mem_gib=1, max_model_len=64))
+    assert p.architecture["towers"]["multi_modal_projector"] == projector
+    assert p.tower_bytes_per_gpu == 2 * (vllm_tower + projector)
+    assert p.tower_bytes_per_gpu < p.checkpoint_bytes["towers"]
+
+
 def test_the_text_decoder_is_planned_as_its_text_model(tmp_path):
     """4-bit, TP 2: the wrapper's plan is its text model's (Gemma3ForCausalLM of the same
-    text_config) plus the towers, whole, on each GPU: same decoder bytes, same KV bytes per
-    token, weights per GPU larger and the KV cache smaller by exactly the towers' bytes."""
+    text_config) plus the towers: same decoder bytes, same KV bytes per token, weights per GPU
+    larger and the KV cache smaller by exactly the towers' bytes on each GPU (the SigLIP
+    pairs split, :func:`siglip_elements_per_rank`; the projector whole)."""
     text_d = {**GEMMA3_4B["text_config"], "tie_word_embeddings": True}
     kw = dict(gpus=2, gpu_mem_gib=24, max_model_len=32768)
     wrapped = plan(PlanInput(write(tmp_path, GEMMA3_4B), **kw))
     alone = plan(PlanInput(write(tmp_path, text_d, "text.json"), **kw))
     towers = 2 * (416_866_032 + 2_950_272)
+    per_gpu = 2 * (siglip_elements_per_rank(1152, 4304, 27, 896, 14, 2) + 2_950_272)
     assert wrapped.quantization["towers_16bit"] == ["vision_tower", "multi_modal_projector"]
     for key in ("decoder_layers", "embed_tokens", "lm_head", "final_norm"):
         assert wrapped.checkpoint_bytes[key] == alone.checkpoint_bytes[key], key
     assert wrapped.checkpoint_bytes["total"] == alone.checkpoint_bytes["total"] + towers
     assert wrapped.kv_bytes_per_token_per_gpu == alone.kv_bytes_per_token_per_gpu
-    assert wrapped.weight_bytes_per_gpu == alone.weight_bytes_per_gpu + towers
+    assert wrapped.weight_bytes_per_gpu == alone.weight_bytes_per_gpu + per_gpu
     for w, a in zip(wrapped.per_gpu, alone.per_gpu, strict=True):
-        assert w.kv_cache_bytes == a.kv_cache_bytes - towers
+        assert w.kv_cache_bytes == a.kv_cache_bytes - per_gpu
     assert wrapped.capacity_tokens < alone.capacity_tokens
     assert wrapped.engine_args == alone.engine_args
     summary = {k: v for k, v in wrapped.architecture.items() if k not in ("wrapper", "towers")}
@@ -234,6 +313,37 @@ def test_mistral3_towers_by_hand(tmp_path):
     p = plan(PlanInput(write(tmp_path, d), bits=16, max_model_len=64))
     assert p.architecture["towers"] == {"vision_tower": tower, "multi_modal_projector": projector}
     assert p.architecture["model_type"] == "mistral"
+
+
+def test_mistral3_towers_per_rank_by_hand(tmp_path):
+    """The tiny Mistral 3 at TP 2 (16-bit): vLLM splits each Pixtral layer's qkv_proj / o_proj
+    and gate_up_proj / down_proj and the projector's linear_1 / linear_2 (all without bias);
+    the patch convolution, the pre-norm, the layers' two RMSNorms, the projector's norm and its
+    patch merger (one lone linear) stay whole on every rank."""
+    c = MULTIMODAL_ARCHITECTURES["mistral3"](VOCAB)
+    v, t = c.vision_config, c.text_config
+    h, inter, p_, ht = v.hidden_size, v.intermediate_size, v.patch_size, t.hidden_size
+    split_layer = 4 * h * h + 3 * h * inter
+    whole = 3 * p_ * p_ * h + h + v.num_hidden_layers * 2 * h + h + c.spatial_merge_size**2 * h * h
+    split = v.num_hidden_layers * split_layer + h * ht + ht * ht
+    p = plan(PlanInput(write(tmp_path, c.to_dict()), gpus=2, bits=16, max_model_len=64))
+    assert p.tp == 2
+    assert p.tower_bytes_per_gpu == 2 * (whole + split // 2)
+    assert 2 * (whole + split) == p.checkpoint_bytes["towers"]
+
+
+def test_a_tower_vllm_cannot_split_is_one_line(tiny_model, tmp_path):
+    """A SigLIP intermediate size (66) that 4 ranks cannot split: vLLM's ColumnParallelLinear
+    would refuse fc1 at load; the plan says so in one line."""
+    d = json.loads((tiny_model("gemma3") / "config.json").read_text())
+    d["vision_config"]["intermediate_size"] = 66
+    with pytest.raises(PlanError) as e:
+        plan(PlanInput(write(tmp_path, d), gpus=4, bits=16, max_model_len=64))
+    assert str(e.value) == (
+        "tensor parallel size 4: vLLM splits "
+        "vision_tower.encoder.layers.0.mlp.fc1's output (66) over the ranks, not a "
+        "multiple of 4"
+    )
 
 
 @pytest.mark.parametrize(

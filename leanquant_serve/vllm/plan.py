@@ -30,6 +30,16 @@ row parallel (:func:`split_of`); the KV cache holds one latent of ``kv_lora_rank
 qk_rope_head_dim`` elements per token and layer on every rank (``MLAAttentionSpec``), and each
 layer also keeps 16-bit ``W_UK_T``/``W_UV`` copies of its ``kv_b_proj`` shard.
 
+**Multimodal wrappers** (Gemma 3, Mistral 3): the modules beside the text decoder (vision
+tower, projector; 16-bit, :attr:`~leanquant_serve.plan.Architecture.towers`) are built on every
+pipeline stage, and under tensor parallelism held as vLLM 0.32's ``siglip.py``,
+``pixtral.py``, ``gemma3_mm.py`` and ``mistral3.py`` build them (:func:`tower_bytes_per_rank`):
+each encoder layer's attention (``qkv_proj`` column, ``out_proj`` / ``o_proj`` row) and MLP
+(``fc1`` / ``gate_up_proj`` column, ``fc2`` / ``down_proj`` row) and Mistral 3's projector
+(``linear_1`` column, ``linear_2`` row) are split over the ranks; the patch convolution,
+position embedding, norms, Mistral 3's patch merger and Gemma 3's projection matrix (a bare
+parameter) are whole on every rank.
+
 GPUs beyond the tensor-parallel size form pipeline stages (``--pipeline-parallel-size
 gpus/tp``), with layers split as ``vllm.distributed.utils.get_pp_indices`` does; the embedding
 lives on the first stage and ``lm_head`` + final norm on the last. Memory, per GPU, as vLLM
@@ -126,6 +136,34 @@ def padded_vocab(a: Architecture) -> int:
 
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
+
+
+def tower_bytes_per_rank(a: Architecture, tp: int) -> int:
+    """Bytes of a multimodal wrapper's towers (vision tower, projector: 16-bit) on each of
+    ``tp`` tensor-parallel ranks; 0 for a causal LM. The structural rule that gives vLLM 0.32's
+    choices for the tested wrappers (module docstring): the ``nn.Linear`` children of one module
+    holding two or more are a Megatron pair, the last registered (``out_proj``, ``o_proj``,
+    ``fc2``, ``down_proj``, ``linear_2``) row parallel (weight split along its input, bias whole
+    on every rank), the others column parallel (weight and bias split along the output); every
+    other parameter, a lone linear included, is whole on every rank. vLLM's
+    ``--mm-encoder-tp-mode data`` (the vision tower whole on every rank) is not planned. Raises
+    :class:`PlanError` when a split linear's split dimension is not a multiple of ``tp``."""
+    split = 0  # elements split over the ranks
+    for lin in a.tower_linears:
+        if lin.siblings < 2:
+            continue
+        row = lin.sibling == lin.siblings - 1
+        n = lin.in_features if row else lin.out_features
+        if n % tp:
+            raise PlanError(
+                f"tensor parallel size {tp}: vLLM splits {lin.tower}.{lin.parent}.{lin.name}'s "
+                f"{'input' if row else 'output'} ({n}) over the ranks, not a multiple of {tp}"
+            )
+        split += lin.in_features * lin.out_features + (
+            lin.out_features if lin.bias and not row else 0
+        )
+    whole = sum(n for _, n in a.towers) - split
+    return (whole + split // tp) * ELEMENT_16BIT
 
 
 def _is_row_parallel(lin: LayerLinear) -> bool:
@@ -404,6 +442,7 @@ def plan_engine(
     reserve_total = sum(reserve.values())
 
     layer_bytes = all_layer_bytes(a, cfg, shard)
+    towers_rank = tower_bytes_per_rank(a, tp)
     vocab_rank = padded_vocab(a) // tp
     emb_rank = vocab_rank * a.hidden_size * ELEMENT_16BIT
     parts = pp_partitions(a.num_layers, pp)
@@ -412,7 +451,7 @@ def plan_engine(
     start = 0
     for s, n in enumerate(parts):
         w = sum(layer_bytes[start : start + n]) + n * mla_absorbed_bytes(a, tp)
-        w += a.tower_bytes  # a multimodal wrapper's towers, whole on every stage (plan.towers_line)
+        w += towers_rank  # a multimodal wrapper's towers, on every stage
         start += n
         if s == 0:
             w += emb_rank
@@ -534,6 +573,17 @@ def plan_engine(
                 f"which dequantizes them at load: they need their 16-bit size, {extra}"
             )
         )
+    if a.towers:
+        assumptions.insert(
+            1,
+            f"{a.wrapper} towers on every pipeline stage; under tensor parallelism as vLLM "
+            "0.32 builds them: the linear pairs (each vision encoder layer's attention and MLP, "
+            "Mistral 3's projector) split over the ranks; embeddings, norms, row-parallel "
+            "biases, lone linears and bare weight matrices whole on every rank: "
+            f"{towers_rank / GiB:.2f} GiB per GPU at tp={tp} ({a.tower_bytes / GiB:.2f} GiB "
+            "whole); with --mm-encoder-tp-mode data the vision tower is whole on every rank "
+            "(more than planned); --limit-mm-per-prompt '{\"image\": 0}' builds none (less)",
+        )
     if not quantizer_tested(a.model_type):
         warnings.append(
             f"the quantizer's tests do not cover model_type {a.model_type!r} yet (docs/moe.md)"
@@ -545,6 +595,7 @@ def plan_engine(
         gpu_memory_utilization=inp.gpu_memory_utilization,
         per_gpu=per_gpu,
         weight_bytes_per_gpu=max(g.weight_bytes for g in per_gpu),
+        tower_bytes_per_gpu=towers_rank,
         kv_bytes_per_token_per_gpu=max(g.kv_bytes_per_token for g in per_gpu),
         capacity_tokens=capacity,
         required_tokens=required,

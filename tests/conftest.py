@@ -305,3 +305,56 @@ def vllm_tensor_parallel_rank(rank: int, world: int):
                 mock.patch.object(mod, "get_tensor_model_parallel_world_size", lambda: world)
             )
         yield
+
+
+def assert_served_follows_reference(
+    client, reference, prompts: list[list[int]], n_tokens: int, *,
+    tie_nats: float, logprob_nats: float, max_ties: int, spread_ratio: float = 20.0,
+) -> dict[str, float]:
+    """Greedy completions of ``prompts`` (token ids) from the OpenAI ``client`` (served model
+    "lq", ``n_tokens`` each, EOS ignored), teacher-forced through ``reference`` (the reference
+    dequantizer's transformers model): at every position the served token is the reference's
+    argmax or within ``tie_nats`` of it (a near-tie; at most ``max_ties`` in all), and its
+    served logprob is the reference's within ``logprob_nats``. So that this bound means
+    something, at every position the reference's likeliest and least likely tokens lie more
+    than ``spread_ratio`` x ``logprob_nats`` apart (a near-uniform distribution would let any
+    served model pass). Prints and returns the worst logprob difference (``worst``, nats), the
+    largest tie gap (``tie_gap``, nats), the number of ties and the smallest spread (nats);
+    raises AssertionError naming the worst position when a bound is broken."""
+    r = client.completions.create(
+        model="lq", prompt=prompts, max_tokens=n_tokens, temperature=0, logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    assert len(r.choices) == len(prompts)
+    stats = dict(worst=0.0, tie_gap=0.0, ties=0, spread=float("inf"))
+    where = dict(worst="", tie_gap="")
+    for choice in r.choices:
+        served = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+        assert len(served) == n_tokens
+        prompt = prompts[choice.index]
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + served])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]  # what each token was drawn from
+        stats["spread"] = min(stats["spread"], float((lp.max(-1).values - lp.min(-1).values).min()))
+        for t, (tok, served_lp) in enumerate(zip(served, choice.logprobs.token_logprobs, strict=True)):
+            at = f"prompt {choice.index} token {t}"
+            best = int(lp[t].argmax())
+            if tok != best:
+                stats["ties"] += 1
+                gap = float(lp[t, best] - lp[t, tok])
+                if gap > stats["tie_gap"]:
+                    stats["tie_gap"] = gap
+                    where["tie_gap"] = f"{at}: served {tok}, reference argmax {best}"
+            diff = abs(served_lp - float(lp[t, tok]))
+            if diff > stats["worst"]:
+                stats["worst"] = diff
+                where["worst"] = f"{at}: logprob {served_lp:.4f} served, {float(lp[t, tok]):.4f} reference"
+    print(
+        f"worst logprob difference {stats['worst']:.2e} nats, {stats['ties']} near-ties "
+        f"(largest {stats['tie_gap']:.2e} nats), smallest logprob spread {stats['spread']:.3f} nats"
+    )
+    assert stats["tie_gap"] < tie_nats, f"{where['tie_gap']} ({stats['tie_gap']:.4f} nats)"
+    assert stats["worst"] < logprob_nats, where["worst"]
+    assert stats["ties"] <= max_ties, stats
+    assert stats["spread"] > spread_ratio * logprob_nats, stats
+    return stats

@@ -133,6 +133,33 @@ def _cpu_wna16_available() -> bool:
 KERNEL_ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def allow_amx_tiles(layer: torch.nn.Module) -> None:
+    """Ask Linux for AMX tile state before vLLM's CPUWNA16 runs AMX on ``layer``.
+
+    Linux gives a process AMX tile data only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``); a tile instruction before it is SIGILL. vLLM 0.32's CPUWNA16
+    (``kernels/linear/mixed_precision/cpu.py``) sets ``layer.isa_hint = "amx"`` for bfloat16
+    on AMX CPUs and ``ops.cpu_gemm_wna16`` then runs tile instructions without asking; nor does
+    its CPU worker (``v1/worker/cpu_worker.py``) ask (its CPU kernel benchmarks and tests call
+    ``torch.cpu._init_amx()`` themselves). oneDNN asks lazily: at a bfloat16 matmul, or when
+    vLLM builds its handle for an unquantized linear at load (``dispatch_cpu_unquantized_gemm``,
+    e.g. ``lm_head``). A model whose unquantized linears all take vLLM's small-GEMM path
+    instead (``check_cpu_sgl_kernel``, which does not ask) gets no permission before its first
+    CPUWNA16 call: the tiny DeepSeek-V3 of the tests died with "Illegal instruction" at load,
+    when MLA reads ``kv_b_proj`` through ``get_and_maybe_dequant_weights`` (our :meth:`apply`
+    on an identity). The request is per process and idempotent (docs/moe.md). Where Linux
+    refuses it, the layer runs the same kernel's ``vec`` (AVX-512) path, which takes the same
+    packed weights."""
+    if getattr(layer, "isa_hint", None) != "amx":
+        return
+    if not torch.cpu._init_amx():
+        layer.isa_hint = "vec"
+        _log_once(
+            "CPUWNA16 runs its AVX-512 path instead of AMX",
+            "Linux refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)",
+        )
+
+
 def kernel_cannot_run(kernel: type, c: MPLinearLayerConfig) -> str | None:
     """Why vLLM kernel ``kernel``, though its ``can_implement`` accepted ``c``, cannot run this
     configuration (None: it can). One home for every condition vLLM does not check itself."""
@@ -353,6 +380,7 @@ class LeanQuantAffineLinearMethod(_LeanQuantLinearMethod):
         )
         layer.scales.data = layer.scales.data.to(self.mp_config.act_type)
         self.kernel.process_weights_after_loading(layer)
+        allow_amx_tiles(layer)
         if getattr(layer, "use_w4a8", False):  # CPUWNA16 on AMX CPUs, vLLM's default there
             layer.leanquant_kernel += " (W4A8)"
             _log_once(

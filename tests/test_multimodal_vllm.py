@@ -293,7 +293,8 @@ def test_text_prompt_matches_the_reference(served, arch):
     ids = out["prompt_ids"]
     with torch.no_grad():
         logits = ref(input_ids=torch.tensor([ids + out["tokens"]])).logits[0].float()
-    follows(torch.log_softmax(logits, -1)[len(ids) - 1 : -1], out)
+    worst = follows(torch.log_softmax(logits, -1)[len(ids) - 1 : -1], out)
+    print(f"{arch} text prompt: largest logprob difference {worst:.1e} nats")
 
 
 def test_gemma3_image_prompt_matches_the_reference(served, tmp_path):
@@ -327,11 +328,15 @@ def test_gemma3_image_prompt_matches_the_reference(served, tmp_path):
             logits = ref(input_ids=served_ids, pixel_values=pixels, use_cache=False, **mask).logits
         return torch.log_softmax(logits[0].float(), -1)[n - 1 : -1]
 
-    follows(lp(inputs["pixel_values"]), out)
+    worst = follows(lp(inputs["pixel_values"]), out)
     blank = lp(torch.zeros_like(inputs["pixel_values"]))
     moved = max(
         abs(float(blank[i, int(t)]) - x)
         for i, top in enumerate(out["logprobs"])
         for t, x in top.items()
+    )
+    print(
+        f"gemma3 image prompt (mm prefix {r['mm_prefix']}): largest logprob difference "
+        f"{worst:.1e} nats; a blank image moves them by up to {moved:.3f} nats"
     )
     assert moved > 10 * LOGPROB_NATS, moved

@@ -20,6 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import assert_served_follows_reference
 
 pytest.importorskip("vllm")
 
@@ -271,32 +272,15 @@ def served_moe(request, tokenizer, calib_text, tmp_path_factory):
 @pytest.mark.slow
 def test_served_moe_tokens_and_logprobs_match_reference(served_moe, tokenizer):
     """Greedy tokens are the reference's argmax (or a float tie within TIE_NATS) and each
-    served logprob is the reference's within LOGPROB_NATS, teacher-forced."""
+    served logprob is the reference's within LOGPROB_NATS, teacher-forced
+    (conftest.assert_served_follows_reference)."""
     from leanquant_serve.vllm.launch import linear_paths
 
     out, reference, client, log = served_moe
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    r = client.completions.create(
-        model="lq", prompt=prompts, max_tokens=N_TOKENS, temperature=0, logprobs=1,
-        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    assert_served_follows_reference(
+        client, reference, [tokenizer(p)["input_ids"] for p in PROMPTS], N_TOKENS,
+        tie_nats=TIE_NATS, logprob_nats=LOGPROB_NATS, max_ties=2,
     )  # fmt: skip
-    assert len(r.choices) == len(PROMPTS)
-    ties = 0
-    for choice in r.choices:
-        served = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
-        assert len(served) == N_TOKENS
-        prompt = prompts[choice.index]
-        with torch.no_grad():
-            logits = reference(torch.tensor([prompt + served])).logits[0].float()
-        lp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
-        for t, (tok, served_lp) in enumerate(zip(served, choice.logprobs.token_logprobs, strict=True)):
-            best = int(lp[t].argmax())
-            if tok != best:
-                gap = float(lp[t, best] - lp[t, tok])
-                assert gap < TIE_NATS, f"token {t}: served {tok}, reference argmax {best} ({gap:.4f} nats)"
-                ties += 1
-            assert abs(served_lp - float(lp[t, tok])) < LOGPROB_NATS, (t, served_lp, float(lp[t, tok]))
-    assert ties <= 2
     paths = linear_paths(log.read_text())
     assert "portable (dense experts, vLLM fused MoE)" in paths, paths
 

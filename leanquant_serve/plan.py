@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leanquant_serve.format import FormatError, LeanQuantConfig, linear_specs
+from leanquant_serve.format.config import group_misfit
 from leanquant_serve.format.tensors import scales_on_every_rank
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
 GiB = 1 << 30
 ELEMENT_16BIT = 2  # bytes of an fp16/bf16 element: embeddings, lm_head, norms, biases
 PLAN_BITS = (2, 3, 4, 8, 16)  # 16: the unquantized model, for comparison
+DEFAULT_MAX_MODEL_LEN = 8192  # without --max-model-len: this, capped at max_position_embeddings
 # Each engine's part of the planner: a module with KV_DTYPES and plan_engine(inp, a, cfg, common).
 _ENGINE_PARTS = {
     "vllm": "leanquant_serve.vllm.plan",
@@ -799,7 +801,7 @@ class PlanInput:
     grid: str | None = None
     gpus: int = 1
     gpu_mem_gib: float = 80.0  # total memory of one GPU, GiB (as nvidia-smi / torch report it)
-    max_model_len: int = 8192
+    max_model_len: int | None = None  # None: DEFAULT_MAX_MODEL_LEN, capped at the model's limit
     concurrency: int = 1  # sequences at once (vLLM --max-num-seqs)
     tp: int | None = None  # None: gpus (vLLM); exllamav2: 1
     kv_dtype: str = "fp16"
@@ -841,6 +843,8 @@ def _quant_config(inp: PlanInput, d: Mapping[str, Any]) -> tuple[LeanQuantConfig
             base = LeanQuantConfig.from_dict(stored).to_dict()
         except FormatError as e:
             raise PlanError(f"{inp.model}: {e}") from None
+    elif isinstance(stored, Mapping) and stored.get("quant_method") == "compressed-tensors":
+        base = _compressed_tensors_settings(inp.model, stored)
     # Without a checkpoint: what `leanquant quantize` writes by default (its one set of
     # defaults, GPTQSettings'); the quantizer is imported only for them.
     from quantizer.gptq import GPTQSettings
@@ -865,6 +869,38 @@ def _quant_config(inp: PlanInput, d: Mapping[str, Any]) -> tuple[LeanQuantConfig
         return LeanQuantConfig(**settings), bits
     except FormatError as e:
         raise PlanError(str(e).replace("quantization_config.", "--").replace("_", "-")) from None
+
+
+def _compressed_tensors_settings(model: str, q: Mapping[str, Any]) -> dict[str, Any]:
+    """Bits, group size and unquantized modules of a compressed-tensors export's
+    ``quantization_config`` (as :mod:`leanquant_serve.compressed_tensors.export` writes it:
+    one config group of integer weights, ``strategy`` group or channel, ``ignore`` the
+    linears left 16-bit), in LeanQuantConfig's field names."""
+    groups = q.get("config_groups")
+    weights = (
+        [g.get("weights") for g in groups.values() if isinstance(g, Mapping)]
+        if isinstance(groups, Mapping)
+        else []
+    )
+    if len(weights) != 1 or not isinstance(weights[0], Mapping):
+        raise PlanError(
+            f"{model}: a compressed-tensors config with {len(weights)} weight schemes "
+            "(config_groups); plan supports one, as `leanquant export compressed-tensors` writes"
+        )
+    w = weights[0]
+    if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
+        raise PlanError(
+            f"{model}: compressed-tensors weights of type {w.get('type')!r}, strategy "
+            f"{w.get('strategy')!r}: plan supports int weights in groups or per channel"
+        )
+    ignore = [n for n in q.get("ignore") or [] if isinstance(n, str) and not n.startswith("re:")]
+    return {
+        "bits": w.get("num_bits"),
+        "group_size": w.get("group_size") if w.get("strategy") == "group" else -1,
+        "grid": "affine",
+        "desc_act": False,  # no g_idx: the exporter refuses act-order with dynamic groups
+        "modules_to_not_convert": ignore or ["lm_head"],
+    }
 
 
 def _tensor_bytes(cfg: LeanQuantConfig, in_f: int, out_f: int, where: str) -> int:
@@ -1076,6 +1112,10 @@ class Plan:
     margin_bytes: int  # KV-cache bytes left on the tightest GPU once the needed tokens are in
     max_full_length_sequences: int
     reserve: dict[str, int]
+    # MoE experts served at another size than stored (vLLM: the plugin's portable path holds
+    # them 16-bit): the fit as stored, which needs a kernel that does not exist yet
+    # (weight_bytes_per_gpu, experts_bytes_per_gpu, capacity_tokens, fits, needs); {}: none
+    as_stored: dict[str, Any] = field(default_factory=dict)
     host_bytes: int = 0  # exllamav2: the token embedding, kept in host RAM
     tower_bytes_per_gpu: int = 0  # a multimodal wrapper's towers on each GPU (in weight_bytes)
     engine_args: list[str] = field(default_factory=list)
@@ -1095,6 +1135,8 @@ def _validate(inp: PlanInput) -> None:
         ("max-model-len", inp.max_model_len),
         ("concurrency", inp.concurrency),
     ):
+        if name == "max-model-len" and v is None:
+            continue
         if not isinstance(v, int) or v < 1:
             raise PlanError(f"--{name} {v!r}: must be a positive integer")
     if not inp.gpu_mem_gib > 0:
@@ -1125,6 +1167,15 @@ def plan(inp: PlanInput) -> Plan:
             "plan them with --engine vllm"
         )
     cfg, bits = _quant_config(inp, d)
+    length_note = None
+    if inp.max_model_len is None:
+        inp = replace(inp, max_model_len=min(DEFAULT_MAX_MODEL_LEN, a.max_position_embeddings))
+        length_note = f"max_model_len {inp.max_model_len}: --max-model-len not given, " + (
+            f"the default {DEFAULT_MAX_MODEL_LEN}"
+            if inp.max_model_len == DEFAULT_MAX_MODEL_LEN
+            else f"the model's max_position_embeddings (the default {DEFAULT_MAX_MODEL_LEN} "
+            "capped at it)"
+        )
     if inp.max_model_len > a.max_position_embeddings:
         raise PlanError(
             f"--max-model-len {inp.max_model_len} exceeds the model's max_position_embeddings "
@@ -1132,6 +1183,7 @@ def plan(inp: PlanInput) -> Plan:
         )
     if cfg is not None:  # the unsharded checkpoint must exist first
         for lin in a.all_linears() + [x for e in a.all_experts() for x in e.linears]:
+            _group_check(cfg, lin)
             _tensor_bytes(cfg, lin.in_features, lin.out_features, lin.name)
     quant = (
         {"bits": 16, "note": "unquantized 16-bit weights"}
@@ -1163,7 +1215,39 @@ def plan(inp: PlanInput) -> Plan:
     p = _engine_part(inp.engine).plan_engine(inp, a, cfg, common)
     if a.towers:
         p.assumptions.insert(1, towers_line(a, inp.engine))
+    if length_note:
+        p.assumptions.insert(0, length_note)
+    source = _stored_quantization(d)
+    if source == "compressed-tensors" and cfg is not None:
+        p.assumptions.insert(
+            0,
+            "a compressed-tensors export: bits, group size and the modules it leaves "
+            "unquantized (ignore) read from its quantization_config, and its tensors counted "
+            "as the LeanQuant checkpoint's they were exported from (packed codes, fp16 scales, "
+            "packed zero points; a symmetric export stores no zero points, a little less)",
+        )
     return p
+
+
+def _stored_quantization(d: Mapping[str, Any]) -> str | None:
+    """The quant_method of the config's quantization_config (None: an unquantized model)."""
+    q = d.get("quantization_config")
+    return q.get("quant_method") if isinstance(q, Mapping) else None
+
+
+def _group_check(cfg: LeanQuantConfig, lin: LayerLinear) -> None:
+    """One line when ``cfg``'s group size does not divide ``lin``'s input (the contract's
+    rule, :func:`~leanquant_serve.format.config.group_misfit`), naming the flags that would
+    do: a group size that divides it, or ``--bits 16`` for the unquantized model."""
+    if group_misfit(cfg.group_size, lin.in_features) is None:
+        return
+    fits = [g for g in (128, 64, 32) if lin.in_features % g == 0]
+    raise PlanError(
+        f"{lin.name}: group size {cfg.group_size} does not divide its {lin.in_features} "
+        f"inputs: plan with --group-size {fits[0] if fits else -1}"
+        + (" (or -1, one group per row)" if fits else " (one group per row)")
+        + ", or --bits 16 for the unquantized model"
+    )
 
 
 def _engine_part(engine: str) -> Any:
@@ -1266,6 +1350,17 @@ def format_plan(p: Plan) -> str:
             + ("" if p.fits_one_sequence else "; not even ONE full-length sequence fits"),
         ),
     ]
+    if p.as_stored:
+        s = p.as_stored
+        rows.append(
+            (
+                "if served as stored",
+                f"weights {_gb(s['weight_bytes_per_gpu'])} per GPU, "
+                f"{s['capacity_tokens']:,} tokens: "
+                + ("YES" if s["fits"] else "NO")
+                + f" (needs {s['needs']})",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     out = [f"{k:<{width}}  {v}" for k, v in rows]
     if len(p.per_gpu) > 1 and (p.pp > 1):

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "quantize_report.json"
 
+
+# Summary.loss_measure of --rtn runs: their loss is the squared rounding error of the
+# weights, not the calibrated runs' Σ (w − q)²/U_ii², so it is labelled apart
+RTN_LOSS = "total weight error (unweighted): Σ (w − q)², no calibration"
 
 DTYPES = ("float32", "bfloat16", "float16")  # of layer forwards and of stored activations
 
@@ -107,10 +111,14 @@ class QuantizeJob:
         choices=DTYPES,
         show_default=False,
     )
-    # regexes of linear sublayers (relative to a layer) to leave unquantized
+    # regexes of linear sublayers (relative to a layer, checkpoint or in-memory names) to leave
+    # unquantized: resolved in model_walk.skip_matches
     skip: tuple[str, ...] = setting(
         (),
-        "regex of sublayer names (e.g. 'mlp\\.down_proj') to leave unquantized; repeatable",
+        "regex of sublayer names relative to a decoder layer, as the checkpoint or transformers "
+        "names them (e.g. 'mlp\\.down_proj', 'block_sparse_moe\\.experts'), to leave "
+        "unquantized; repeatable. One matching nothing, or part of a fused experts module, is "
+        "an error",
         repeat=True,
         show_default=False,
     )
@@ -164,6 +172,7 @@ class QuantizeJob:
             raise UserError(f"--moe-calibration must be one of {', '.join(CALIBRATION)}")
         if self.rtn and self.settings.refit:
             raise UserError("--refit needs calibration (a Hessian); it does nothing with --rtn")
+        self.check_moe_flags()
         if self.resume and self.fresh:
             raise UserError("--resume and --fresh exclude each other")
         for p in self.skip:
@@ -171,6 +180,29 @@ class QuantizeJob:
                 re.compile(p)
             except re.error as e:
                 raise UserError(f"--skip {p!r} is not a valid regular expression: {e}") from e
+
+    def check_moe_flags(self, has_experts: bool = True) -> None:
+        """--moe-calibration and --moe-min-tokens act only on calibrated runs of models with
+        experts: set to other than their defaults, they are refused (UserError) with --rtn,
+        or on a model without experts (``has_experts`` False, known once the model is read).
+        Their defaults, which every API call carries, never are."""
+        given = [
+            f"--{f.name.replace('_', '-')} {getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name in ("moe_calibration", "moe_min_tokens")
+            and getattr(self, f.name) != f.default
+        ]
+        what, it = " and ".join(given), "it does" if len(given) == 1 else "they do"
+        if given and self.rtn:
+            raise UserError(
+                f"{what} need{'s' if len(given) == 1 else ''} calibration (the tokens the router "
+                f"sends each expert); {it} nothing with --rtn"
+            )
+        if given and not has_experts:
+            raise UserError(
+                f"{what}: {self.model} has no Mixture-of-Experts layers (fused experts); "
+                f"{it} nothing for this model"
+            )
 
     @property
     def devices(self) -> list[torch.device]:
@@ -191,6 +223,9 @@ class SublayerReport:
     # --refit: the sublayer's layer-wise loss Σ_rows (w − q)ᵀ H (w − q) with the column loop's
     # grid and after the refit (quantizer/refit.py); absent from the report without --refit
     refit_loss: tuple[float, float] | None = None
+    # --moe-calibration routed: the calibration tokens the router sent this expert linear (its
+    # Hessian's, unless below --moe-min-tokens: then in moe_fallbacks); absent otherwise
+    routed_tokens: int | None = None
 
 
 @dataclass
@@ -213,19 +248,33 @@ class Summary:
     # source tensors not written: decoder layers beyond the model's (DeepSeek-V3's
     # multi-token-prediction layer), {"name", "tensors", "why"}; absent when none
     dropped: list[dict] = field(default_factory=list)
+    # of the quantized linears (every SublayerReport), how many are MoE expert linears;
+    # absent when none
+    expert_linears: int = 0
+    # --moe-calibration routed: min, median and max of the expert linears' routed_tokens
+    # ({"min", "median", "max"}); absent otherwise
+    moe_routed_tokens: dict = field(default_factory=dict)
+    # what total_loss and the sublayers' loss measure when not GPTQ's loss error
+    # Σ (w − q)²/U_ii² (RTN_LOSS under --rtn: no calibration, no U); absent otherwise
+    loss_measure: str = ""
 
 
 def summary_to_dict(summary: Summary) -> dict:
     """The summary as ``quantize_report.json`` holds it: fields of options that were off
     (``refit_loss`` without --refit) are left out, so such reports are as before them."""
     d = asdict(summary)
-    for key in ("skipped", "moe_fallbacks", "dropped"):  # reports of dense models stay as before
+    # (reports of dense, calibrated models stay as before these fields)
+    for key in (
+        "skipped", "moe_fallbacks", "dropped", "expert_linears", "loss_measure",
+        "moe_routed_tokens",
+    ):  # fmt: skip
         if not d[key]:
             del d[key]
     for layer in d["layers"]:
         for r in layer:
-            if r["refit_loss"] is None:
-                del r["refit_loss"]
+            for key in ("refit_loss", "routed_tokens"):
+                if r[key] is None:
+                    del r[key]
     return d
 
 
@@ -234,8 +283,11 @@ def summary_from_dict(d: dict) -> Summary:
     d["layers"] = [
         [
             SublayerReport(
-                **{**r, "shape": tuple(r["shape"])},
-                **({"refit_loss": tuple(r["refit_loss"])} if r.get("refit_loss") else {}),
+                **{
+                    **r,
+                    "shape": tuple(r["shape"]),
+                    **({"refit_loss": tuple(r["refit_loss"])} if r.get("refit_loss") else {}),
+                }
             )
             for r in layer
         ]
@@ -244,7 +296,12 @@ def summary_from_dict(d: dict) -> Summary:
     return Summary(**d)
 
 
-def checkpoint_config(job: QuantizeJob, not_converted: list[str]) -> LeanQuantConfig:
+def checkpoint_config(
+    job: QuantizeJob, not_converted: list[str], moe: bool = False
+) -> LeanQuantConfig:
+    """The checkpoint's quantization_config for ``job``: its format fields, and in
+    ``quantizer`` how it was made (method, fit, calibration; ``moe``: the model has experts,
+    whose calibration settings are then recorded too, beside ``calib``)."""
     s = job.settings
     method = "rtn" if job.rtn else ("gptq" if s.fit == "minmax" else "leanquant")
     meta = {
@@ -263,6 +320,8 @@ def checkpoint_config(job: QuantizeJob, not_converted: list[str]) -> LeanQuantCo
         meta.update(calib=calib_name(job.calib), nsamples=job.nsamples, seqlen=job.seqlen)
         if job.calib_windows != "random":  # (only when not the default: bytes as before)
             meta["calib_windows"] = job.calib_windows
+        if moe:
+            meta.update(moe_calibration=job.moe_calibration, moe_min_tokens=job.moe_min_tokens)
     return LeanQuantConfig(
         bits=s.bits,
         group_size=s.group_size,
@@ -359,6 +418,7 @@ class Run:
     observer: Callable[[str, QuantizedWeight], None] | None
     t0: float
     skipped: list[dict] = field(default_factory=list)  # Summary.skipped
+    expert_linears: int = 0  # Summary.expert_linears
 
     @property
     def device(self) -> torch.device:

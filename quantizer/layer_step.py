@@ -10,7 +10,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import re
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from .errors import UserError
 from .gptq import CholeskyError, Hessian, QuantizedWeight, prepare, quantize_weight
 from .grids import FP16_MAX, ROW_COUPLED_GRIDS, FP16RangeError
 from .job import Run, SublayerReport
-from .model_walk import StopForward, find_linears, sequential_groups
+from .model_walk import StopForward, find_linears, sequential_groups, skipped_modules
 from .moe import (
     ExpertInputs,
     ExpertLinear,
@@ -49,12 +48,9 @@ def layer_linears(run: Run, layer: nn.Module, prefix: str):
     job = run.job
     fused = find_fused_experts(run.model, layer, prefix)
     kept = routers(layer, fused)
-    linears = {n: m for n, m in find_linears(layer, job.skip).items() if n not in kept}
-    patterns = [re.compile(p) for p in job.skip]
-    fused = [
-        fe for fe in fused
-        if not any(r.search(fe.name) or r.search(p) for r in patterns for p in fe.params)
-    ]  # fmt: skip
+    skipped = skipped_modules(run.model, layer, prefix, fused, job.skip)
+    linears = {n: m for n, m in find_linears(layer).items() if n not in kept and n not in skipped}
+    fused = [fe for fe in fused if fe.name not in skipped]
     return linears, fused, kept
 
 
@@ -226,6 +222,7 @@ def _expert_groups(
     by_key: dict[tuple[str, int], list[str]] = {}
     for lin in lins:
         by_key.setdefault((lin.param, lin.expert), []).append(lin.name)
+    counts = {k: hs[k].n if k in hs else 0 for k in keys}
     starved = []
     if route is None:
         starved = [k for k in keys if k not in hs or hs[k].n < job.moe_min_tokens]
@@ -246,9 +243,13 @@ def _expert_groups(
     elif starved:
         hs = feeds.hessians(params, "all", {e for _, e in starved})
         groups += [(by_key[k], hs.pop(k)) for k in starved]
+    # routed: each linear's routed token count goes in its report (SublayerReport.routed_tokens)
+    routed = {n: hs_n for k, hs_n in counts.items() for n in by_key[k]} if route is None else {}
     for names, h in groups:
         check_finite(h, f"{prefix}.{names[0]}", i)
-        yield from quantize_members(run, prefix, names, mods, h)
+        for tensors, report in quantize_members(run, prefix, names, mods, h):
+            report.routed_tokens = routed.get(report.name)
+            yield tensors, report
 
 
 class ExpertFeeds:

@@ -15,11 +15,14 @@ projectors) is found the same way (:func:`beside_text_decoder`).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from leanquant_serve.format.hf_names import checkpoint_module, to_checkpoint
 
 from .errors import UserError
 
@@ -170,6 +173,92 @@ def find_linears(layer: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Lin
         for name, m in layer.named_modules()
         if isinstance(m, nn.Linear) and not any(p.search(name) for p in patterns)
     }
+
+
+def skip_matches(
+    model: nn.Module, layer: nn.Module, prefix: str, fused, skip: Iterable[str]
+) -> dict[str, set[str]]:
+    """For each ``--skip`` regex, the modules of decoder layer ``layer`` (named ``prefix`` in
+    ``model``) it keeps unquantized, by relative name (nn.Linear sublayers, fused experts
+    modules, other modules holding weights of 2 or more dimensions); an empty set where it
+    matches none of them.
+
+    A regex is searched in the layer-relative names of both schemes a user meets: the model's
+    (transformers' in-memory names, e.g. Mixtral's ``mlp.gate``, ``mlp.experts.gate_up_proj``)
+    and the checkpoint's (what ``save_pretrained`` writes and the report, the checkpoint and
+    ``modules_to_not_convert`` name: ``block_sparse_moe.gate``,
+    ``block_sparse_moe.experts.3.w2``; hf_names.to_checkpoint). A fused experts module
+    (``fused``: moe.FusedExperts of the layer) is kept when a regex matches its own or one of
+    its parameters' names, or every expert linear it holds; a regex matching only some of them
+    (one expert, or ``w2`` of every expert) raises UserError: a fused module is kept or
+    quantized whole."""
+    patterns = {p: re.compile(p) for p in skip}
+    if not patterns:
+        return {}
+    linears = find_linears(layer)
+    ckpt = _checkpoint_names(model, prefix, linears)
+    owned = set(linears) | {fe.name for fe in fused}
+    others = sorted(
+        {
+            name.rpartition(".")[0]
+            for name, p in layer.named_parameters()
+            if p.dim() >= 2 and name.rpartition(".")[0] not in owned
+        }
+    )
+    out: dict[str, set[str]] = {}
+    for text, r in patterns.items():
+        kept = out.setdefault(text, set())
+        kept.update(n for n in linears if r.search(n) or r.search(ckpt[n]))
+        kept.update(m for m in others if any(r.search(x) for x in (m, *_params_of(layer, m))))
+        for fe in fused:
+            if any(r.search(x) for x in (fe.name, *fe.params)):
+                kept.add(fe.name)
+                continue
+            names = [lin.name for lin in fe.linears]
+            hit = [n for n in names if r.search(n)]
+            if len(hit) == len(names):
+                kept.add(fe.name)
+            elif hit:
+                whole = os.path.commonprefix(names).rpartition(".")[0] or fe.name
+                raise UserError(
+                    f"--skip {text!r} matches {len(hit)} of the {len(names)} expert linears "
+                    f"held fused in {prefix}.{fe.name} (e.g. {hit[0]}): fused experts are kept "
+                    f"or quantized whole; --skip '{re.escape(whole)}\\.' keeps them all"
+                )
+    return out
+
+
+def skipped_modules(
+    model: nn.Module, layer: nn.Module, prefix: str, fused, skip: Iterable[str]
+) -> set[str]:
+    """The modules of ``layer`` that ``--skip`` keeps unquantized (:func:`skip_matches`)."""
+    return set().union(*skip_matches(model, layer, prefix, fused, skip).values())
+
+
+def layer_names(model: nn.Module, layer: nn.Module, prefix: str, fused) -> list[str]:
+    """Names a ``--skip`` regex can match in ``layer`` (for messages): its linears' model and
+    checkpoint names, then its expert linears'."""
+    ckpt = _checkpoint_names(model, prefix, find_linears(layer))
+    names = [*ckpt, *ckpt.values(), *(lin.name for fe in fused for lin in fe.linears)]
+    return list(dict.fromkeys(names))
+
+
+def _params_of(layer: nn.Module, module: str) -> list[str]:
+    return [f"{module}.{n}" for n, _ in layer.get_submodule(module).named_parameters(recurse=False)]
+
+
+def _checkpoint_names(model: nn.Module, prefix: str, linears: Iterable[str]) -> dict[str, str]:
+    """Layer-relative linear name -> its layer-relative checkpoint name (itself where the
+    checkpoint does not rename it), by one reverse conversion of meta probes."""
+    probes = {n: torch.empty(0, device="meta") for n in linears}  # told apart by identity
+    ckpt_prefix = checkpoint_module(model, prefix)
+    out = {n: n for n in probes}
+    converted = to_checkpoint(model, {f"{prefix}.{n}.weight": t for n, t in probes.items()}, False)
+    for key, t in converted.items():
+        n = next((n for n, p in probes.items() if p is t), None)
+        if n is not None:
+            out[n] = key.removesuffix(".weight").removeprefix(f"{ckpt_prefix}.")
+    return out
 
 
 class StopForward(Exception):

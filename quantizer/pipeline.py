@@ -26,9 +26,11 @@ import logging
 import os
 import re
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import init_empty_weights
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 from leanquant_serve.format import FormatError, group_misfit, linear_specs
 from leanquant_serve.format.hf_names import auto_model_class, checkpoint_module, to_checkpoint
 
+from . import layer_step
 from .activations import PLACES, Activations
 from .capture import outer_tensors
 from .errors import UserError
@@ -45,6 +48,7 @@ from .gptq import QuantizedWeight
 from .job import (
     DTYPES,
     REPORT_FILE,
+    RTN_LOSS,
     QuantizeJob,
     Run,
     SublayerReport,
@@ -65,7 +69,13 @@ from .journal import (
     resume_point,
 )
 from .layer_step import layer_linears, quantize_layer
-from .model_walk import beside_text_decoder, find_decoder_layers, find_linears
+from .model_walk import (
+    beside_text_decoder,
+    find_decoder_layers,
+    find_linears,
+    layer_names,
+    skip_matches,
+)
 from .moe import unquantized_large
 from .source import SourceModel
 
@@ -183,17 +193,39 @@ def _check_shapes(job: QuantizeJob, linears: dict[str, tuple[int, int]], layer_n
             raise UserError(f"{layer_name}.{name}: {e}") from e
 
 
-def _check_coverage(
-    job: QuantizeJob, model: nn.Module, layers_name: str, layers
-) -> tuple[list[str], list[dict]]:
-    """Every decoder layer's plan, checked before any work: shapes of what is quantized, and
-    no large weight left unquantized silently (UserError naming the first, unless --skip
-    keeps it). Returns the unquantized modules (checkpoint names, for modules_to_not_convert)
-    and the report's ``skipped`` entries (routers by rule, --skip matches)."""
-    not_converted, skipped = [], []
+class _Coverage(NamedTuple):
+    not_converted: list[str]  # checkpoint module names left 16-bit in the decoder layers
+    skipped: list[dict]  # the report's ``skipped`` entries
+    expert_linears: int  # expert linears quantized (Summary.expert_linears)
+    has_experts: bool  # whether any decoder layer holds fused experts (--skip'ed or not)
+
+
+def _check_coverage(job: QuantizeJob, model: nn.Module, layers_name: str, layers) -> _Coverage:
+    """Every decoder layer's plan, checked before any work: shapes of what is quantized, every
+    --skip regex matching something (UserError naming the one that matches nothing, or part of
+    a fused experts module), and no large weight left unquantized silently (UserError naming
+    the first, unless --skip keeps it), MoE flags only for models with experts
+    (QuantizeJob.check_moe_flags). Returns the unquantized modules (checkpoint names, for
+    modules_to_not_convert: --skip's linears first, as before MoE, then the rest), the
+    report's ``skipped`` entries (routers by rule, --skip matches) under checkpoint names, and
+    the expert counts."""
+    linears_kept, not_converted, skipped = [], [], []
+    has_experts, expert_linears = False, 0
+    matched = dict.fromkeys(job.skip, False)
     for i, layer in enumerate(layers):
         prefix = f"{layers_name}.{i}"
         linears, fused, kept = layer_linears(_Plan(job, model), layer, prefix)
+        experts = layer_step.find_fused_experts(model, layer, prefix)
+        has_experts = has_experts or bool(experts)
+        expert_linears += sum(len(fe.linears) for fe in fused)
+        by_skip = skip_matches(model, layer, prefix, experts, job.skip)
+        for p, modules in by_skip.items():
+            matched[p] = matched[p] or bool(modules)
+        kept_by_skip = set().union(set(), *by_skip.values())
+        linears_kept += [
+            checkpoint_module(model, f"{prefix}.{n}")
+            for n in sorted(kept_by_skip & set(find_linears(layer)))
+        ]
         shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
         for fe in fused:
             shapes.update({
@@ -202,7 +234,8 @@ def _check_coverage(
             })  # fmt: skip
         _check_shapes(job, shapes, prefix)
         quantized = {f"{n}.weight" for n in linears} | {p for fe in fused for p in fe.params}
-        entries, refused = unquantized_large(layer, quantized, kept, job.skip)
+        why = {**dict.fromkeys(kept_by_skip, "--skip"), **kept}
+        entries, refused = unquantized_large(layer, quantized, why, ())
         if refused:
             name, shape, share = refused[0]
             raise UserError(
@@ -212,14 +245,28 @@ def _check_coverage(
                 + (f" ({len(refused) - 1} more such weights)" if len(refused) > 1 else "")
             )
         params = dict(layer.named_parameters())
-        # checkpoint names of what stays dense (routers, skipped fused experts)
-        dense = {f"{prefix}.{e['name']}": params[e["name"]] for e in entries}
-        skipped += [{**e, "name": f"{prefix}.{e['name']}"} for e in entries]
-        for key in to_checkpoint(model, dense):
-            module = key.rpartition(".")[0]
-            if module not in not_converted:
-                not_converted.append(module)
-    return not_converted, skipped
+        for e in entries:  # under checkpoint names: a fused parameter as its expert linears
+            p = params[e["name"]]
+            for key, t in to_checkpoint(model, {f"{prefix}.{e['name']}": p}, False).items():
+                share = e["share"] * t.numel() / p.numel()
+                name = key.removesuffix(".weight")
+                skipped.append({**e, "name": name, "shape": list(t.shape), "share": share})
+                if key.rpartition(".")[0] not in not_converted:
+                    not_converted.append(key.rpartition(".")[0])
+    job.check_moe_flags(has_experts)
+    unmatched = [p for p, hit in matched.items() if not hit]
+    if unmatched:
+        prefix = f"{layers_name}.0"
+        names = layer_names(
+            model, layers[0], prefix, layer_step.find_fused_experts(model, layers[0], prefix)
+        )
+        raise UserError(
+            f"--skip {unmatched[0]!r} matches no linear or weight of the decoder layers; it is "
+            f"searched in names relative to a layer, such as {', '.join(names[:12])}"
+            + (", ..." if len(names) > 12 else "")
+        )
+    not_converted = linears_kept + [n for n in not_converted if n not in linears_kept]
+    return _Coverage(not_converted, skipped, expert_linears, has_experts)
 
 
 class _Plan:
@@ -237,19 +284,22 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
     layers_name, layers = find_decoder_layers(model)
     for d in layers_beyond_stack(src, layers_name, len(layers)):
         log.warning("%s (%d tensors) is not written: %s", d["name"], d["tensors"], d["why"])
-    dense, skipped_report = _check_coverage(job, model, layers_name, layers)
+    cov = _check_coverage(job, model, layers_name, layers)
+    skipped_report = cov.skipped
     out_emb = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is out_emb), None)
-    skipped = [  # sorted: set order varies between processes (string hashing)
-        checkpoint_module(model, f"{layers_name}.{i}.{n}")
-        for i, layer in enumerate(layers)
-        for n in sorted(set(find_linears(layer)) - set(find_linears(layer, job.skip)))
-    ]
-    skipped += [n for n in dense if n not in skipped]
     # a multimodal wrapper's towers and projectors: copied unchanged
     beside = [checkpoint_module(model, n) for n in beside_text_decoder(model, layers_name)]
+    skipped_report += [
+        {
+            "name": checkpoint_module(model, n),
+            "parameters": sum(p.numel() for p in model.get_submodule(n).parameters()),
+            "why": "outside the text decoder: copied unchanged",
+        }
+        for n in beside_text_decoder(model, layers_name)
+    ]
     head = [checkpoint_module(model, head_name)] if head_name else []
-    qcfg = checkpoint_config(job, head + beside + skipped)
+    qcfg = checkpoint_config(job, head + beside + cov.not_converted, moe=cov.has_experts)
     outer_names = [n for n in src.names() if not n.startswith(layers_name + ".")]
     windows, bos = (None, None) if job.rtn else calibration_windows(job, model.config)
     job_fingerprint = fingerprint(job, src, windows)
@@ -258,7 +308,7 @@ def _run(job: QuantizeJob, src: SourceModel, t0: float, observer) -> Summary:
         return _summary_from_report(job.out / REPORT_FILE)
     run = Run(
         job, src, writer, model, layers_name, layers, head_name, qcfg, outer_names, windows,
-        bos, job_fingerprint, devices, dtype, observer, t0, skipped_report,
+        bos, job_fingerprint, devices, dtype, observer, t0, skipped_report, cov.expert_linears,
     )  # fmt: skip
     with _user_errors(writer), writer:
         return _layers(run)
@@ -312,6 +362,8 @@ def _layers(run: Run) -> Summary:
     resume point, activations, then per layer its quantization and a journal step."""
     start, seconds_before, summary = resume_point(run)
     summary.skipped = run.skipped
+    summary.expert_linears = run.expert_linears
+    summary.loss_measure = RTN_LOSS if run.job.rtn else ""
     acts, kwargs = _calibration_inputs(run, start, summary)
     n = len(run.layers)
     bar = tqdm(range(start, n), desc="layers", unit="layer", initial=start, total=n)
@@ -397,6 +449,15 @@ def _output_config(run: Run, dropped: list[dict]) -> dict:
 def _finish(run: Run, summary: Summary, seconds_before: float) -> Summary:
     """Write the report, finalize the checkpoint (moved into place) and return the summary."""
     summary.dropped = layers_beyond_stack(run.src, run.layers_name, len(run.layers))
+    routed = sorted(
+        r.routed_tokens for layer in summary.layers for r in layer if r.routed_tokens is not None
+    )
+    if routed:  # (statistics.median: the mean of the middle two of an even count)
+        summary.moe_routed_tokens = {
+            "min": routed[0],
+            "median": statistics.median(routed),
+            "max": routed[-1],
+        }
     summary.seconds = seconds_before + time.time() - run.t0
     summary.peak_rss_bytes = _peak_rss()
     summary.peak_gpu_bytes = max(

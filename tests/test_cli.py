@@ -336,3 +336,82 @@ def test_usage_errors_are_one_line_too(capsys, argv, says):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("leanquant: error: ") and says in err[0]
+
+
+@pytest.mark.parametrize(
+    "arch,flags,want",
+    [
+        ("qwen3_moe", ["--rtn", "--moe-calibration", "routed"], "--moe-calibration routed needs "
+         "calibration (the tokens the router sends each expert); it does nothing with --rtn"),
+        ("qwen3_moe", ["--rtn", "--moe-min-tokens", "5", "--moe-calibration", "routed"],
+         "--moe-calibration routed and --moe-min-tokens 5 need calibration"),
+        ("qwen2", ["--moe-min-tokens", "5", "--calib", "wiki-sample", *FAST],
+         "--moe-min-tokens 5: {model} has no Mixture-of-Experts layers (fused experts); it does "
+         "nothing for this model"),
+        ("gemma3", ["--moe-calibration", "routed", "--rtn", "--group-size", "32"],
+         "it does nothing with --rtn"),
+    ],
+)  # fmt: skip
+def test_moe_flags_where_they_do_nothing_are_refused(
+    capsys, tiny_model, tmp_path, arch, flags, want
+):
+    model, out = tiny_model(arch), tmp_path / "out"
+    msg = user_error(capsys, quantize(model, out, *flags))
+    assert want.format(model=model) in msg
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    # their defaults, given explicitly, are not refused
+    assert (
+        main(quantize(model, out, "--rtn", "--moe-calibration", "all", "--group-size", "32")) == 0
+    )
+
+
+def test_quantize_summary_says_what_was_quantized_and_kept(capsys, tiny_model, tmp_path):
+    """Mixtral, 2 layers of 4 experts: 4 attention + 12 expert linears per layer, a router."""
+    out = tmp_path / "out"
+    assert main(quantize(tiny_model("mixtral"), out, "--rtn", "--group-size", "32")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # RTN's loss is Σ (w − q)², not GPTQ's loss error: its own label, here and in the report
+    assert "; total weight error (unweighted) " in lines[0] and "loss error" not in lines[0]
+    assert lines[1] == (
+        "quantized 32 linears (24 of them expert linears); kept 16-bit besides embeddings, "
+        "norms and head: 2 routers"
+    )
+    assert lines[2].startswith("weight error per layer (unweighted): 0: ")
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["loss_measure"].startswith("total weight error (unweighted)")
+    assert report["expert_linears"] == 24
+    assert sum(len(layer) for layer in report["layers"]) == 32
+    # checkpoint names in `skipped`, as in `layers` and modules_to_not_convert
+    assert [s["name"] for s in report["skipped"]] == [
+        f"model.layers.{i}.block_sparse_moe.gate" for i in range(2)
+    ]
+    assert (
+        "model.layers.0.block_sparse_moe.gate"
+        in json.loads((out / "config.json").read_text())["quantization_config"][
+            "modules_to_not_convert"
+        ]
+    )
+
+
+def test_quantize_summary_of_a_multimodal_wrapper_names_the_towers(  # 3 layers x 7 linears
+    capsys, tiny_model, calib_text, tmp_path
+):
+    out = tmp_path / "out"
+    flags = ["--calib", str(calib_text), *FAST, "--skip", r"mlp\.down_proj"]
+    assert main(quantize(tiny_model("gemma3"), out, *flags)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "; total loss error " in lines[0]
+    assert lines[1] == (
+        "quantized 18 linears; kept 16-bit besides embeddings, norms and head: 3 by --skip, "
+        "vision_tower, multi_modal_projector (outside the text decoder)"
+    )
+    assert lines[2].startswith("loss error per layer: 0: ")
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert "loss_measure" not in report and "expert_linears" not in report
+    skipped = {s["name"]: s for s in report["skipped"]}
+    assert {n for n, s in skipped.items() if s["why"] == "--skip"} == {
+        f"language_model.model.layers.{i}.mlp.down_proj" for i in range(3)
+    }
+    towers = {n: s for n, s in skipped.items() if "parameters" in s}
+    assert set(towers) == {"vision_tower", "multi_modal_projector"}
+    assert all(s["parameters"] > 0 for s in towers.values())

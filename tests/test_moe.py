@@ -57,6 +57,7 @@ class MoeRun:
     out: Path
     Q: dict[str, torch.Tensor]
     report: dict
+    calibration: str  # --moe-calibration
 
 
 def quantize(src: Path, out: Path, **kw) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,7 +81,7 @@ def moe_run(request, tiny_model, calib_text, tmp_path_factory) -> MoeRun:
     src = hub if layout == "hub" else fused_copy(hub, tmp_path_factory.mktemp("fused") / "m")
     out = tmp_path_factory.mktemp("out") / "ckpt"
     Q, report = quantize(src, out, calib=str(calib_text), moe_calibration=calibration)
-    return MoeRun(arch, src, hub, out, Q, report)
+    return MoeRun(arch, src, hub, out, Q, report, calibration)
 
 
 def test_source_layouts_differ(moe_run: MoeRun):
@@ -116,8 +117,9 @@ def test_every_expert_linear_is_quantized_under_the_hub_names(moe_run: MoeRun):
     assert dense == routers
     not_converted = set(ckpt.qcfg.modules_to_not_convert)
     assert {r.removesuffix(".weight") for r in routers} <= not_converted
+    # the report names them as the checkpoint does (not transformers' in-memory mlp.gate)
     reported = {s["name"] for s in moe_run.report["skipped"]}
-    assert reported == {r.replace(ROUTER[moe_run.arch], "mlp.gate") for r in routers}
+    assert reported == {r.removesuffix(".weight") for r in routers}
 
 
 def test_reference_model_is_the_source_with_the_observed_weights(moe_run: MoeRun, tmp_path):
@@ -137,6 +139,36 @@ def test_report_counts_every_expert_linear(moe_run: MoeRun):
     per_layer = {m.group(0) for n in reported if (m := re.search(EXPERT_LINEARS[moe_run.arch], n))}
     assert len(per_layer) == EXPERTS * 3
     assert all(len(layer) == len(moe_run.report["layers"][0]) for layer in moe_run.report["layers"])
+
+
+def test_calibration_settings_recorded(moe_run: MoeRun):
+    """config.json's quantizer metadata holds the MoE calibration beside calib; a routed run's
+    report holds every expert linear's routed token count and their min/median/max."""
+    meta = Checkpoint(moe_run.out).qcfg.quantizer
+    calibration = moe_run.calibration
+    assert meta["calib"] and meta["moe_min_tokens"] == 64
+    assert meta["moe_calibration"] == calibration
+    reports = [r for layer in moe_run.report["layers"] for r in layer]
+    experts = [r for r in reports if re.search(EXPERT_LINEARS[moe_run.arch], r["name"])]
+    assert moe_run.report["expert_linears"] == len(experts) == LAYERS * EXPERTS * 3
+    if calibration == "all":
+        assert not any("routed_tokens" in r for r in reports)
+        assert "moe_routed_tokens" not in moe_run.report
+        return
+    tokens = sorted(r["routed_tokens"] for r in experts)
+    assert not any("routed_tokens" in r for r in reports if r not in experts)
+    # top-2 of 4 experts: each token reaches two experts, each expert's 3 linears see the same
+    assert sum(tokens) == LAYERS * 3 * 2 * NSAMPLES * SEQLEN
+    stats = moe_run.report["moe_routed_tokens"]
+    assert (stats["min"], stats["max"]) == (tokens[0], tokens[-1])
+    assert stats["median"] == (tokens[len(tokens) // 2 - 1] + tokens[len(tokens) // 2]) / 2
+    fallen = {f["name"]: f["tokens"] for f in moe_run.report.get("moe_fallbacks", [])}
+    by_name = {
+        f"model.layers.{i}.{r['name']}": r.get("routed_tokens")
+        for i, layer in enumerate(moe_run.report["layers"])
+        for r in layer
+    }
+    assert all(by_name[n] == t for n, t in fallen.items())
 
 
 @pytest.fixture(scope="module")
@@ -234,10 +266,12 @@ def test_an_unrecognised_large_weight_is_an_error_unless_skipped(
     out = tmp_path / "b"
     _, report = quantize(tiny_model("mixtral"), out, calib=str(calib_text), skip=(r"mlp\.experts",))
     skipped = {s["name"]: s for s in report["skipped"]}
-    for i in range(LAYERS):
-        for p in ("gate_up_proj", "down_proj"):
-            s = skipped[f"model.layers.{i}.mlp.experts.{p}"]
-            assert s["why"] == "--skip" and 0.01 < s["share"] < 1
+    for i in range(LAYERS):  # under the checkpoint's per-expert names, each its share
+        for e in range(EXPERTS):
+            for w in ("w1", "w2", "w3"):
+                s = skipped[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}"]
+                assert s["why"] == "--skip" and 0.002 < s["share"] < 0.25
+    assert not any("mlp.experts" in n for n in skipped)
     names = set(Checkpoint(out).tensor_names())
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in names  # dense, hub names
     assert not any(".experts." in n and n.endswith(".qweight") for n in names)
@@ -269,3 +303,55 @@ def test_rtn_quantizes_every_expert(tiny_model, tmp_path):
     assert (
         sum(1 for n in names if ".experts." in n and n.endswith(".qweight")) == LAYERS * EXPERTS * 3
     )
+
+
+SKIP_CASES = [  # (architecture, --skip, expert linears kept dense per layer)
+    ("mixtral", r"block_sparse_moe\.experts", EXPERTS * 3),  # checkpoint names
+    ("mixtral", r"mlp\.experts", EXPERTS * 3),  # transformers' in-memory names
+    ("mixtral", r"experts\.\d+\.w[123]$", EXPERTS * 3),  # every expert linear, one by one
+    ("qwen3_moe", r"mlp\.experts\.\d+\.", EXPERTS * 3),
+    ("mixtral", r"self_attn\.o_proj", 0),
+]
+
+
+@pytest.mark.parametrize("arch,skip,dense", SKIP_CASES, ids=[c[1] for c in SKIP_CASES])
+def test_skip_matches_checkpoint_or_model_names(tiny_model, tmp_path, arch, skip, dense):
+    out = tmp_path / "out"
+    _, report = quantize(tiny_model(arch), out, rtn=True, skip=(skip,))
+    names = set(Checkpoint(out).tensor_names())
+    experts = {n.rpartition(".")[0] for n in names if re.search(EXPERT_LINEARS[arch], n)}
+    kept = {n.removesuffix(".weight") for n in names if n.endswith(".weight")}
+    assert len(experts & kept) == LAYERS * dense
+    assert len(experts - kept) == LAYERS * (EXPERTS * 3 - dense)  # the rest quantized
+    skipped = {s["name"] for s in report["skipped"] if s["why"] == "--skip"}
+    assert skipped == {n for n in kept if ".layers." in n and "norm" not in n} - {
+        f"model.layers.{i}.{ROUTER[arch]}" for i in range(LAYERS)
+    }
+    assert skipped <= set(Checkpoint(out).qcfg.modules_to_not_convert)
+    if "o_proj" in skip:
+        assert skipped == {f"model.layers.{i}.self_attn.o_proj" for i in range(LAYERS)}
+
+
+@pytest.mark.parametrize(
+    "skip,count",
+    [(r"experts\.1\.", 3), (r"experts\.\d+\.w2", EXPERTS), (r"\.w1$", EXPERTS)],
+)
+def test_skip_of_part_of_fused_experts_is_refused(tiny_model, tmp_path, skip, count):
+    with pytest.raises(UserError) as e:
+        quantize(tiny_model("mixtral"), tmp_path / "out", rtn=True, skip=(skip,))
+    msg = str(e.value)
+    assert "\n" not in msg and repr(skip) in msg
+    assert f"matches {count} of the {EXPERTS * 3} expert linears" in msg
+    assert "model.layers.0.mlp.experts" in msg
+    assert msg.endswith(r"--skip 'block_sparse_moe\.experts\.' keeps them all")
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_matching_nothing_is_refused(tiny_model, tmp_path):
+    with pytest.raises(UserError) as e:
+        quantize(tiny_model("qwen3_moe"), tmp_path / "out", rtn=True, skip=(r"mlp\.expertz",))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(r"--skip 'mlp\\.expertz' matches no linear or weight of the decoder")
+    assert "mlp.experts.0.gate_proj" in msg
+    assert not (tmp_path / "out").exists()

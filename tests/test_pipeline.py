@@ -491,3 +491,24 @@ def test_streams_one_decoder_layer_at_a_time(tiny_model, calib_text, tmp_path, m
         index = int(name.removeprefix(found["name"] + ".").split(".")[0])
         assert loaded == [index], f"during {name}: layers {loaded} materialised"
     assert not any(materialised(layer) for layer in found["layers"])
+
+
+def test_summary_round_trips_through_its_json_with_every_optional_field():
+    """What a resume reads back (journal.summary_from_state) is what was written: --refit's
+    refit_loss and routed MoE runs' routed_tokens included (a refit report once failed to
+    load: refit_loss passed twice)."""
+    from quantizer.job import SublayerReport, Summary, summary_from_dict, summary_to_dict
+
+    r = SublayerReport("mlp.experts.0.down_proj", (8, 4), 0.5, 1.0, 0.01, 0, 0, (2.0, 1.5), 7)
+    s = Summary("out", 3.0, 1, 0, 0.5, 0, [[r]], expert_linears=1, loss_measure="x")
+    s.moe_routed_tokens = {"min": 7, "median": 7, "max": 7}
+    d = json.loads(json.dumps(summary_to_dict(s)))
+    assert d["layers"][0][0]["refit_loss"] == [2.0, 1.5]
+    assert d["layers"][0][0]["routed_tokens"] == 7
+    assert summary_from_dict(d) == s
+    plain = Summary("out", 3.0, 1, 0, 0.5, 0, [[SublayerReport("q", (8, 4), 0.5, 1, 0, 0)]])
+    d = summary_to_dict(plain)  # options off: their fields absent, as before them
+    assert set(d["layers"][0][0]) == {
+        "name", "shape", "loss", "seconds", "damp", "cholesky_retries", "dead_inputs"
+    }  # fmt: skip
+    assert not {"expert_linears", "loss_measure", "moe_routed_tokens", "skipped"} & set(d)

@@ -362,7 +362,11 @@ def write_config(tmp_path: Path, **over) -> Path:
         ),
         (dict(model="llama-3.1-8b", bits=5), "--bits 5"),
         (dict(model="llama-3.1-8b", grid="nonuniform", group_size=128), "needs -1"),
-        (dict(model="llama-3.1-8b", group_size=100), "not a multiple of group_size=100"),
+        (
+            dict(model="llama-3.1-8b", group_size=100),
+            "self_attn.q_proj: group size 100 does not divide its 4096 inputs: plan with "
+            "--group-size 128 (or -1, one group per row), or --bits 16 for the unquantized model",
+        ),
         (dict(model="llama-3.1-8b", kv_dtype="q4"), "--kv-dtype 'q4'"),
         (dict(model="llama-3.1-8b", gpu_memory_utilization=1.5), "must be in (0, 1]"),
         (dict(model="llama-3.1-405b", engine="exllamav2", gpus=8, tp=8), "EXL2 exports"),
@@ -378,6 +382,70 @@ def test_bad_inputs_are_refused_with_the_reason(kw, message):
     with pytest.raises(PlanError) as e:
         plan(PlanInput(**kw))
     assert message in str(e.value)
+
+
+SMALL = dict(
+    hidden_size=96, intermediate_size=192, num_attention_heads=3, num_key_value_heads=1,
+    head_dim=32, num_hidden_layers=2, vocab_size=256, max_position_embeddings=2048,
+    rope_scaling=None,
+)  # fmt: skip
+
+
+def test_max_model_len_default_is_capped_at_the_model(tmp_path, capsys):
+    """New-user finding L2: without --max-model-len the plan takes 8192 capped at the model's
+    max_position_embeddings, and says so; a length given beyond it is still refused."""
+    folder = write_config(tmp_path, **SMALL)
+    p = plan(PlanInput(str(folder), bits=16))
+    assert p.max_model_len == 2048 and p.required_tokens == 2048
+    assert p.assumptions[0] == (
+        "max_model_len 2048: --max-model-len not given, the model's max_position_embeddings "
+        "(the default 8192 capped at it)"
+    )
+    assert main(["plan", str(folder), "--bits", "16"]) == 0
+    assert "--max-model-len 2048 " in capsys.readouterr().out
+    big = plan(PlanInput("llama-3.1-8b"))
+    assert big.max_model_len == 8192
+    assert big.assumptions[0] == "max_model_len 8192: --max-model-len not given, the default 8192"
+    given = plan(PlanInput("llama-3.1-8b", max_model_len=4096))
+    assert not given.assumptions[0].startswith("max_model_len")
+    with pytest.raises(PlanError, match="--max-model-len 4096 exceeds the model's max_position"):
+        plan(PlanInput(str(folder), bits=16, max_model_len=4096))
+
+
+def test_group_size_that_does_not_divide_names_the_flags(tmp_path, capsys):
+    """New-user finding L2: an unquantized folder of hidden 96 at the default group 128 is one
+    line naming --group-size (a size that divides) and --bits 16, no contract tensor names."""
+    folder = write_config(tmp_path, **SMALL)
+    assert main(["plan", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "leanquant: error: self_attn.q_proj: group size 128 does not divide its 96 inputs: "
+        "plan with --group-size 32 (or -1, one group per row), or --bits 16 for the "
+        "unquantized model"
+    )
+    assert plan(PlanInput(str(folder), group_size=32)).quantization["group_size"] == 32
+
+
+@pytest.mark.parametrize("symmetric, group", [(False, 32), (True, -1)])
+def test_compressed_tensors_export_is_planned_with_its_own_settings(tmp_path, symmetric, group):
+    """New-user finding L2: plan reads a compressed-tensors export's quantization_config (as the
+    exporter writes it): its bits, group size and ignore list, not the quantizer's defaults."""
+    from leanquant_serve.compressed_tensors.export import quantization_config
+
+    q = quantization_config(8, symmetric, group, None, ["lm_head", "model.layers.1.mlp.down_proj"])
+    folder = write_config(tmp_path, **SMALL, quantization_config=q)
+    p = plan(PlanInput(str(folder)))
+    assert (p.quantization["bits"], p.quantization["group_size"]) == (8, group)
+    assert p.quantization["modules_to_not_convert"] == ["lm_head", "model.layers.1.mlp.down_proj"]
+    assert "a compressed-tensors export" in p.assumptions[0]
+    same = LeanQuantConfig(
+        bits=8, group_size=group, grid="affine", desc_act=False, static_groups=False,
+        modules_to_not_convert=["lm_head", "model.layers.1.mlp.down_proj"],
+    )  # fmt: skip
+    (tmp_path / "lq").mkdir()
+    lq = write_config(tmp_path / "lq", **SMALL, quantization_config=same.to_dict())
+    assert p.checkpoint_bytes == plan(PlanInput(str(lq))).checkpoint_bytes
+    assert plan(PlanInput(str(folder), bits=4)).quantization["bits"] == 4  # flags still win
 
 
 def test_kv_heads_that_tp_cannot_split(tmp_path):

@@ -14,7 +14,17 @@ from conftest import MOE_ARCHITECTURES, VOCAB, vllm_tensor_parallel_rank
 from safetensors import safe_open
 
 from leanquant.cli import main
-from leanquant_serve.plan import PRESETS, Architecture, PlanError, PlanInput, format_plan, plan
+from leanquant_serve.plan import (
+    PRESETS,
+    WHOLE,
+    Architecture,
+    PlanError,
+    PlanInput,
+    _quant_config,
+    experts_bytes,
+    format_plan,
+    plan,
+)
 from quantizer.gptq import GPTQSettings
 from quantizer.pipeline import QuantizeJob, quantize_model
 
@@ -127,25 +137,28 @@ def test_deepseek_v3_4bit_on_8x80gb_by_hand():
 
 
 @pytest.mark.parametrize(
-    "bits, gpu_mem, capacity, weights_gib",
+    "bits, gpu_mem, capacity, weights_gib, served_gib",
     [
-        (2, 45, 246_464, 21.91),
-        (3, 45, 95_104, 31.82),  # 5 sequences of 16K at once, not 8
-        (4, 45, 0, 41.73),  # the weights alone exceed the 40.50 GiB budget
-        (8, 45, 0, 81.36),
-        (2, 79, 713_984, 21.91),
-        (3, 79, 562_624, 31.82),
-        (4, 79, 411_264, 41.73),
-        (8, 79, 0, 81.36),
+        (2, 45, 246_464, 21.91, 153.79),
+        (3, 45, 95_104, 31.82, 154.11),  # as stored: 5 sequences of 16K at once, not 8
+        (4, 45, 0, 41.73, 41.73),  # the weights alone exceed the 40.50 GiB budget
+        (8, 45, 0, 81.36, 155.70),
+        (2, 79, 713_984, 21.91, 153.79),
+        (3, 79, 562_624, 31.82, 154.11),
+        (4, 79, 411_264, 41.73, 41.73),
+        (8, 79, 0, 81.36, 155.70),
     ],
 )
 def test_deepseek_v3_at_which_bits_it_fits_on_8x48gb_and_8x80gb(
-    bits, gpu_mem, capacity, weights_gib
+    bits, gpu_mem, capacity, weights_gib, served_gib
 ):
     """deploy/README.md's table (and the main README's statement): 8 GPUs, 16K context × 8
     sequences, 45 GiB per "48 GB" card and 79 GiB per "80 GB" card (what nvidia-smi reports),
     group 128. Weights by hand; capacity = (budget − weights − reserve) in blocks of 64 MLA
-    latents, the reserve as the 4-bit case above writes it out."""
+    latents, the reserve as the 4-bit case above writes it out. These are the sizes as stored;
+    the verdict of a 2/3/8-bit plan counts the routed experts at 16 bits, as the plugin's
+    portable path serves them (no vLLM 0.32 MoE kernel takes them), and gives the stored fit
+    as ``as_stored``."""
     weights = deepseek_rank_bytes(bits, 128)
     assert round(weights / GiB, 2) == weights_gib
     budget = math.ceil(gpu_mem * GiB * 9 / 10)
@@ -157,11 +170,52 @@ def test_deepseek_v3_at_which_bits_it_fits_on_8x48gb_and_8x80gb(
     by_hand = max(0, budget - weights - reserve) // (64 * KV_PER_TOKEN) * 64
     assert by_hand == capacity
     p = deepseek_plan(bits, gpu_mem)
-    assert p.weight_bytes_per_gpu == weights and p.capacity_tokens == capacity
-    assert p.fits == (capacity >= 8 * 16384)
-    assert p.fits_one_sequence == (capacity >= 16384)
-    if bits == 4 and gpu_mem == 45:
-        assert weights > budget
+    if bits == 4:  # vLLM's WNA16 MoE kernels take them as stored
+        assert p.as_stored == {} and weights_gib == served_gib
+        assert p.weight_bytes_per_gpu == weights and p.capacity_tokens == capacity
+        assert p.fits == (capacity >= 8 * 16384)
+        assert p.fits_one_sequence == (capacity >= 16384)
+        if gpu_mem == 45:
+            assert weights > budget
+        return
+    s = p.as_stored
+    assert s["weight_bytes_per_gpu"] == weights and s["capacity_tokens"] == capacity
+    assert s["fits"] == (capacity >= 8 * 16384)
+    routed = (L - DENSE) * E * (2 * lq(bits, 128, H, MOE_I // 8) + lq(bits, 128, MOE_I // 8, H))
+    routed_16bit = (L - DENSE) * E * 3 * H * (MOE_I // 8) * 2
+    assert routed_16bit == 163_477_192_704  # 152.25 GiB on every GPU
+    served = weights - routed + routed_16bit
+    assert round(served / GiB, 2) == served_gib
+    assert p.weight_bytes_per_gpu == served > budget  # fits neither node
+    assert p.capacity_tokens == 0 and not p.fits and not p.fits_one_sequence
+
+
+def test_check_fails_on_the_served_size(capsys):
+    """New-user finding H2: 2-bit DeepSeek-V3 on 8 × 45 GiB fits as stored (21.91 GiB per GPU)
+    but the plugin serves its experts at 16 bits (153.79 GiB per GPU): the verdict says NO and
+    --check exits 1; the stored fit is the 'if served as stored' line, which names the kernel
+    it would need."""
+    argv = [
+        "plan", "deepseek-v3", "--bits", "2", "--gpus", "8", "--gpu-mem", "45",
+        "--max-model-len", "16384", "--concurrency", "8", "--max-num-batched-tokens", "2048",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--check"])
+    assert e.value.code == 1
+    text = capsys.readouterr().out
+    rows = dict(ln.split("  ", 1) for ln in text.split("\n\n")[0].splitlines())
+    assert rows["weights per GPU"].strip() == "165.13 GB (153.79 GiB)"
+    assert rows["fits"].strip().startswith("NO, margin -131,072 tokens")
+    assert rows["if served as stored"].strip() == (
+        "weights 23.53 GB (21.91 GiB) per GPU, 246,464 tokens: YES (needs a vLLM MoE kernel "
+        "for these experts; none in vLLM 0.32: vLLM's WNA16 MoE kernels take 4-bit weights "
+        "with zero points, not 2-bit)"
+    )
+    assert "152.25 GiB per GPU (20.37 GiB as stored 2-bit, +131.88 GiB)" in text
+    # 4-bit on 8 x 79 GiB: the stored size is the served one, --check passes
+    four = [*argv[:3], "4", *argv[4:7], "79", *argv[8:]]
+    assert main([*four, "--check"]) == 0
+    assert "if served as stored" not in capsys.readouterr().out
 
 
 def test_fp8_kv_halves_the_mla_latent():
@@ -410,3 +464,27 @@ def test_expert_memory_warning_follows_the_plugins_kernel_rule(kw, says):
     (w,) = [w for w in p.warnings if w.startswith("experts are planned")]
     assert says in w and "16-bit size" in w
     assert ("serves these experts through its portable path" in w) == ("WNA16" not in says)
+    assert bool(p.as_stored) == ("WNA16" not in says)  # the fit then counts them at 16 bits
+
+
+def test_experts_kept_16bit_claim_no_hand_off(tiny_model, tmp_path):
+    """New-user finding M6: a checkpoint whose experts --skip kept 16-bit is planned with
+    them 16-bit and no word of a 4-bit hand-off (what is stored, not the config's bits)."""
+    out = tmp_path / "ckpt"
+    s = GPTQSettings(bits=4, group_size=32, fit="minmax", actorder=False, static_groups=False)
+    job = QuantizeJob(
+        model=tiny_model("qwen3_moe"), out=out, settings=s, rtn=True, skip=(r"mlp\.experts",)
+    )
+    quantize_model(job)
+    p = plan(PlanInput(str(out), max_model_len=64))
+    p16 = plan(PlanInput(str(out), bits=16, max_model_len=64))
+    assert p.quantization["bits"] == 4 and p.as_stored == {}
+    assert not [w for w in p.warnings if "experts" in w]
+    assert "every expert linear stored 16-bit (modules_to_not_convert)" in format_plan(p)
+    # the experts' bytes are the 16-bit plan's: 4 experts x 3 x (hidden 64 x 64) x 2 B a layer
+    d = json.loads((out / "config.json").read_text())
+    cfg, bits = _quant_config(PlanInput(str(out)), d)
+    assert bits == 4 and d["quantization_config"]["bits"] == 4
+    a = Architecture.from_config(d, "q")
+    assert [experts_bytes(a, cfg, i, WHOLE) for i in range(2)] == [4 * 3 * 64 * 64 * 2] * 2
+    assert p.checkpoint_bytes["total"] < p16.checkpoint_bytes["total"]  # attention is 4-bit

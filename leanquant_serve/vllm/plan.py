@@ -23,7 +23,12 @@ split along its intermediate and its down (``w2``) along its input, like a dense
 contract's partition rule applies to every expert linear (each expert's intermediate / TP must
 be whole groups; the error says which group size or ``--expert-parallel`` would do); with
 ``--enable-expert-parallel`` (``PlanInput.expert_parallel``) each rank holds ``ceil(E / tp)``
-whole experts instead. Routers are replicated 16-bit weights. **MLA** (DeepSeek-V2/V3,
+whole experts instead. Experts are counted at the size of the path that serves them
+(:func:`~leanquant_serve.vllm.moe_kernels.wna16_moe_config_misfit`, the plugin's rule): as
+stored when vLLM's WNA16 MoE kernels take them (4-bit affine, no ``g_idx``), else at 16 bits,
+what the plugin's portable path holds after dequantizing them at load; the verdict (and
+``--check``) is then the served one, and ``Plan.as_stored`` the fit a kernel for the stored
+experts would give. Routers are replicated 16-bit weights. **MLA** (DeepSeek-V2/V3,
 ``deepseek_v2.py``): ``q_a_proj`` and ``kv_a_proj_with_mqa`` are replicated
 (``fused_qkv_a_proj``), ``q_b_proj`` and ``kv_b_proj`` column parallel over heads, ``o_proj``
 row parallel (:func:`split_of`); the KV cache holds one latent of ``kv_lora_rank +
@@ -447,37 +452,64 @@ def plan_engine(
     emb_rank = vocab_rank * a.hidden_size * ELEMENT_16BIT
     parts = pp_partitions(a.num_layers, pp)
     block_tokens = MLA_BLOCK_SIZE if a.is_mla else BLOCK_SIZE
-    per_gpu: list[GPUPlan] = []
-    start = 0
-    for s, n in enumerate(parts):
-        w = sum(layer_bytes[start : start + n]) + n * mla_absorbed_bytes(a, tp)
+    # the routed experts per stage as stored, and at 16 bits: what the plugin's portable path
+    # holds after dequantizing them at load (the path vllm/moe_kernels.py's rule sends them to)
+    bounds = [(sum(parts[:s]), sum(parts[: s + 1])) for s in range(pp)]
+    stored_experts = [sum(experts_bytes(a, cfg, i, shard) for i in range(*b)) for b in bounds]
+    dense_experts = [sum(experts_bytes(a, None, i, shard) for i in range(*b)) for b in bounds]
+    quantized_experts = stored_experts != dense_experts
+    misfit = wna16_moe_config_misfit(cfg) if quantized_experts and cfg is not None else None
+    stage_weights = []
+    for s, (start, end) in enumerate(bounds):
+        w = sum(layer_bytes[start:end]) + (end - start) * mla_absorbed_bytes(a, tp)
         w += towers_rank  # a multimodal wrapper's towers, on every stage
-        start += n
         if s == 0:
             w += emb_rank
         if s == pp - 1:
             w += a.hidden_size * ELEMENT_16BIT  # final norm
             if not (a.tie_word_embeddings and pp == 1):
                 w += emb_rank  # lm_head (a tied one is a second copy on the last stage)
-        kv_tok = int(n * kv_bytes_per_token_per_layer(a, tp, kv_elem))
-        kv_bytes = budget - w - reserve_total
-        blocks = max(0, kv_bytes) // (block_tokens * kv_tok)
-        ranks = f"ranks {s * tp}-{s * tp + tp - 1}" if tp > 1 else f"rank {s}"
-        per_gpu.append(
-            GPUPlan(
-                gpu=f"stage {s} ({ranks})" if pp > 1 else f"each of {tp} ({ranks})",
-                layers=n,
-                weight_bytes=w,
-                kv_bytes_per_token=kv_tok,
-                budget_bytes=budget,
-                reserve_bytes=reserve_total,
-                kv_cache_bytes=kv_bytes,
-                capacity_tokens=blocks * block_tokens,
-            )
-        )
-    capacity = min(g.capacity_tokens for g in per_gpu)
+        stage_weights.append(w)
     seq_blocks = -(-inp.max_model_len // block_tokens)
     required = inp.concurrency * seq_blocks * block_tokens
+
+    def gpu_plans(weights: list[int]) -> list[GPUPlan]:
+        out = []
+        for s, (n, w) in enumerate(zip(parts, weights, strict=True)):
+            kv_tok = int(n * kv_bytes_per_token_per_layer(a, tp, kv_elem))
+            kv_bytes = budget - w - reserve_total
+            blocks = max(0, kv_bytes) // (block_tokens * kv_tok)
+            ranks = f"ranks {s * tp}-{s * tp + tp - 1}" if tp > 1 else f"rank {s}"
+            out.append(
+                GPUPlan(
+                    gpu=f"stage {s} ({ranks})" if pp > 1 else f"each of {tp} ({ranks})",
+                    layers=n,
+                    weight_bytes=w,
+                    kv_bytes_per_token=kv_tok,
+                    budget_bytes=budget,
+                    reserve_bytes=reserve_total,
+                    kv_cache_bytes=kv_bytes,
+                    capacity_tokens=blocks * block_tokens,
+                )
+            )
+        return out
+
+    as_stored: dict[str, Any] = {}
+    if misfit is None:
+        per_gpu = gpu_plans(stage_weights)
+    else:  # served at 16 bits: the fit counts them so; the stored size is the aside
+        served = zip(stage_weights, dense_experts, stored_experts, strict=True)
+        per_gpu = gpu_plans([w + d - e for w, d, e in served])
+        stored_gpus = gpu_plans(stage_weights)
+        stored_capacity = min(g.capacity_tokens for g in stored_gpus)
+        as_stored = {
+            "weight_bytes_per_gpu": max(stage_weights),
+            "experts_bytes_per_gpu": max(stored_experts),
+            "capacity_tokens": stored_capacity,
+            "fits": stored_capacity >= required,
+            "needs": f"a vLLM MoE kernel for these experts; none in vLLM 0.32: {misfit}",
+        }
+    capacity = min(g.capacity_tokens for g in per_gpu)
 
     args = [
         "--tensor-parallel-size",
@@ -499,7 +531,10 @@ def plan_engine(
     ]
     assumptions = [
         f"weights: LeanQuant tensors as stored, sharded as vLLM shards them (tp={tp}, pp={pp}); "
-        "embeddings, lm_head, norms and biases 16-bit",
+        "embeddings, lm_head, norms and biases 16-bit"
+        + (
+            "; routed experts at 16 bits, as the plugin serves them (warnings)" if as_stored else ""
+        ),
         (
             f"MLA: vLLM caches one latent of kv_lora_rank {a.kv_lora_rank} + qk_rope_head_dim "
             f"{a.qk_rope_head_dim} = {a.kv_lora_rank + a.qk_rope_head_dim} elements per token "
@@ -542,8 +577,12 @@ def plan_engine(
                 f"{e.num_experts} experts, each one's gate/up split along its intermediate "
                 f"({e.intermediate_size} / {tp}) and its down along its input"
             )
-            + "; each expert linear a linear of the LeanQuant contract at the stored bits; "
-            "routers 16-bit and replicated; moe_workspace = profile tokens × 2 B × top-k × "
+            + (
+                "; each expert linear a linear of the LeanQuant contract at the stored bits"
+                if quantized_experts
+                else "; every expert linear stored 16-bit (modules_to_not_convert) and served so"
+            )
+            + "; routers 16-bit and replicated; moe_workspace = profile tokens × 2 B × top-k × "
             "(3·expert intermediate per rank + hidden), an estimate of the fused-MoE buffers",
         )
     warnings = []
@@ -556,22 +595,21 @@ def plan_engine(
         )
     if cfg is not None and cfg.grid == "nonuniform":
         warnings.append("non-uniform (LUT) layers run this project's Triton kernel on GPUs")
-    if experts and cfg is not None:
-        dense = sum(experts_bytes(a, None, i, shard) for i in range(parts[0]))
-        stored = sum(experts_bytes(a, cfg, i, shard) for i in range(parts[0]))
+    if quantized_experts:  # the stage holding the most expert bytes as stored
+        s = max(range(pp), key=lambda i: stored_experts[i])
+        dense, stored = dense_experts[s], stored_experts[s]
         extra = f"{dense / GiB:.2f} GiB per GPU (+{(dense - stored) / GiB:.2f} GiB)"
-        why = wna16_moe_config_misfit(cfg)
         warnings.append(
             f"experts are planned at their stored {cfg.bits}-bit size ({stored / GiB:.2f} GiB "
-            "per GPU): "
-            + (
-                "on CUDA with 16-bit activations the plugin hands them to vLLM's WNA16 MoE "
-                "kernels (written against vLLM 0.32, not run on a GPU); its portable path "
-                f"(CPU, float32, LEANQUANT_MOE_KERNEL=portable) needs their 16-bit size, {extra}"
-                if why is None
-                else f"but the plugin serves these experts through its portable path ({why}), "
-                f"which dequantizes them at load: they need their 16-bit size, {extra}"
-            )
+            "per GPU): on CUDA with 16-bit activations the plugin hands them to vLLM's WNA16 "
+            "MoE kernels (written against vLLM 0.32, not run on a GPU); its portable path "
+            f"(CPU, float32, LEANQUANT_MOE_KERNEL=portable) needs their 16-bit size, {extra}"
+            if misfit is None
+            else f"experts are planned at their served 16-bit size, {dense / GiB:.2f} GiB per "
+            f"GPU ({stored / GiB:.2f} GiB as stored {cfg.bits}-bit, "
+            f"+{(dense - stored) / GiB:.2f} GiB): the plugin serves these experts through its "
+            f"portable path ({misfit}), which dequantizes them at load; the fit counts them so "
+            "(--check too), and 'if served as stored' is the fit a kernel for them would give"
         )
     if a.towers:
         assumptions.insert(
@@ -602,6 +640,7 @@ def plan_engine(
         fits=capacity >= required,
         fits_one_sequence=capacity >= seq_blocks * block_tokens,
         margin_tokens=capacity - required,
+        as_stored=as_stored,
         margin_bytes=min(g.kv_cache_bytes - required * g.kv_bytes_per_token for g in per_gpu),
         max_full_length_sequences=capacity // (seq_blocks * block_tokens),
         reserve=reserve,

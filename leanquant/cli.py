@@ -57,12 +57,15 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     worst = max(
         ((i, r) for i, layer in enumerate(s.layers) for r in layer), key=lambda x: x[1].loss
     )
+    # RTN's loss is Σ (w − q)², not the calibrated runs' Σ (w − q)²/U_ii²: labelled apart
+    loss = "total weight error (unweighted)" if s.loss_measure else "total loss error"
     print(
         f"wrote {s.out} in {s.seconds:.1f} s, peak RSS {s.peak_rss_bytes / 2**30:.2f} GiB"
         + (f", peak GPU {s.peak_gpu_bytes / 2**30:.2f} GiB" if s.peak_gpu_bytes else "")
-        + f"; total loss error {s.total_loss:.4g}, largest layer {worst[0]} {worst[1].name} "
+        + f"; {loss} {s.total_loss:.4g}, largest layer {worst[0]} {worst[1].name} "
         f"{worst[1].loss:.4g}; Cholesky retries {s.cholesky_retries} (details: quantize_report.json)"
     )
+    print(_coverage_line(s))
     refit = [r.refit_loss for layer in s.layers for r in layer if r.refit_loss]
     if refit:
         before, after = (sum(x) for x in zip(*refit, strict=True))
@@ -71,14 +74,49 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
             f"({100 * (after / before - 1):+.1f}%)"
         )
     print(
-        "loss error per layer: "
+        ("weight error per layer (unweighted): " if s.loss_measure else "loss error per layer: ")
         + ", ".join(f"{i}: {sum(r.loss for r in layer):.3g}" for i, layer in enumerate(s.layers))
     )
     for d in s.dropped:  # e.g. DeepSeek-V3's multi-token-prediction layer
         print(f"not written: {d['name']} ({d['tensors']} tensors), {d['why']}")
 
 
+def _coverage_line(s) -> str:
+    """What a quantize run (Summary ``s``) quantized and kept 16-bit, in one line: linears
+    quantized (expert linears among them, and those on their all-token Hessian), then what
+    the report's ``skipped`` holds by kind (routers, expert gates, --skip, modules beside a
+    multimodal wrapper's text decoder). Embeddings, norms and the head are always 16-bit."""
+    n = sum(len(layer) for layer in s.layers)
+    parts = []
+    if s.expert_linears:
+        parts.append(f"{s.expert_linears} of them expert linears")
+    if s.moe_fallbacks:
+        parts.append(
+            f"{len(s.moe_fallbacks)} expert linears on their all-token Hessian (too few routed "
+            "tokens: moe_fallbacks)"
+        )
+    line = f"quantized {n} linears" + (f" ({'; '.join(parts)})" if parts else "")
+    kinds = {"routers": 0, "expert gates": 0, "by --skip": 0}
+    beside = []
+    for e in s.skipped:
+        if "parameters" in e:
+            beside.append(e["name"])
+        elif e["why"] == "--skip":
+            kinds["by --skip"] += 1
+        elif e["why"].startswith("router"):
+            kinds["routers"] += 1
+        else:
+            kinds["expert gates"] += 1
+    kept = [f"{k} {what}" for what, k in kinds.items() if k]
+    kept += [f"{', '.join(beside)} (outside the text decoder)"] if beside else []
+    return line + (
+        f"; kept 16-bit besides embeddings, norms and head: {', '.join(kept)}" if kept else ""
+    )
+
+
 def _cmd_eval(a: argparse.Namespace) -> None:
+    from quantizer.evaluate import EvalJob
+
     from .api import evaluate
 
     r = evaluate(a.model, **given(a, EvalJob))

@@ -13,6 +13,7 @@ dtype, and never sees a ``*_scale_inv`` key or an fp8 tensor.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,17 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from leanquant_serve.format.hf_names import Source, from_checkpoint, to_checkpoint
+from leanquant_serve.format.hf_names import (
+    ROUTING_TRANSFORMERS_RUNS,
+    Source,
+    from_checkpoint,
+    routing_keys,
+    to_checkpoint,
+)
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 
@@ -123,7 +132,8 @@ class SourceModel:
     UserError (one line) for a quantized source of another kind, an FP8 scheme not read
     (:meth:`FP8Blocks.from_config`), an fp8 weight without its ``*_scale_inv`` (or fp8
     weights in a source whose config has no FP8 ``quantization_config``), a scale without
-    its weight."""
+    its weight, a router setting transformers does not run (:meth:`_state_routing`).
+    ``config`` is its config.json with the routing transformers runs written in where absent."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -135,6 +145,7 @@ class SourceModel:
             self.config = json.loads((self.path / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{self.path / 'config.json'} is not valid JSON: {e}") from e
+        self._state_routing()
         self.fp8: FP8Blocks | None = None
         if "quantization_config" in self.config:
             method = self.config["quantization_config"].get("quant_method", "?")
@@ -149,6 +160,29 @@ class SourceModel:
         self.weight_map = {k: f for k, f in self._files.items() if not self._is_scale(k)}
         # model tensor name -> how it is read (identity until bind())
         self.sources: dict[str, Source] = {k: Source([(k, k)]) for k in self.weight_map}
+
+    def _state_routing(self) -> None:
+        """The routing transformers' model runs (and calibration sees) stated in ``config``,
+        which the checkpoint's config.json copies and vLLM builds its router from
+        (:func:`~leanquant_serve.format.hf_names.routing_keys`): keys the source lacks are
+        written in with one warning; keys it states otherwise are a UserError, since
+        transformers ignores them and vLLM would serve another routing than was calibrated."""
+        absent, contrary = routing_keys(self.config)
+        runs = ROUTING_TRANSFORMERS_RUNS.get(self.config.get("model_type"), {})
+        where, kind = self.path / "config.json", self.config.get("model_type")
+        if contrary:
+            raise UserError(
+                f"{where}: {_keys(contrary)}: transformers' {kind} routes only with "
+                f"{_keys(runs)} (it ignores these keys), so calibration would not see the "
+                "routing vLLM serves from this config; not supported"
+            )
+        if absent:
+            log.warning(
+                "%s states no %s: the checkpoint's config.json gets %s, the routing transformers' "
+                "%s runs and calibrates with (without them vLLM builds a softmax router without "
+                "e_score_correction_bias)", where, "/".join(absent), _keys(absent), kind,
+            )  # fmt: skip
+            self.config.update(absent)
 
     def bind(self, model) -> None:
         """Name tensors as ``model`` (a transformers model, e.g. a meta skeleton) names its
@@ -288,6 +322,11 @@ class SourceModel:
     def keys_of(self, name: str) -> set[str]:
         """The checkpoint keys model tensor ``name`` (see bind) is built from."""
         return {key for key, _ in self.sources[name].keys}
+
+
+def _keys(d: dict) -> str:
+    """``{"topk_method": "noaux_tc"}`` as ``topk_method 'noaux_tc'`` (comma-separated)."""
+    return ", ".join(f"{k} {v!r}" for k, v in d.items())
 
 
 def _finite(name: str, t: Tensor) -> Tensor:

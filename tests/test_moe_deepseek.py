@@ -24,7 +24,7 @@ from conftest import MLA_ARCHITECTURES, VOCAB, assert_reference_logits_equal, qu
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_moe import fused_copy
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DeepseekV3Config
 
 from leanquant_serve.format import Checkpoint
 from quantizer.gptq import GPTQSettings
@@ -317,3 +317,84 @@ def test_rtn_quantizes_every_linear_and_the_planner_counts_its_bytes(hub, tmp_pa
     assert (a.num_experts, a.moe_layers, a.kv_lora_rank, a.qk_rope_head_dim) == (8, 2, 32, 16)
     buffers = [a.kind(i).layer_fp32_buffer_elements for i in range(a.num_layers)]
     assert buffers == [0] * DENSE + [EXPERTS] * (LAYERS - DENSE)
+
+
+# ----------------------------------------------------------------------------- router settings
+
+ROUTING = {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}  # DeepSeek-V3's config.json
+
+
+def restated(hub: Path, dest: Path, **routing) -> Path:
+    """A copy of ``hub`` whose config.json states ``routing`` instead of DeepSeek's
+    topk_method / scoring_func (none: as ``DeepseekV3Config(...).save_pretrained`` writes)."""
+    shutil.copytree(hub, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ROUTING} | routing
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_transformers_routes_with_sigmoid_and_the_bias_whatever_the_config_states():
+    """The premise of the rule below (transformers 5.19 modeling_deepseek_v3.py): its config
+    writes no topk_method / scoring_func, and its router ignores them: sigmoid scores, the
+    e_score_correction_bias steering the choice, not the weights (DeepSeek's noaux_tc)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    config = MLA_ARCHITECTURES["deepseek_v3"](VOCAB).to_dict()
+    bare = {k: v for k, v in config.items() if k not in ROUTING}
+    assert not set(ROUTING) & set(DeepseekV3Config(**bare).to_dict())
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for stated in ({}, ROUTING, {"topk_method": "greedy", "scoring_func": "softmax"}):
+        torch.manual_seed(0)
+        router = DeepseekV3TopkRouter(DeepseekV3Config(**bare, **stated)).float()
+        torch.nn.init.normal_(router.weight)
+        router.e_score_correction_bias[3] = 10.0  # expert 3 chosen for every token
+        with torch.no_grad():
+            logits, weights, chosen = router(x)
+        results.append((weights, chosen))
+        assert (chosen == 3).any(-1).all()
+        scores = logits.sigmoid().gather(1, chosen)  # the bias is not in the weights
+        assert torch.allclose(weights, scores / scores.sum(-1, keepdim=True) * 2.5)
+    for weights, chosen in results[1:]:
+        assert torch.equal(weights, results[0][0]) and torch.equal(chosen, results[0][1])
+
+
+def test_a_config_without_the_router_keys_gets_those_transformers_ran(hub, tmp_path, caplog):
+    """Saved by transformers, the config states no routing; vLLM's deepseek_v2.py would build
+    a softmax router without the bias (its defaults). The checkpoint's config.json states the
+    routing that was calibrated, said in one warning; nothing else of the config changes."""
+    src = restated(hub, tmp_path / "bare")
+    out = tmp_path / "rtn"
+    with caplog.at_level("WARNING", logger="quantizer.source"):
+        quantize(src, out, rtn=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "quantizer.source"]
+    assert len(lines) == 1
+    assert "states no topk_method/scoring_func" in lines[0]
+    assert "topk_method 'noaux_tc', scoring_func 'sigmoid'" in lines[0]
+    written = json.loads((out / "config.json").read_text())
+    source = json.loads((src / "config.json").read_text())
+    assert {k: written[k] for k in ROUTING} == ROUTING
+    assert {k: v for k, v in written.items() if k not in ROUTING} == (
+        source | {"quantization_config": written["quantization_config"]}
+    )
+    caplog.clear()  # a config stating them (DeepSeek's own) is copied without a word
+    with caplog.at_level("WARNING", logger="quantizer.source"):
+        quantize(hub, tmp_path / "rtn-stated", rtn=True)
+    assert not [r for r in caplog.records if r.name == "quantizer.source"]
+
+
+@pytest.mark.parametrize(
+    "stated", [{"scoring_func": "softmax"}, {**ROUTING, "topk_method": "greedy"}]
+)
+def test_a_router_transformers_does_not_run_is_refused_in_one_line(stated, hub, tmp_path, capsys):
+    from leanquant.cli import main
+
+    src = restated(hub, tmp_path / "other", **stated)
+    out = tmp_path / "out"
+    assert main(["quantize", str(src), str(out), "--rtn"]) == 2
+    err = capsys.readouterr().err
+    key, value = next((k, v) for k, v in stated.items() if ROUTING[k] != v)
+    assert err.count("\n") == 1 and err.startswith("leanquant: error: ")
+    assert f"{key} {value!r}" in err and "topk_method 'noaux_tc', scoring_func 'sigmoid'" in err
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()

@@ -13,7 +13,7 @@ turns model tensors back into the checkpoint's (hub) names, the names vLLM's mod
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -125,7 +125,32 @@ def is_converted(model: nn.Module) -> bool:
     return bool(get_model_conversion_mapping(model, add_legacy=False))
 
 
+# The routing transformers' model runs whatever config.json says, per model type, as the config
+# keys vLLM reads to build its router. DeepSeek-V3 (transformers 5.19
+# models/deepseek_v3/modeling_deepseek_v3.py, DeepseekV3TopkRouter.forward): sigmoid scores, with
+# e_score_correction_bias added to choose the expert groups (sum of each group's two best) and the
+# experts but not to weigh them, which is DeepSeek's "noaux_tc". vLLM 0.32's deepseek_v2.py
+# (DeepseekV2MoE) builds that router only from topk_method "noaux_tc" (else no bias) and
+# scoring_func "sigmoid" (its default: "softmax"). transformers' DeepseekV3Config has no such
+# fields (it keeps them only when given), so DeepseekV3Config(...).save_pretrained writes none.
+ROUTING_TRANSFORMERS_RUNS: dict[str, dict[str, str]] = {
+    "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+}
+
+
+def routing_keys(config: Mapping) -> tuple[dict[str, str], dict[str, object]]:
+    """(absent, contrary) for a config.json dict: ``absent`` maps each routing key of
+    :data:`ROUTING_TRANSFORMERS_RUNS` the config lacks (or sets to null) to the value
+    transformers' model runs, which a config served by vLLM must state; ``contrary`` maps each
+    key stated with another value to that value (transformers ignores it, vLLM routes by it).
+    Both empty for model types whose router transformers builds from the config."""
+    runs = ROUTING_TRANSFORMERS_RUNS.get(config.get("model_type"), {})
+    absent = {k: v for k, v in runs.items() if config.get(k) is None}
+    contrary = {k: config[k] for k, v in runs.items() if config.get(k) not in (None, v)}
+    return absent, contrary
+
+
 __all__ = [
-    "Source", "auto_model_class", "checkpoint_module", "from_checkpoint", "is_converted",
-    "to_checkpoint",
+    "ROUTING_TRANSFORMERS_RUNS", "Source", "auto_model_class", "checkpoint_module",
+    "from_checkpoint", "is_converted", "routing_keys", "to_checkpoint",
 ]  # fmt: skip

@@ -16,11 +16,42 @@ Python API (:mod:`leanquant.api`)::
     leanquant.export("compressed-tensors", "out/w4g64", "out/w4g64-ct")
 """
 
-from quantizer.evaluate import EvalJob
-from quantizer.gptq import GPTQSettings
-from quantizer.pipeline import QuantizeJob, Summary
+from __future__ import annotations
 
-from .api import EXPORT_TARGETS, evaluate, export, quantize, quantize_job
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quantizer.evaluate import EvalJob
+    from quantizer.gptq import GPTQSettings
+    from quantizer.pipeline import QuantizeJob, Summary
+
+    from .api import EXPORT_TARGETS, evaluate, export, quantize, quantize_job
+
+# Imported on first use (PEP 562), so that importing ``leanquant.cli`` does not import torch
+# and transformers before its main() can turn Ctrl-C and SIGTERM into one line.
+_LAZY = {
+    "EvalJob": "quantizer.evaluate",
+    "GPTQSettings": "quantizer.gptq",
+    "QuantizeJob": "quantizer.pipeline",
+    "Summary": "quantizer.pipeline",
+    **dict.fromkeys(
+        ("EXPORT_TARGETS", "evaluate", "export", "quantize", "quantize_job"), "leanquant.api"
+    ),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "EXPORT_TARGETS",

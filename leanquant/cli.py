@@ -1,19 +1,23 @@
-"""``leanquant``: quantize a Hugging Face model with LeanQuant, evaluate it, fetch the offline assets."""
+"""``leanquant``: quantize a Hugging Face model with LeanQuant, evaluate it, fetch the offline assets.
+
+Ctrl-C and SIGTERM end any command with one line on stderr saying what was kept (exit codes 130
+and 143), wherever they land: :func:`main` installs the SIGTERM handler before anything heavy
+is imported (torch and transformers take a minute to import on a loaded machine), so this
+module imports only light modules at the top and the rest where it is used.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from leanquant_serve.format import FormatError, check_output, partial_dir
-from quantizer.errors import UserError
-from quantizer.evaluate import EvalJob
+from quantizer.errors import UserError  # (light: neither imports torch)
 from quantizer.flags import add_flags, given
-from quantizer.gptq import GPTQSettings
-from quantizer.pipeline import QuantizeJob
 
 log = logging.getLogger("leanquant")
 BUNDLED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, fetched offline through pip (see assets)
@@ -30,7 +34,9 @@ def _bundled_names() -> str:
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
-    from quantizer.pipeline import quantize_model
+    from leanquant_serve.format import check_output
+    from quantizer.gptq import GPTQSettings
+    from quantizer.pipeline import QuantizeJob, quantize_model
 
     from .api import quantize_job
 
@@ -42,18 +48,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(str(e)) from e
     check_output(out, job.overwrite, flag="--overwrite")  # before any work
-    try:
-        s = quantize_model(job)
-    except KeyboardInterrupt:
-        partial = partial_dir(out)
-        if partial.exists():
-            print(
-                f"leanquant: interrupted; partial run kept at {partial}: rerun with --resume "
-                "to continue it, or with --fresh to start over",
-                file=sys.stderr,
-            )
-            raise SystemExit(130) from None
-        raise
+    s = quantize_model(job)  # interrupted: main() says where the partial run was kept
     worst = max(
         ((i, r) for i, layer in enumerate(s.layers) for r in layer), key=lambda x: x[1].loss
     )
@@ -153,6 +148,7 @@ def _export(a: argparse.Namespace, name: str, target: str, **kw):
     without --overwrite, and what the target cannot hold exactly (ExportError), as one-line
     errors."""
     from leanquant_serve.export import ExportError
+    from leanquant_serve.format import check_output
 
     from .api import export
 
@@ -238,6 +234,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quantizer.evaluate import EvalJob
+    from quantizer.gptq import GPTQSettings
+    from quantizer.pipeline import QuantizeJob
+
     p = _Parser(prog="leanquant", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -372,7 +372,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by :func:`main`'s handler as Ctrl-C raises
+    KeyboardInterrupt, so that a terminated run unwinds the same way (a quantization's partial
+    run kept or removed, its lock released) instead of ending without a word."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``leanquant`` command ``argv`` (default: ``sys.argv[1:]``). Returns 0, or 2 after
+    a user error (one line ``leanquant: error: ...`` on stderr), 130 after Ctrl-C and 143 after
+    SIGTERM (one line: ``leanquant: interrupted; `` or ``leanquant: terminated (SIGTERM); ``
+    then where the partial run was kept and how to resume it, or that nothing was written).
+    SIGTERM's handler is installed (main thread only) for the call and restored after it."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        # the quantizer notes where it kept a partial run (quantizer.pipeline._user_errors)
+        kept = "; ".join(getattr(e, "__notes__", ())) or "nothing was written"
+        print(f"leanquant: {what}; {kept}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    from leanquant_serve.format import FormatError  # (imports torch)
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -383,9 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FormatError) as e:
         print(f"leanquant: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("leanquant: interrupted; nothing was written", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -344,7 +344,8 @@ class JournaledWriter(CheckpointWriter):
             self._buffer, self._buffered_bytes = {}, 0
             self._open = False
             self._unlock()
-            log.warning("partial run kept at %s", self.partial)
+            # (debug: the caller says it, with how to resume: quantizer.pipeline._user_errors)
+            log.debug("partial run kept at %s", self.partial)
         else:
             self.abort()
 
@@ -445,4 +446,3 @@ def summary_state(summary: Summary) -> dict:
 
 def summary_from_state(job: QuantizeJob, d: dict) -> Summary:
     return summary_from_dict({**d, "out": str(job.out)})
-

@@ -341,7 +341,8 @@ def _open_writer(job: QuantizeJob, job_fingerprint: dict) -> JournaledWriter:
 @contextlib.contextmanager
 def _user_errors(writer: JournaledWriter) -> Iterator[None]:
     """A failure as the user should read it: one line, and where the partial run was kept
-    (if a layer had finished) with how to continue it."""
+    (if a layer had finished) with how to continue it; for an interrupt that line is a note
+    on the KeyboardInterrupt (shown with its traceback; ``leanquant`` prints it alone)."""
     try:
         yield
     except (UserError, FormatError, OSError) as e:
@@ -350,6 +351,10 @@ def _user_errors(writer: JournaledWriter) -> Iterator[None]:
             raise UserError(f"{msg}; {_partial_hint(writer.partial)}") from e
         if isinstance(e, OSError):
             raise UserError(f"{msg} (no layer had finished: nothing kept)") from e
+        raise
+    except KeyboardInterrupt as e:  # (SIGTERM too, through leanquant.cli): the caller's line
+        if writer.kept:
+            e.add_note(_partial_hint(writer.partial))
         raise
     except BaseException:
         if writer.kept:

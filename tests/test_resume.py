@@ -184,6 +184,64 @@ def test_sigkill_at_a_random_moment(deep_model, calib_text, cli_reference, tmp_p
     assert_same_checkpoint(out, cli_reference)
 
 
+# ----------------------------------------------------------------------------- SIGINT, SIGTERM
+
+
+def importing_torch(proc: subprocess.Popen) -> bool:
+    """Whether ``proc`` has begun importing torch (its shared library is mapped): the command
+    is then in its imports, which go on for seconds (torch's Python part, transformers)."""
+    try:
+        return "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def stopped(proc: subprocess.Popen, sig: int) -> tuple[int, list[str]]:
+    """Send ``sig``; (exit code, stderr's lines, split at newlines and progress bars' \\r)."""
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err.decode().splitlines()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+def test_ctrl_c_during_the_imports_is_one_line(deep_model, calib_text, tmp_path):
+    """Ctrl-C while torch and transformers are imported (the first minute on a loaded
+    machine): one line, no traceback, nothing written."""
+    out = tmp_path / "ckpt"
+    proc = start_cli(cli_args(deep_model, out, calib_text))
+    assert wait_for(proc, lambda: importing_torch(proc)), proc.communicate()[1]
+    code, lines = stopped(proc, signal.SIGINT)
+    assert (code, lines) == (130, ["leanquant: interrupted; nothing was written"])
+    assert not out.exists() and not (tmp_path / ".ckpt.partial").exists()
+
+
+@pytest.mark.slow  # end to end: real runs stopped and resumed
+@pytest.mark.parametrize(
+    ("sig", "what"), [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated (SIGTERM)")]
+)
+def test_ctrl_c_or_sigterm_mid_run_is_one_line_then_resume(
+    sig, what, deep_model, calib_text, cli_reference, tmp_path
+):
+    """After a layer has finished: exit code 128 + the signal, one line saying where the
+    partial run was kept, with how many layers and how to resume (the progress bars and INFO
+    lines before it aside), no traceback; the lock is released and --resume finishes it."""
+    out, partial = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    proc = start_cli(cli_args(deep_model, out, calib_text))
+    assert wait_for(proc, lambda: layers_done(partial) >= 2), proc.communicate()[1]
+    code, lines = stopped(proc, sig)
+    done = layers_done(partial)
+    assert 2 <= done < LAYERS and not out.exists()
+    assert code == 128 + sig, lines
+    assert lines[-1] == (
+        f"leanquant: {what}; partial run kept at {partial} ({done} of {LAYERS} layers done): "
+        "rerun with --resume to continue it, or with --fresh (or delete it) to start over"
+    )
+    said = [line for line in lines if "kept" in line or "interrupt" in line.lower()]
+    assert said == lines[-1:] and not any("Traceback" in line for line in lines)
+    assert main(cli_args(deep_model, out, calib_text, "--resume")) == 0
+    assert_same_checkpoint(out, cli_reference)
+
+
 def test_partial_without_a_finished_layer(deep_model, calib_text, cli_reference, tmp_path):
     """What a kill before the first step leaves: refused without --resume; --resume starts
     over."""

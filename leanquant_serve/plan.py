@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from leanquant_serve.format import FormatError, LeanQuantConfig, linear_specs
 from leanquant_serve.format.config import group_misfit
+from leanquant_serve.format.hf_names import ROUTING_TRANSFORMERS_RUNS, routing_keys
 from leanquant_serve.format.tensors import scales_on_every_rank
 
 if TYPE_CHECKING:
@@ -1213,6 +1214,7 @@ def plan(inp: PlanInput) -> Plan:
         "checkpoint_bytes": checkpoint_bytes(a, cfg),
     }
     p = _engine_part(inp.engine).plan_engine(inp, a, cfg, common)
+    p.warnings += _routing_warnings(d)
     if a.towers:
         p.assumptions.insert(1, towers_line(a, inp.engine))
     if length_note:
@@ -1227,6 +1229,34 @@ def plan(inp: PlanInput) -> Plan:
             "packed zero points; a symmetric export stores no zero points, a little less)",
         )
     return p
+
+
+def _routing_warnings(d: Mapping[str, Any]) -> list[str]:
+    """A config whose routing keys vLLM would read otherwise than transformers' model runs
+    (:func:`~leanquant_serve.format.hf_names.routing_keys`): one warning saying what happens."""
+    absent, contrary = routing_keys(d)
+    runs = ", ".join(
+        f"{k} {v!r}" for k, v in ROUTING_TRANSFORMERS_RUNS.get(d.get("model_type"), {}).items()
+    )
+    if contrary:
+        stated = ", ".join(f"{k} {v!r}" for k, v in contrary.items())
+        return [
+            f"the config states {stated}, which transformers' {d['model_type']} does not run "
+            f"(only {runs}): leanquant quantize refuses it"
+        ]
+    if not absent:
+        return []
+    if _stored_quantization(d) is None:
+        return [
+            f"the config states no {'/'.join(absent)}: leanquant quantize writes {runs} (what "
+            "transformers runs); served as it is, vLLM would build a softmax router without "
+            "e_score_correction_bias"
+        ]
+    return [
+        f"the config states no {'/'.join(absent)}: vLLM builds a softmax router without "
+        f"e_score_correction_bias, not the routing it was calibrated with; add {runs} to its "
+        "config.json"
+    ]
 
 
 def _stored_quantization(d: Mapping[str, Any]) -> str | None:

@@ -398,3 +398,32 @@ def test_a_router_transformers_does_not_run_is_refused_in_one_line(stated, hub, 
     assert err.count("\n") == 1 and err.startswith("leanquant: error: ")
     assert f"{key} {value!r}" in err and "topk_method 'noaux_tc', scoring_func 'sigmoid'" in err
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_plan_warns_about_a_config_without_the_router_keys(hub, tmp_path):
+    """``leanquant plan`` on such a source says what quantize writes; on a checkpoint made
+    without them (before the rule) that vLLM routes otherwise; DeepSeek's own config: nothing."""
+    from leanquant_serve.plan import PlanInput, plan
+
+    def routing(model: Path, **kw) -> list[str]:
+        warnings = plan(PlanInput(str(model), max_model_len=64, **kw)).warnings
+        return [w for w in warnings if "topk_method" in w or "scoring_func" in w]
+
+    src = restated(hub, tmp_path / "bare")
+    assert routing(hub, group_size=32) == []
+    assert routing(src, group_size=32) == [
+        "the config states no topk_method/scoring_func: leanquant quantize writes topk_method "
+        "'noaux_tc', scoring_func 'sigmoid' (what transformers runs); served as it is, vLLM "
+        "would build a softmax router without e_score_correction_bias"
+    ]
+    out = tmp_path / "rtn"
+    quantize(src, out, rtn=True)
+    assert routing(out) == []
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: config[k] for k in config if k not in ROUTING}))
+    [line] = routing(out)
+    assert "vLLM builds a softmax router" in line and "add topk_method 'noaux_tc'" in line
+    assert (
+        "scoring_func 'softmax'"
+        in routing(restated(hub, tmp_path / "other", scoring_func="softmax"), group_size=32)[0]
+    )

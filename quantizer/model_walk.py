@@ -195,21 +195,15 @@ def skip_matches(
     patterns = {p: re.compile(p) for p in skip}
     if not patterns:
         return {}
-    linears = find_linears(layer)
-    ckpt = _checkpoint_names(model, prefix, linears)
-    owned = set(linears) | {fe.name for fe in fused}
-    others = sorted(
-        {
-            name.rpartition(".")[0]
-            for name, p in layer.named_parameters()
-            if p.dim() >= 2 and name.rpartition(".")[0] not in owned
-        }
-    )
+    linears, others = find_linears(layer), _other_weights(layer, fused)
+    ckpt = _checkpoint_names(model, layer, prefix, [*linears, *others])
     out: dict[str, set[str]] = {}
     for text, r in patterns.items():
         kept = out.setdefault(text, set())
         kept.update(n for n in linears if r.search(n) or r.search(ckpt[n]))
-        kept.update(m for m in others if any(r.search(x) for x in (m, *_params_of(layer, m))))
+        kept.update(
+            m for m in others if any(r.search(x) for x in (m, ckpt[m], *_params_of(layer, m)))
+        )
         for fe in fused:
             if any(r.search(x) for x in (fe.name, *fe.params)):
                 kept.add(fe.name)
@@ -221,7 +215,7 @@ def skip_matches(
             elif hit:
                 whole = os.path.commonprefix(names).rpartition(".")[0] or fe.name
                 raise UserError(
-                    f"--skip {text!r} matches {len(hit)} of the {len(names)} expert linears "
+                    f"--skip '{text}' matches {len(hit)} of the {len(names)} expert linears "
                     f"held fused in {prefix}.{fe.name} (e.g. {hit[0]}): fused experts are kept "
                     f"or quantized whole; --skip '{re.escape(whole)}\\.' keeps them all"
                 )
@@ -236,28 +230,53 @@ def skipped_modules(
 
 
 def layer_names(model: nn.Module, layer: nn.Module, prefix: str, fused) -> list[str]:
-    """Names a ``--skip`` regex can match in ``layer`` (for messages): its linears' model and
-    checkpoint names, then its expert linears'."""
-    ckpt = _checkpoint_names(model, prefix, find_linears(layer))
-    names = [*ckpt, *ckpt.values(), *(lin.name for fe in fused for lin in fe.linears)]
+    """Names a ``--skip`` regex can match in ``layer`` (for messages): its linears' and other
+    weights' model and checkpoint names, then each fused experts module's name and its first
+    expert's linears."""
+    ckpt = _checkpoint_names(
+        model, layer, prefix, [*find_linears(layer), *_other_weights(layer, fused)]
+    )
+    names = [*ckpt, *ckpt.values()]
+    for fe in fused:
+        names += [fe.name, *(lin.name for lin in fe.linears if lin.expert == 0)]
     return list(dict.fromkeys(names))
+
+
+def _other_weights(layer: nn.Module, fused) -> list[str]:
+    """Modules of ``layer`` holding a weight of 2 or more dimensions that is neither an
+    nn.Linear's nor a fused experts module's (e.g. transformers 5's Mixtral router)."""
+    owned = set(find_linears(layer)) | {fe.name for fe in fused}
+    return sorted(
+        {
+            name.rpartition(".")[0]
+            for name, p in layer.named_parameters()
+            if p.dim() >= 2 and name.rpartition(".")[0] not in owned
+        }
+    )
 
 
 def _params_of(layer: nn.Module, module: str) -> list[str]:
     return [f"{module}.{n}" for n, _ in layer.get_submodule(module).named_parameters(recurse=False)]
 
 
-def _checkpoint_names(model: nn.Module, prefix: str, linears: Iterable[str]) -> dict[str, str]:
-    """Layer-relative linear name -> its layer-relative checkpoint name (itself where the
-    checkpoint does not rename it), by one reverse conversion of meta probes."""
-    probes = {n: torch.empty(0, device="meta") for n in linears}  # told apart by identity
+def _checkpoint_names(
+    model: nn.Module, layer: nn.Module, prefix: str, modules: Iterable[str]
+) -> dict[str, str]:
+    """Layer-relative module name -> its layer-relative checkpoint name (itself where the
+    checkpoint does not rename it, or splits its first parameter), by one reverse conversion
+    of each module's first parameter (told apart by identity; a split makes new tensors)."""
+    firsts = {m: _params_of(layer, m)[0] for m in modules}
+    probes = {m: layer.get_parameter(firsts[m]) for m in firsts}
     ckpt_prefix = checkpoint_module(model, prefix)
-    out = {n: n for n in probes}
-    converted = to_checkpoint(model, {f"{prefix}.{n}.weight": t for n, t in probes.items()}, False)
+    out = {m: m for m in firsts}
+    converted = to_checkpoint(
+        model, {f"{prefix}.{firsts[m]}": t for m, t in probes.items()}, contiguous=False
+    )
     for key, t in converted.items():
-        n = next((n for n, p in probes.items() if p is t), None)
-        if n is not None:
-            out[n] = key.removesuffix(".weight").removeprefix(f"{ckpt_prefix}.")
+        m = next((m for m, p in probes.items() if p is t), None)
+        suffix = None if m is None else firsts[m][len(m) :]  # e.g. ".weight"
+        if m is not None and key.endswith(suffix):
+            out[m] = key.removesuffix(suffix).removeprefix(f"{ckpt_prefix}.")
     return out
 
 

@@ -261,7 +261,7 @@ def _check_coverage(job: QuantizeJob, model: nn.Module, layers_name: str, layers
             model, layers[0], prefix, layer_step.find_fused_experts(model, layers[0], prefix)
         )
         raise UserError(
-            f"--skip {unmatched[0]!r} matches no linear or weight of the decoder layers; it is "
+            f"--skip '{unmatched[0]}' matches no linear or weight of the decoder layers; it is "
             f"searched in names relative to a layer, such as {', '.join(names[:12])}"
             + (", ..." if len(names) > 12 else "")
         )

@@ -42,6 +42,8 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name in ("api", "cli"):  # submodules, as attributes once imported (as before PEP 562)
+        return importlib.import_module(f"{__name__}.{name}")
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY[name]), name)

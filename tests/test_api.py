@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,17 @@ def test_api_errors_are_the_commands(tiny_model, calib_text, tmp_path, monkeypat
         leanquant.export("gguf", tmp_path, tmp_path / "x")
     with pytest.raises(TypeError):  # a field that does not exist is not silently ignored
         leanquant.quantize(tiny_model("llama"), tmp_path / "o", nsample=4)
+
+
+def test_package_resolves_its_api_and_submodules_on_first_use():
+    """``import leanquant`` imports no torch (the CLI's Ctrl-C handling relies on it), and its
+    API names and its submodules ``api``/``cli`` resolve as attributes on first use."""
+    code = (
+        "import sys, leanquant\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert leanquant.api.quantize is leanquant.quantize\n"
+        "assert callable(leanquant.cli.main)\n"
+        "try:\n    leanquant.nothing\nexcept AttributeError:\n    pass\n"
+        "else:\n    raise SystemExit('leanquant.nothing resolved')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)

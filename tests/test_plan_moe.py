@@ -212,6 +212,8 @@ def test_check_fails_on_the_served_size(capsys):
         "with zero points, not 2-bit)"
     )
     assert "152.25 GiB per GPU (20.37 GiB as stored 2-bit, +131.88 GiB)" in text
+    assert "each expert linear stored at its bits (the LeanQuant contract) and dequantized to " \
+        "16 bits at load by the plugin's portable path" in text  # the assumption says it too
     # 4-bit on 8 x 79 GiB: the stored size is the served one, --check passes
     four = [*argv[:3], "4", *argv[4:7], "79", *argv[8:]]
     assert main([*four, "--check"]) == 0
@@ -480,7 +482,7 @@ def test_experts_kept_16bit_claim_no_hand_off(tiny_model, tmp_path):
     p16 = plan(PlanInput(str(out), bits=16, max_model_len=64))
     assert p.quantization["bits"] == 4 and p.as_stored == {}
     assert not [w for w in p.warnings if "experts" in w]
-    assert "every expert linear stored 16-bit (modules_to_not_convert)" in format_plan(p)
+    assert "every expert linear 16-bit (modules_to_not_convert), and served so" in format_plan(p)
     # the experts' bytes are the 16-bit plan's: 4 experts x 3 x (hidden 64 x 64) x 2 B a layer
     d = json.loads((out / "config.json").read_text())
     cfg, bits = _quant_config(PlanInput(str(out)), d)

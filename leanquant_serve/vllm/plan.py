@@ -578,9 +578,13 @@ def plan_engine(
                 f"({e.intermediate_size} / {tp}) and its down along its input"
             )
             + (
-                "; each expert linear a linear of the LeanQuant contract at the stored bits"
-                if quantized_experts
-                else "; every expert linear stored 16-bit (modules_to_not_convert) and served so"
+                "; every expert linear 16-bit"
+                + ("" if cfg is None else " (modules_to_not_convert), and served so")
+                if not quantized_experts
+                else "; each expert linear stored at its bits (the LeanQuant contract) and "
+                f"dequantized to 16 bits at load by the plugin's portable path ({misfit})"
+                if misfit is not None
+                else "; each expert linear a linear of the LeanQuant contract at the stored bits"
             )
             + "; routers 16-bit and replicated; moe_workspace = profile tokens × 2 B × top-k × "
             "(3·expert intermediate per rank + hidden), an estimate of the fused-MoE buffers",
